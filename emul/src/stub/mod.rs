@@ -1,0 +1,1 @@
+//! ITS-safe host stubs (see the module files).

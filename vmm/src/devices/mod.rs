@@ -1,0 +1,1 @@
+//! Devices on the PIO and MMIO buses.
