@@ -88,6 +88,19 @@ pub struct LoadRequest<'a> {
     pub reserved: &'a [(u64, u64)],
 }
 
+impl<'a> LoadRequest<'a> {
+    /// Auto-detected format, flat images at `layout::DEFAULT_LOAD_ADDR`, no
+    /// reserved ranges.
+    pub fn new(image: &'a [u8]) -> Self {
+        Self {
+            image,
+            format: ImageFormat::Auto,
+            load_addr: layout::DEFAULT_LOAD_ADDR,
+            reserved: &[],
+        }
+    }
+}
+
 /// The format the image was actually loaded as.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ImageKind {
@@ -376,6 +389,12 @@ fn place_segments(
     }
     let mut placed = Vec::with_capacity(segments.len());
     for seg in segments.iter().filter(|s| s.memsz > 0) {
+        log::debug!(
+            "segment [{:#x}, {:#x}): {:#x} bytes from the file",
+            seg.gpa,
+            seg.gpa.saturating_add(seg.memsz),
+            seg.data.len()
+        );
         write_segment(mem, seg)?;
         placed.push((seg.gpa, seg.memsz));
     }
@@ -587,6 +606,30 @@ mod tests {
             0x20_0000
         );
         assert_eq!(place_module(&mem, 0x18_0000, 0x10, &[]).unwrap(), 0x20_0000);
+    }
+
+    #[test]
+    fn segments_may_not_span_the_32_bit_device_window() {
+        // The real layout's shape in miniature: low RAM, a hole, high RAM.
+        let low_end = 0x40_0000;
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[
+            (GuestAddress(0), low_end as usize),
+            (GuestAddress(layout::HIGH_RAM_START), 0x10_0000),
+        ])
+        .unwrap();
+        let image = [0x5a; 0x2000];
+        let mut req = LoadRequest {
+            format: ImageFormat::Flat,
+            load_addr: low_end - 0x1000,
+            ..LoadRequest::new(&image)
+        };
+        let err = load(&mem, &req).unwrap_err();
+        assert!(matches!(err, LoadError::OutsideRam { .. }), "{err}");
+        req.load_addr = layout::HIGH_RAM_START;
+        assert_eq!(
+            load(&mem, &req).unwrap().segments,
+            vec![(layout::HIGH_RAM_START, 0x2000)]
+        );
     }
 
     #[test]
