@@ -1,0 +1,231 @@
+//! `StubBuf`: one vCPU thread's stub buffer and the call into it.
+
+use core::arch::asm;
+use std::ptr;
+
+use super::builder::{self, BuiltStub, STUB_BUF_SIZE};
+use super::cursor::INT3;
+use super::error::{StubError, StubRunError};
+use super::fault::{self, ControlBlock, StubFault, NO_FAULT};
+use super::helpers::{self, HelperLayout};
+use super::region::StubRegion;
+use super::regs::GuestGprs;
+use super::ret::RetPolicy;
+
+/// A per-vCPU stub buffer with its helpers and bounce buffer.
+///
+/// Build and run stubs from one thread at a time (`run` takes `&mut self`);
+/// the buffer may move between threads.
+pub struct StubBuf {
+    region: StubRegion,
+    helpers: HelperLayout,
+    policy: RetPolicy,
+}
+
+// SAFETY: the raw pointers inside point into mappings owned by this value,
+// not into any thread's memory; fault recovery state is per thread and set
+// only for the duration of a `run`, which borrows `self` mutably.
+unsafe impl Send for StubBuf {}
+
+impl StubBuf {
+    /// Maps a buffer, generates its helpers and installs the process-wide
+    /// fault handler (once). `its_on` selects ITS-safe returns.
+    pub fn new(its_on: bool) -> Result<Self, StubError> {
+        fault::install_handler()?;
+        let mut region = StubRegion::new()?;
+        let control = region.control_ptr() as u64;
+        let helpers =
+            region.write_helpers(|page, exec| helpers::generate(page, exec, control, its_on))?;
+        region.stub_write()[..].fill(INT3);
+
+        let (code_lo, code_hi) = region.exec_range();
+        let ctl = region.control_ptr().cast::<ControlBlock>();
+        // SAFETY: the control page is mapped read-write, page-aligned (so
+        // suitably aligned for ControlBlock) and referenced by nothing else yet.
+        unsafe {
+            ctl.write(ControlBlock {
+                gprs: 0,
+                saved_rsp: 0,
+                code_lo,
+                code_hi,
+                landing: helpers.landing,
+                fault_vector: NO_FAULT,
+                fault_error: 0,
+                fault_addr: 0,
+                fault_has_addr: 0,
+            });
+        }
+        let policy = if its_on {
+            RetPolicy::Thunk(helpers.thunk)
+        } else {
+            RetPolicy::Plain
+        };
+        Ok(StubBuf {
+            region,
+            helpers,
+            policy,
+        })
+    }
+
+    /// Whether this buffer's code uses ITS-safe returns.
+    pub fn its_on(&self) -> bool {
+        matches!(self.policy, RetPolicy::Thunk(_))
+    }
+
+    /// Where the instruction bytes of the next stub built by [`run`](Self::run)
+    /// execute, for encoding RIP-relative operands.
+    pub fn insn_exec_addr(&self) -> u64 {
+        self.insn_exec_addr_at(0)
+    }
+
+    /// As [`insn_exec_addr`](Self::insn_exec_addr) for a stub at `start`.
+    pub fn insn_exec_addr_at(&self, start: usize) -> u64 {
+        builder::insn_exec_addr(self.region.stub_exec(), start)
+    }
+
+    /// The bounce buffer's address as the stub sees it (readable and
+    /// writable, never executable, within rel32 reach of the stub).
+    pub fn bounce_exec_addr(&self) -> u64 {
+        self.region.bounce_addr()
+    }
+
+    /// The bounce buffer (8 KiB) for staging a memory operand.
+    pub fn bounce(&self) -> &[u8] {
+        self.region.bounce()
+    }
+
+    /// The bounce buffer, writable.
+    pub fn bounce_mut(&mut self) -> &mut [u8] {
+        self.region.bounce_mut()
+    }
+
+    /// Builds a stub for `insn` at offset `start` of the buffer without
+    /// running it.
+    pub fn build_at(&mut self, start: usize, insn: &[u8]) -> Result<BuiltStub, StubError> {
+        let stub_exec = self.region.stub_exec();
+        let helpers = self.helpers;
+        let policy = self.policy;
+        builder::build(
+            self.region.stub_write(),
+            stub_exec,
+            start,
+            insn,
+            &helpers,
+            policy,
+        )
+    }
+
+    /// Runs one instruction with the guest's GPRs and arithmetic flags.
+    ///
+    /// On success `gprs` holds the registers and flags after the
+    /// instruction; on a fault its contents are unspecified.
+    pub fn run(&mut self, insn: &[u8], gprs: &mut GuestGprs) -> Result<(), StubRunError> {
+        self.run_at(0, insn, gprs)
+    }
+
+    /// [`run`](Self::run) with the stub at offset `start` of the buffer.
+    pub fn run_at(
+        &mut self,
+        start: usize,
+        insn: &[u8],
+        gprs: &mut GuestGprs,
+    ) -> Result<(), StubRunError> {
+        let stub = self.build_at(start, insn)?;
+        let outcome = self.invoke(&stub, gprs);
+        // Put the stub back: nothing stale stays executable.
+        let buf = &mut self.region.stub_write()[..STUB_BUF_SIZE];
+        buf[stub.start..stub.start + stub.len].fill(INT3);
+        outcome.map_err(StubRunError::Fault)
+    }
+
+    /// Calls a built stub and collects a recovered fault.
+    fn invoke(&mut self, stub: &BuiltStub, gprs: &mut GuestGprs) -> Result<(), StubFault> {
+        let ctl = self.region.control_ptr().cast::<ControlBlock>();
+        // SAFETY: `ctl` points at the control block written in `new`; the
+        // stub and the signal handler are the only other writers and
+        // neither runs now.
+        unsafe {
+            ptr::write_volatile(&raw mut (*ctl).saved_rsp, 0);
+            ptr::write_volatile(&raw mut (*ctl).fault_vector, NO_FAULT);
+        }
+        // The host's MXCSR and x87 control word, restored after the stub
+        // (the instruction may have loaded others, and a fault leaves the
+        // FPU in whatever state the instruction left it).
+        let mut host_fpu = [0u32; 2];
+        let guard = fault::enter(ctl);
+        // SAFETY: `stub.entry` is a stub just built by `builder::build`
+        // (checked to fit its buffer) in this buffer's executable alias,
+        // with helpers generated for this buffer. The stub saves and
+        // restores rbx, rbp and r12-r15 itself (also on the fault path, via
+        // the landing pad) and only runs on the stack below the current
+        // RSP; every other register it may change is covered by
+        // clobber_abi("C"), which includes the vector and x87/MMX
+        // registers. The arithmetic flags are clobbered (no
+        // preserves_flags) and DF is clear on return. r12 carries
+        // `host_fpu`, a live local. The indirect call's last byte sits at
+        // offset 34 of an aligned cache line, so the call is ITS-safe too.
+        unsafe {
+            asm!(
+                "stmxcsr [r12]",
+                "fnstcw [r12 + 4]",
+                "jmp 3f",
+                ".p2align 6",
+                ".fill 32, 1, 0xcc",
+                "3:",
+                "call r11",
+                "fninit",
+                "fldcw [r12 + 4]",
+                "ldmxcsr [r12]",
+                in("r11") stub.entry,
+                in("rdi") ptr::from_mut(gprs),
+                in("r12") host_fpu.as_mut_ptr(),
+                clobber_abi("C"),
+            );
+        }
+        drop(guard);
+        // SAFETY: as above; the handler, if it ran, finished before the
+        // landing pad returned here.
+        let (vector, error_code, addr, has_addr) = unsafe {
+            (
+                ptr::read_volatile(&raw const (*ctl).fault_vector),
+                ptr::read_volatile(&raw const (*ctl).fault_error),
+                ptr::read_volatile(&raw const (*ctl).fault_addr),
+                ptr::read_volatile(&raw const (*ctl).fault_has_addr),
+            )
+        };
+        if vector == NO_FAULT {
+            return Ok(());
+        }
+        Err(StubFault {
+            vector: vector as u8,
+            error_code,
+            fault_addr: (has_addr != 0).then_some(addr),
+        })
+    }
+
+    /// The generated helper code and its executable address (for checks).
+    pub fn helper_code(&self) -> (u64, &[u8]) {
+        let len = (self.helpers.end - self.region.helper_exec()) as usize;
+        (
+            self.region.helper_exec(),
+            &self.region.helper_bytes()[..len],
+        )
+    }
+
+    /// The code of a stub built by [`build_at`](Self::build_at), read
+    /// through the executable alias, and its entry address.
+    pub fn stub_code(&self, stub: &BuiltStub) -> (u64, &[u8]) {
+        let bytes = &self.region.stub_exec_bytes()[stub.start..stub.start + stub.len];
+        (stub.entry, bytes)
+    }
+
+    /// Executable address of the return thunk.
+    pub fn thunk_addr(&self) -> u64 {
+        self.helpers.thunk
+    }
+
+    /// Executable address of the stub buffer.
+    pub fn stub_exec_addr(&self) -> u64 {
+        self.region.stub_exec()
+    }
+}
