@@ -229,3 +229,11 @@ impl StubBuf {
         self.region.stub_exec()
     }
 }
+
+#[cfg(test)]
+impl StubBuf {
+    /// The mapping, for tests that inspect the aliases.
+    pub(crate) fn region(&self) -> &StubRegion {
+        &self.region
+    }
+}

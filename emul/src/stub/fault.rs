@@ -201,7 +201,7 @@ fn install_once() -> Result<(), i32> {
 
     // SAFETY: as above, all-zero is a valid sigaction to fill in.
     let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
-    action.sa_sigaction = on_fault as *const () as libc::sighandler_t;
+    action.sa_sigaction = on_fault_entry as *const () as libc::sighandler_t;
     // SA_ONSTACK: a stack overflow must still reach Rust's handler, on the
     // alternate stack Rust set up.
     action.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
@@ -220,6 +220,24 @@ fn install_once() -> Result<(), i32> {
 const RFLAGS_TF: i64 = 1 << 8;
 const RFLAGS_DF: i64 = 1 << 10;
 const RFLAGS_AC: i64 = 1 << 18;
+
+/// The handler's entry: clears RFLAGS.AC before any compiled code runs.
+///
+/// The kernel enters a handler with DF and TF cleared but AC as the
+/// interrupted code left it, and an instruction that set AC and then took
+/// #AC would fault again on the first misaligned access in the handler,
+/// while SIGBUS is blocked, which kills the process.
+#[unsafe(naked)]
+extern "C" fn on_fault_entry(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    core::arch::naked_asm!(
+        "pushfq",
+        "and qword ptr [rsp], {not_ac}",
+        "popfq",
+        "jmp {handler}",
+        not_ac = const !(RFLAGS_AC as i32),
+        handler = sym on_fault,
+    )
+}
 
 extern "C" fn on_fault(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // try_with: never panic in a signal handler, even during thread exit.

@@ -155,6 +155,12 @@ impl StubRegion {
         self.page_addr(STUB_EXEC_PAGE)
     }
 
+    /// Address of the stub buffer's writable alias.
+    #[cfg(test)]
+    pub(crate) fn stub_write_addr(&self) -> u64 {
+        self.page_addr(STUB_WRITE_PAGE)
+    }
+
     /// The code a fault may come from: helper page and stub page (their
     /// executable aliases are adjacent).
     pub(crate) fn exec_range(&self) -> (u64, u64) {
