@@ -49,8 +49,7 @@ pub struct StubFault {
     /// The error code the CPU pushed (0 for vectors without one; for #PF
     /// the kernel's view of the page-fault error code).
     pub error_code: u64,
-    /// The faulting linear address, for #PF (CR2) and other memory faults
-    /// where the kernel reports one.
+    /// The faulting linear address (CR2), for #PF only.
     pub fault_addr: Option<u64>,
 }
 
@@ -88,15 +87,12 @@ impl StubFault {
 
 impl fmt::Display for StubFault {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.mnemonic())?;
+        match self.mnemonic() {
+            "#??" => write!(f, "vector {}", self.vector)?,
+            name => f.write_str(name)?,
+        }
         if self.has_error_code() {
             write!(f, "({:#x})", self.error_code)?;
-        }
-        if self.vector != EXC_PF {
-            if self.mnemonic() == "#??" {
-                write!(f, "[vector {}]", self.vector)?;
-            }
-            return Ok(());
         }
         if let Some(addr) = self.fault_addr {
             write!(f, " at {addr:#x}")?;
@@ -246,7 +242,7 @@ extern "C" fn on_fault(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut l
     // SA_SIGINFO handler; `ctl`, when non-null, is the control block of a
     // StubBuf that this thread is running right now (set by `enter`, which
     // holds `&mut StubBuf`), so it is mapped.
-    if !ctl.is_null() && unsafe { recover(ctl, sig, info, ctx.cast()) } {
+    if !ctl.is_null() && unsafe { recover(ctl, ctx.cast()) } {
         return;
     }
     // SAFETY: forwards the kernel's arguments unchanged.
@@ -257,14 +253,9 @@ extern "C" fn on_fault(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut l
 /// false when the fault is not ours.
 ///
 /// # Safety
-/// `ctl` must point to a live control block; `info` and `uc` must be the
-/// handler's kernel-provided arguments.
-unsafe fn recover(
-    ctl: *mut ControlBlock,
-    sig: libc::c_int,
-    info: *mut libc::siginfo_t,
-    uc: *mut libc::ucontext_t,
-) -> bool {
+/// `ctl` must point to a live control block; `uc` must be the handler's
+/// kernel-provided ucontext.
+unsafe fn recover(ctl: *mut ControlBlock, uc: *mut libc::ucontext_t) -> bool {
     // SAFETY: per the function contract, `uc` is the kernel's ucontext.
     let gregs = unsafe { &mut (*uc).uc_mcontext.gregs };
     let rip = gregs[libc::REG_RIP as usize] as u64;
@@ -284,14 +275,9 @@ unsafe fn recover(
     }
     let vector = gregs[libc::REG_TRAPNO as usize] as u64;
     let error = gregs[libc::REG_ERR as usize] as u64;
-    let addr = if vector == u64::from(EXC_PF) {
-        Some(gregs[libc::REG_CR2 as usize] as u64)
-    } else if sig == libc::SIGSEGV || sig == libc::SIGBUS {
-        // SAFETY: for SIGSEGV/SIGBUS the kernel fills si_addr.
-        Some(unsafe { (*info).si_addr() } as u64)
-    } else {
-        None
-    };
+    // Only #PF has an address (CR2); for #GP, #SS and #AC the kernel
+    // reports none.
+    let addr = (vector == u64::from(EXC_PF)).then(|| gregs[libc::REG_CR2 as usize] as u64);
     // SAFETY: `ctl` is live (contract); plain stores into its data page.
     unsafe {
         ptr::write_volatile(&raw mut (*ctl).fault_vector, vector);

@@ -583,11 +583,30 @@ fn fault_outside_a_stub_is_not_swallowed() {
             unsafe { asm!("int3") };
             unreachable!("int3 must kill the process");
         }
+        Ok("overflow") => {
+            let _buf = StubBuf::new(true).unwrap();
+            // Rust's guard-page handler, installed before ours, must still
+            // report the overflow (and abort).
+            fn recurse(depth: u64) -> u64 {
+                if depth == u64::MAX {
+                    return 0;
+                }
+                let pad = std::hint::black_box([depth; 64]);
+                pad[(depth % 64) as usize] + recurse(depth + 1)
+            }
+            std::hint::black_box(recurse(0));
+            unreachable!("the recursion must overflow");
+        }
         Ok(_) => unreachable!(),
         Err(_) => {}
     }
     let exe = std::env::current_exe().unwrap();
-    for (mode, signal) in [("segv", libc::SIGSEGV), ("trap", libc::SIGTRAP)] {
+    let modes = [
+        ("segv", libc::SIGSEGV),
+        ("trap", libc::SIGTRAP),
+        ("overflow", libc::SIGABRT),
+    ];
+    for (mode, signal) in modes {
         let out = Command::new(&exe)
             .args([
                 "--exact",
@@ -598,5 +617,9 @@ fn fault_outside_a_stub_is_not_swallowed() {
             .output()
             .unwrap();
         assert_eq!(out.status.signal(), Some(signal), "{mode}: {out:?}");
+        if mode == "overflow" {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(stderr.contains("overflowed its stack"), "{stderr}");
+        }
     }
 }
