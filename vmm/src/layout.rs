@@ -63,7 +63,10 @@ mod tests {
         assert_eq!(ram_regions(128 << 20), vec![(0, 128 << 20)]);
         assert_eq!(
             ram_regions(4 << 30),
-            vec![(0, RAM_32BIT_END), (HIGH_RAM_START, (4 << 30) - RAM_32BIT_END)]
+            vec![
+                (0, RAM_32BIT_END),
+                (HIGH_RAM_START, (4 << 30) - RAM_32BIT_END)
+            ]
         );
     }
 

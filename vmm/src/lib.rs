@@ -2,7 +2,17 @@
 //! port-I/O and MMIO exits through its device buses; instructions KVM cannot
 //! emulate are completed by the `emul` crate.
 
+pub mod boot;
 pub mod bus;
+pub mod cli;
+pub mod config;
 pub mod devices;
+pub mod kvm;
 pub mod layout;
 pub mod loader;
+pub mod selftest;
+pub mod stats;
+pub mod status;
+pub mod trace;
+pub mod vcpu;
+pub mod vm;

@@ -137,7 +137,12 @@ impl PioBus {
         RangeMap::new("port")
     }
 
-    pub fn register<T: PioDevice + 'static>(&mut self, base: u16, len: u16, dev: Arc<Mutex<T>>) -> Result<(), BusError> {
+    pub fn register<T: PioDevice + 'static>(
+        &mut self,
+        base: u16,
+        len: u16,
+        dev: Arc<Mutex<T>>,
+    ) -> Result<(), BusError> {
         self.insert(u64::from(base), u64::from(len), dev)
     }
 
@@ -169,7 +174,12 @@ impl MmioBus {
         RangeMap::new("MMIO")
     }
 
-    pub fn register<T: MmioDevice + 'static>(&mut self, base: u64, len: u64, dev: Arc<Mutex<T>>) -> Result<(), BusError> {
+    pub fn register<T: MmioDevice + 'static>(
+        &mut self,
+        base: u64,
+        len: u64,
+        dev: Arc<Mutex<T>>,
+    ) -> Result<(), BusError> {
         self.insert(base, len, dev)
     }
 
@@ -221,20 +231,29 @@ mod tests {
     #[test]
     fn overlaps_are_rejected() {
         let mut bus = PioBus::new_pio();
-        bus.register(0x10, 8, Arc::new(Mutex::new(Latch(0)))).unwrap();
+        bus.register(0x10, 8, Arc::new(Mutex::new(Latch(0))))
+            .unwrap();
         for (base, len) in [(0x10, 1), (0x17, 1), (0x08, 9), (0x0, 0x100)] {
             let e = bus.register(base, len, Arc::new(Mutex::new(Latch(0))));
-            assert!(matches!(e, Err(BusError::Overlap { .. })), "{base:#x}+{len}");
+            assert!(
+                matches!(e, Err(BusError::Overlap { .. })),
+                "{base:#x}+{len}"
+            );
         }
-        bus.register(0x18, 1, Arc::new(Mutex::new(Latch(0)))).unwrap();
-        bus.register(0x0f, 1, Arc::new(Mutex::new(Latch(0)))).unwrap();
-        assert!(bus.register(0x30, 0, Arc::new(Mutex::new(Latch(0)))).is_err());
+        bus.register(0x18, 1, Arc::new(Mutex::new(Latch(0))))
+            .unwrap();
+        bus.register(0x0f, 1, Arc::new(Mutex::new(Latch(0))))
+            .unwrap();
+        assert!(bus
+            .register(0x30, 0, Arc::new(Mutex::new(Latch(0))))
+            .is_err());
     }
 
     #[test]
     fn lookup_gives_offset_and_unclaimed_reads_ones() {
         let mut bus = PioBus::new_pio();
-        bus.register(0x3f8, 8, Arc::new(Mutex::new(Latch(0x40)))).unwrap();
+        bus.register(0x3f8, 8, Arc::new(Mutex::new(Latch(0x40))))
+            .unwrap();
         let mut b = [0u8; 1];
         assert!(bus.read(0x3fb, &mut b));
         assert_eq!(b[0], 0x43);
@@ -258,7 +277,8 @@ mod tests {
                 BusAction::Continue
             }
         }
-        bus.register(0xd000_0000, 0x1000, Arc::new(Mutex::new(Nop))).unwrap();
+        bus.register(0xd000_0000, 0x1000, Arc::new(Mutex::new(Nop)))
+            .unwrap();
         assert!(bus.overlaps(0xcfff_f000, 0x1001));
         assert!(!bus.overlaps(0xcfff_f000, 0x1000));
         assert!(bus.overlaps(0xd000_0fff, 1));

@@ -1,0 +1,99 @@
+//! Scripted guest programs, assembled with iced-x86's CodeAssembler.
+//!
+//! Each [`Program`] states the entry mode it needs, the devices it expects
+//! and the outcome it must produce; `cargo run -p guest -- NAME OUT.bin`
+//! writes one as a flat image for `vmm run`. The runtime in [`rt`] gives
+//! every mode a way to print, report values and exit, and 64-bit programs a
+//! mini kernel that runs their payload at CPL 3.
+
+pub mod programs;
+pub mod rt;
+
+/// The CPU mode a program is entered in (`vmm run --mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Real,
+    Protected,
+    Long,
+}
+
+impl Mode {
+    pub fn flag(self) -> &'static str {
+        match self {
+            Mode::Real => "real",
+            Mode::Protected => "protected",
+            Mode::Long => "long",
+        }
+    }
+
+    pub fn bitness(self) -> u32 {
+        match self {
+            Mode::Real => 16,
+            Mode::Protected => 32,
+            Mode::Long => 64,
+        }
+    }
+}
+
+/// What running the program must produce.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expect {
+    /// The `vmm` process exit status.
+    pub status: i32,
+    /// Text the serial output must contain.
+    pub serial: &'static str,
+    /// The values reported on the test-report port, in order (`None`: not
+    /// checked).
+    pub reports: Option<Vec<u64>>,
+}
+
+/// A guest program: a flat image and how to run it.
+#[derive(Debug, Clone)]
+pub struct Program {
+    pub name: &'static str,
+    pub description: &'static str,
+    pub mode: Mode,
+    pub load_addr: u64,
+    /// `--mmio-ram` windows the program expects (address, size).
+    pub mmio_ram: Vec<(u64, u64)>,
+    /// Guest RAM it needs (`--mem`), when not the default.
+    pub mem: Option<u64>,
+    pub image: Vec<u8>,
+    pub expect: Expect,
+}
+
+impl Program {
+    /// The `vmm run` arguments (without the image path) this program needs.
+    pub fn vmm_args(&self) -> Vec<String> {
+        let mut v = vec![
+            "--mode".to_string(),
+            self.mode.flag().to_string(),
+            "--load-addr".to_string(),
+            format!("{:#x}", self.load_addr),
+            "--format".to_string(),
+            "flat".to_string(),
+        ];
+        if let Some(m) = self.mem {
+            v.push("--mem".into());
+            v.push(format!("{m:#x}"));
+        }
+        for (a, s) in &self.mmio_ram {
+            v.push("--mmio-ram".into());
+            v.push(format!("{a:#x}:{s:#x}"));
+        }
+        v
+    }
+}
+
+/// Every program, by name.
+pub fn all() -> Vec<Program> {
+    programs::all()
+}
+
+/// The program called `name`.
+pub fn by_name(name: &str) -> Option<Program> {
+    programs::names()
+        .contains(&name)
+        .then(|| programs::build(name))
+        .flatten()
+}

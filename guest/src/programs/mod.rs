@@ -1,0 +1,84 @@
+//! The program catalogue. Each file holds programs for one concern.
+
+mod basic;
+mod mmio;
+mod pio;
+mod user;
+
+use crate::rt::{Asm, AsmResult};
+use crate::{Expect, Mode, Program};
+use iced_x86::code_asm::CodeAssembler;
+
+/// Default load address of long- and protected-mode programs.
+pub const LOAD_ADDR: u64 = 0x10_0000;
+/// Real-mode programs load where a boot sector would.
+pub const REAL_LOAD_ADDR: u64 = 0x7c00;
+/// The `--mmio-ram` window programs use unless they say otherwise.
+pub const MMIO_BASE: u64 = 0xd000_0000;
+pub const MMIO_SIZE: u64 = 0x2000;
+
+type Builder = fn() -> Result<Program, iced_x86::IcedError>;
+
+const CATALOGUE: &[(&str, Builder)] = &[
+    ("hello-real", basic::hello_real),
+    ("hello-protected", basic::hello_protected),
+    ("hello-long", basic::hello_long),
+    ("halt", basic::halt),
+    ("i8042-reset", basic::i8042_reset),
+    ("triple-fault", basic::triple_fault),
+    ("pio-widths", pio::pio_widths),
+    ("rep-string-io", pio::rep_string_io),
+    ("mmio-widths", mmio::mmio_widths),
+    ("mmio-user-sse", mmio::mmio_user_sse),
+    ("mmio-cross-page", mmio::mmio_cross_page),
+    ("user-simd", user::user_simd),
+    ("user-exception", user::user_exception),
+];
+
+pub fn names() -> Vec<&'static str> {
+    CATALOGUE.iter().map(|(n, _)| *n).collect()
+}
+
+/// Builds `name`. Assembling a catalogued program cannot fail unless the
+/// program itself is wrong, which the crate's tests catch.
+pub fn build(name: &str) -> Option<Program> {
+    let (_, b) = CATALOGUE.iter().find(|(n, _)| *n == name)?;
+    b().ok()
+}
+
+pub fn all() -> Vec<Program> {
+    CATALOGUE.iter().filter_map(|(_, b)| b().ok()).collect()
+}
+
+/// Assembles `body` for `mode` at `load_addr`.
+pub(crate) fn assemble(
+    mode: Mode,
+    load_addr: u64,
+    body: impl FnOnce(&mut Asm) -> AsmResult,
+) -> Result<Vec<u8>, iced_x86::IcedError> {
+    let mut a = CodeAssembler::new(mode.bitness())?;
+    body(&mut a)?;
+    a.assemble(load_addr)
+}
+
+pub(crate) fn expect(status: i32, serial: &'static str, reports: Option<Vec<u64>>) -> Expect {
+    Expect {
+        status,
+        serial,
+        reports,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_program_assembles() {
+        for (name, b) in CATALOGUE {
+            let p = b().unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(p.name, *name);
+            assert!(!p.image.is_empty());
+        }
+    }
+}

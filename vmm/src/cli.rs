@@ -1,0 +1,110 @@
+//! The command line: `vmm run`, `vmm selftest`.
+
+use crate::boot::EntryMode;
+use crate::config::{parse_addr, parse_size, parse_window, VmConfig};
+use crate::kvm::cpuid::CpuModel;
+use crate::loader::ImageFormat;
+use clap::{Args, Parser, Subcommand};
+use emul::stub::ItsMode;
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "vmm",
+    version,
+    about = "A KVM micro-VMM that completes the guest instructions KVM cannot emulate"
+)]
+pub struct Cli {
+    /// More logging (info; twice for debug). RUST_LOG overrides it.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// ITS mitigation for the emulator's stubs.
+    #[arg(long, global = true, default_value = "auto", value_parser = parse_its)]
+    pub its: ItsMode,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a guest image.
+    Run(RunArgs),
+    /// Build and run the stub self-test cases with ITS on and off.
+    Selftest,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Guest RAM (K/M/G suffixes).
+    #[arg(long, default_value = "128M", value_parser = parse_size)]
+    pub mem: u64,
+    /// Image format: auto, flat, elf, multiboot.
+    #[arg(long, default_value = "auto", value_parser = parse_format)]
+    pub format: ImageFormat,
+    /// Load address of flat images.
+    #[arg(long, default_value = "0x100000", value_parser = parse_addr)]
+    pub load_addr: u64,
+    /// Entry point (default: the load address, or the image's entry point).
+    #[arg(long, value_parser = parse_addr)]
+    pub entry: Option<u64>,
+    /// CPU state at entry: real, protected, long.
+    #[arg(long, default_value = "long", value_parser = parse_mode)]
+    pub mode: EntryMode,
+    /// A RAM-like MMIO window ADDR:SIZE (repeatable).
+    #[arg(long = "mmio-ram", value_parser = parse_window)]
+    pub mmio_ram: Vec<(u64, u64)>,
+    /// Write one JSON line per exit to FILE.
+    #[arg(long)]
+    pub trace: Option<PathBuf>,
+    /// Print exit counts and latency percentiles on stderr at the end.
+    #[arg(long)]
+    pub stats: bool,
+    /// Guest CPUID: kvm (KVM's supported list) or host (the host's leaves 1, 7, 0xD).
+    #[arg(long, default_value = "kvm", value_parser = parse_cpu)]
+    pub cpu: CpuModel,
+    /// The guest image.
+    pub image: PathBuf,
+}
+
+fn parse_its(s: &str) -> Result<ItsMode, String> {
+    match s {
+        "auto" => Ok(ItsMode::Auto),
+        "on" => Ok(ItsMode::On),
+        "off" => Ok(ItsMode::Off),
+        _ => Err(format!("unknown ITS mode '{s}' (expected auto, on or off)")),
+    }
+}
+
+fn parse_format(s: &str) -> Result<ImageFormat, String> {
+    s.parse()
+        .map_err(|e: crate::loader::UnknownImageFormat| e.to_string())
+}
+
+fn parse_mode(s: &str) -> Result<EntryMode, String> {
+    s.parse()
+}
+
+fn parse_cpu(s: &str) -> Result<CpuModel, String> {
+    s.parse()
+}
+
+impl RunArgs {
+    /// The VM description, with the image read from disk.
+    pub fn to_config(&self, its: ItsMode) -> Result<VmConfig, String> {
+        let image = std::fs::read(&self.image)
+            .map_err(|e| format!("cannot read image {}: {e}", self.image.display()))?;
+        let mut cfg = VmConfig::new(image);
+        cfg.image_name = self.image.display().to_string();
+        cfg.mem_size = self.mem;
+        cfg.format = self.format;
+        cfg.load_addr = self.load_addr;
+        cfg.entry = self.entry;
+        cfg.mode = self.mode;
+        cfg.mmio_ram = self.mmio_ram.clone();
+        cfg.trace = self.trace.clone();
+        cfg.stats = self.stats;
+        cfg.cpu = self.cpu;
+        cfg.its = its;
+        Ok(cfg)
+    }
+}

@@ -1,0 +1,109 @@
+//! Everything that describes one VM run, independent of how it was asked
+//! for (command line or in-process tests).
+
+use crate::boot::EntryMode;
+use crate::kvm::cpuid::CpuModel;
+use crate::layout;
+use crate::loader::ImageFormat;
+use std::path::PathBuf;
+
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// The guest image bytes and a name for messages.
+    pub image: Vec<u8>,
+    pub image_name: String,
+    pub mem_size: u64,
+    pub format: ImageFormat,
+    pub load_addr: u64,
+    pub entry: Option<u64>,
+    pub mode: EntryMode,
+    /// `--mmio-ram` windows as (address, size).
+    pub mmio_ram: Vec<(u64, u64)>,
+    pub trace: Option<PathBuf>,
+    pub stats: bool,
+    pub cpu: CpuModel,
+    pub its: emul::stub::ItsMode,
+}
+
+impl VmConfig {
+    /// A config with the CLI's defaults for `image`.
+    pub fn new(image: Vec<u8>) -> Self {
+        VmConfig {
+            image,
+            image_name: "<memory>".into(),
+            mem_size: 128 << 20,
+            format: ImageFormat::Auto,
+            load_addr: layout::DEFAULT_LOAD_ADDR,
+            entry: None,
+            mode: EntryMode::Long,
+            mmio_ram: Vec::new(),
+            trace: None,
+            stats: false,
+            cpu: CpuModel::Kvm,
+            its: emul::stub::ItsMode::Auto,
+        }
+    }
+}
+
+/// Parses a size with an optional K/M/G suffix ("128M", "0x1000", "4096").
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, shift) = match t.as_bytes().last() {
+        Some(b'K' | b'k') => (&t[..t.len() - 1], 10),
+        Some(b'M' | b'm') => (&t[..t.len() - 1], 20),
+        Some(b'G' | b'g') => (&t[..t.len() - 1], 30),
+        _ => (t, 0),
+    };
+    let n = parse_u64(num).map_err(|_| {
+        format!("invalid size '{s}' (expected a number with an optional K, M or G suffix)")
+    })?;
+    n.checked_mul(1u64 << shift)
+        .filter(|v| *v > 0)
+        .ok_or_else(|| format!("size '{s}' is zero or too large"))
+}
+
+/// Parses a hex (0x prefix) or decimal address.
+pub fn parse_addr(s: &str) -> Result<u64, String> {
+    parse_u64(s.trim())
+        .map_err(|_| format!("invalid address '{s}' (expected hex with a 0x prefix, or decimal)"))
+}
+
+fn parse_u64(s: &str) -> Result<u64, std::num::ParseIntError> {
+    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => s.parse(),
+    }
+}
+
+/// Parses `ADDR:SIZE` for `--mmio-ram`.
+pub fn parse_window(s: &str) -> Result<(u64, u64), String> {
+    let (a, z) = s
+        .split_once(':')
+        .ok_or_else(|| format!("invalid window '{s}' (expected ADDR:SIZE, e.g. 0xd0000000:64K)"))?;
+    let addr = parse_addr(a)?;
+    let size = parse_size(z)?;
+    addr.checked_add(size)
+        .ok_or_else(|| format!("window '{s}' wraps around the address space"))?;
+    Ok((addr, size))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_addresses() {
+        assert_eq!(parse_size("128M"), Ok(128 << 20));
+        assert_eq!(parse_size("4k"), Ok(4096));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("0x1000"), Ok(4096));
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("99999999999G").is_err());
+        assert_eq!(parse_addr("0x100000"), Ok(0x100000));
+        assert!(parse_addr("zz").is_err());
+        assert_eq!(parse_window("0xd0000000:64K"), Ok((0xd000_0000, 65536)));
+        assert!(parse_window("0xd0000000").is_err());
+        assert!(parse_window("0xffffffffffffffff:2").is_err());
+    }
+}

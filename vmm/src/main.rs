@@ -1,0 +1,43 @@
+use clap::Parser;
+use std::process::ExitCode;
+use vmm::cli::{Cli, Command};
+use vmm::status;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).init();
+    ExitCode::from(run(cli) as u8)
+}
+
+fn run(cli: Cli) -> i32 {
+    match cli.command {
+        Command::Selftest => vmm::selftest::print_and_check(),
+        Command::Run(args) => {
+            let cfg = match args.to_config(cli.its) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("vmm: {e}");
+                    return status::SETUP_ERROR;
+                }
+            };
+            match vmm::vm::run(&cfg, Box::new(std::io::stdout())) {
+                Ok(out) => {
+                    if let Some(s) = &out.stats {
+                        eprint!("{s}");
+                    }
+                    eprintln!("vmm: {}", out.message);
+                    out.status
+                }
+                Err(e) => {
+                    eprintln!("vmm: {e}");
+                    e.status()
+                }
+            }
+        }
+    }
+}

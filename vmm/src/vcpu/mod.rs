@@ -1,0 +1,160 @@
+//! One vCPU thread: KVM_RUN, decode the exit, serve it, repeat.
+//!
+//! The hot path (PIO and MMIO) makes no register ioctl (GPRs and segment
+//! registers come through KVM_CAP_SYNC_REGS), does not allocate, and only
+//! reads the clock when `--stats` or `--trace` asked for it.
+
+mod emulate;
+pub mod exit;
+
+use crate::kvm::run_page::{self, Exit};
+use crate::status;
+use crate::trace::TraceRecord;
+use crate::vm::{Shared, VmEnd};
+use exit::{handle_exit, ExitAction};
+use kvm_bindings::kvm_regs;
+use kvm_ioctls::{SyncReg, VcpuFd};
+use std::sync::Arc;
+use std::time::Instant;
+
+pub use emulate::Emulator;
+
+const RFLAGS_IF: u64 = 1 << 9;
+
+pub struct Vcpu {
+    pub id: u8,
+    fd: VcpuFd,
+    shared: Arc<Shared>,
+    emulator: Emulator,
+    stats: Option<crate::stats::ExitStats>,
+}
+
+impl Vcpu {
+    pub fn new(id: u8, mut fd: VcpuFd, shared: Arc<Shared>, emulator: Emulator) -> Self {
+        // Registers and segment state reach userspace in the run page on every
+        // exit, so serving one never needs KVM_GET_REGS/SREGS.
+        fd.set_sync_valid_reg(SyncReg::Register);
+        fd.set_sync_valid_reg(SyncReg::SystemRegister);
+        let stats = shared.stats.then(crate::stats::ExitStats::new);
+        Vcpu {
+            id,
+            fd,
+            shared,
+            emulator,
+            stats,
+        }
+    }
+
+    pub fn take_stats(&mut self) -> Option<crate::stats::ExitStats> {
+        self.stats.take()
+    }
+
+    fn rip(&mut self) -> u64 {
+        self.fd.sync_regs_mut().regs.rip
+    }
+
+    fn regs(&mut self) -> &kvm_regs {
+        &self.fd.sync_regs_mut().regs
+    }
+
+    /// Runs until the VM ends (this vCPU's exit or another's).
+    pub fn run(&mut self) -> VmEnd {
+        let timing = self.stats.is_some() || self.shared.tracer.is_some();
+        let id = self.id;
+        loop {
+            if self.shared.stopping() {
+                return VmEnd::kicked();
+            }
+            let t0 = timing.then(Instant::now);
+            if let Err(e) = self.fd.run() {
+                if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN {
+                    continue;
+                }
+                return VmEnd::new(
+                    status::KVM_FAILURE,
+                    format!("vcpu {}: KVM_RUN failed at rip {:#x}: {e}", id, self.rip()),
+                );
+            }
+            let exit = run_page::decode(self.fd.get_kvm_run());
+            let reason = exit.reason();
+            let rec = self.shared.tracer.as_ref().map(|_| TraceRecord::of(&exit));
+            let action = handle_exit(exit, &self.shared.buses);
+            let end = match action {
+                ExitAction::Resume | ExitAction::Interrupted => None,
+                ExitAction::Stop { status, reason } => Some(VmEnd::new(
+                    status,
+                    format!("vcpu {}: {} (status {status})", id, reason.describe()),
+                )),
+                ExitAction::Halt => self.halt(),
+                ExitAction::Shutdown => Some(VmEnd::new(
+                    status::TRIPLE_FAULT,
+                    format!(
+                        "vcpu {}: triple fault (KVM shutdown) at rip {:#x}",
+                        id,
+                        self.rip()
+                    ),
+                )),
+                ExitAction::Emulate { bytes, len } => self.emulate(&bytes[..len]),
+                ExitAction::Unhandled(what) => Some(VmEnd::new(
+                    status::UNHANDLED_EXIT,
+                    format!("vcpu {}: {what} at rip {:#x}", id, self.rip()),
+                )),
+            };
+            if let Some(t0) = t0 {
+                let ns = t0.elapsed().as_nanos() as u64;
+                if let Some(mut rec) = rec {
+                    if let Exit::Io {
+                        out: false, data, ..
+                    }
+                    | Exit::Mmio {
+                        write: false, data, ..
+                    } = run_page::decode(self.fd.get_kvm_run())
+                    {
+                        rec.set_data(data);
+                    }
+                    if let Some(t) = &self.shared.tracer {
+                        t.write(self.id, &rec, ns);
+                    }
+                }
+                if let Some(s) = &mut self.stats {
+                    s.record(reason, ns);
+                }
+            }
+            if let Some(end) = end {
+                return end;
+            }
+        }
+    }
+
+    fn halt(&mut self) -> Option<VmEnd> {
+        let regs = *self.regs();
+        let msg = if regs.rflags & RFLAGS_IF == 0 {
+            format!(
+                "vcpu {}: halted with interrupts off at rip {:#x}",
+                self.id, regs.rip
+            )
+        } else {
+            // Without an in-kernel irqchip nothing could ever wake it.
+            format!(
+                "vcpu {}: halted at rip {:#x} with interrupts on but no interrupt source",
+                self.id, regs.rip
+            )
+        };
+        Some(VmEnd::new(status::GUEST_DONE, msg))
+    }
+
+    fn emulate(&mut self, bytes: &[u8]) -> Option<VmEnd> {
+        let sync = self.fd.sync_regs_mut();
+        let (regs, sregs) = (&mut sync.regs, &sync.sregs);
+        match self
+            .emulator
+            .complete(self.id, bytes, regs, sregs, &self.shared.mem)
+        {
+            Ok(()) => {
+                self.fd.set_sync_dirty_reg(SyncReg::Register);
+                None
+            }
+            Err(msg) => Some(VmEnd::new(status::UNSUPPORTED_INSTRUCTION, msg)),
+        }
+    }
+}
