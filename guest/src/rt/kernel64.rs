@@ -18,6 +18,9 @@ use iced_x86::code_asm::*;
 /// RAM above the image).
 pub const KSTACK_TOP: u64 = 0x1f_0000;
 pub const USTACK_TOP: u64 = 0x1e_0000;
+/// The syscall entry's own stack. It must differ from TSS.RSP0: PVM runs the
+/// entry natively at hardware CPL 3, so its `ud2` trap frame lands at RSP0.
+pub const SYSCALL_STACK_TOP: u64 = 0x1e_8000;
 
 pub const KERNEL_CS: u32 = 0x08;
 pub const KERNEL_DS: u32 = 0x10;
@@ -278,7 +281,7 @@ impl Kernel64 {
     fn emit_syscall_entry(&mut self, a: &mut Asm) -> AsmResult {
         a.set_label(&mut self.syscall_entry)?;
         a.mov(qword_ptr(self.saved_user_rsp), rsp)?;
-        a.mov(rsp, KSTACK_TOP)?;
+        a.mov(rsp, SYSCALL_STACK_TOP)?;
         a.push(rcx)?;
         a.push(r11)?;
         a.set_label(&mut self.service_trap)?;
