@@ -170,7 +170,8 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
     let mut regs = vcpu_fd.get_regs().map_err(ioctl_err("KVM_GET_REGS"))?;
     boot::setup_entry(&mem, cfg.mode, entry, low_ram_end, &mut sregs, &mut regs)?;
     let xcr0 = cpuid::xcr0_for(&cpuid);
-    if cfg.mode != EntryMode::Long || xcr0 == 0 {
+    if cfg.mode != EntryMode::Long || (xcr0 == 0 && std::env::var_os("VMM_FORCE_OSXSAVE").is_none())
+    {
         sregs.cr4 &= !boot::CR4_OSXSAVE;
     }
     vcpu_fd

@@ -34,7 +34,6 @@ const LEAF1_ECX_VMX: u32 = 1 << 5;
 const LEAF1_ECX_SMX: u32 = 1 << 6;
 const LEAF1_ECX_X2APIC: u32 = 1 << 21;
 const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
-const LEAF1_ECX_XSAVE: u32 = 1 << 26;
 const LEAF1_ECX_OSXSAVE: u32 = 1 << 27;
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
 /// Leaf 0xD.1 EAX: XSAVES needs IA32_XSS, which the VMM does not manage.
@@ -70,17 +69,13 @@ pub fn for_vcpu(base: &CpuId, id: u8) -> CpuId {
     c
 }
 
-/// The XCR0 value offering every state component this CPUID advertises
-/// (0 when it has no XSAVE).
+/// The XCR0 value offering every state component leaf 0xD advertises.
+/// KVM's own list on PVM hosts offers components in leaf 0xD while leaf 1
+/// hides XSAVE; KVM still accepts XCR0 and CR4.OSXSAVE there, so leaf 0xD
+/// alone decides.
 pub fn xcr0_for(cpuid: &CpuId) -> u64 {
-    let entries = cpuid.as_slice();
-    let has_xsave = entries
-        .iter()
-        .any(|e| e.function == 1 && e.ecx & LEAF1_ECX_XSAVE != 0);
-    if !has_xsave {
-        return 0;
-    }
-    entries
+    cpuid
+        .as_slice()
         .iter()
         .find(|e| e.function == 0xd && e.index == 0)
         .map(|e| u64::from(e.eax) | (u64::from(e.edx) << 32))

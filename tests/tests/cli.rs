@@ -1,0 +1,219 @@
+//! The `vmm` binary: exit statuses, serial on stdout, --trace, --stats,
+//! and a clear error with a non-zero status for each kind of bad input.
+
+mod common;
+
+use common::{elf, program, scratch, status, vmm, vmm_program};
+
+#[test]
+fn long_mode_program_through_the_binary() {
+    let p = program("hello-long");
+    let o = vmm_program(&p, &[]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        status(&o),
+        p.expect.status,
+        "stderr: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(stdout.contains("hello from long mode"), "{stdout}");
+}
+
+#[test]
+fn real_mode_program_through_the_binary() {
+    let p = program("hello-real");
+    let o = vmm_program(&p, &[]);
+    assert_eq!(status(&o), p.expect.status);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("hello from real mode"));
+}
+
+#[test]
+fn halt_ends_with_zero_and_says_so() {
+    let o = vmm_program(&program("halt"), &[]);
+    assert_eq!(status(&o), 0);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("halted with interrupts off"));
+}
+
+#[test]
+fn triple_fault_names_rip_and_cause() {
+    let o = vmm_program(&program("triple-fault"), &[]);
+    assert_eq!(status(&o), vmm::status::TRIPLE_FAULT);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("triple fault") && err.contains("rip 0x"),
+        "{err}"
+    );
+}
+
+#[test]
+fn trace_writes_one_json_line_per_exit() {
+    let p = program("pio-widths");
+    let dir = scratch("trace");
+    let trace = dir.join("trace.jsonl");
+    let o = vmm_program(&p, &["--trace", trace.to_str().unwrap()]);
+    assert_eq!(status(&o), p.expect.status);
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines.len() >= 10, "{text}");
+    for l in &lines {
+        assert!(l.starts_with('{') && l.ends_with('}'), "{l}");
+        for key in ["\"vcpu\":0", "\"reason\":", "\"ns\":"] {
+            assert!(l.contains(key), "{l} lacks {key}");
+        }
+    }
+    // The 1-byte out of 0x11 to port 0x4f0 (1264).
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(r#""reason":"io-out","port":1264,"size":1"#)
+                && l.contains(r#""data":17"#)),
+        "{text}"
+    );
+    // The 4-byte in from 0x4f0 returned the latch.
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(r#""reason":"io-in","port":1264,"size":4"#)
+                && l.contains(&format!("\"data\":{}", 0x4433_2211u32))),
+        "{text}"
+    );
+}
+
+#[test]
+fn stats_prints_counts_and_percentiles() {
+    let o = vmm_program(&program("pio-widths"), &["--stats"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("p50 ns") && err.contains("p99 ns"), "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("io-out"))
+        .expect("io-out line");
+    let count: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(count >= 10, "{line}");
+}
+
+#[test]
+fn selftest_passes_and_prints_every_case() {
+    let o = vmm(&["selftest"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(status(&o), 0, "{out}");
+    for case in ["#UD", "#GP", "#SS", "#BP", "#DE", "#XM"] {
+        assert!(out.contains(case), "{case} missing:\n{out}");
+    }
+    assert!(
+        out.lines().filter(|l| l.starts_with("its=on")).count() >= 7,
+        "{out}"
+    );
+    assert!(
+        out.lines().filter(|l| l.starts_with("its=off")).count() >= 7,
+        "{out}"
+    );
+}
+
+/// Runs the binary on an image file with `args`, expects SETUP_ERROR and an
+/// error line containing `needle`.
+fn expect_bad(name: &str, image: &[u8], args: &[&str], needle: &str) {
+    let dir = scratch(name);
+    let img = dir.join("image");
+    std::fs::write(&img, image).unwrap();
+    let mut argv = vec!["run"];
+    argv.extend_from_slice(args);
+    argv.push(img.to_str().unwrap());
+    let o = vmm(&argv);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(status(&o), vmm::status::SETUP_ERROR, "{name}: {err}");
+    assert!(
+        err.to_lowercase().contains(&needle.to_lowercase()),
+        "{name}: expected {needle:?} in {err}"
+    );
+    assert!(!err.contains("panicked"), "{name}: {err}");
+}
+
+#[test]
+fn empty_image_is_rejected() {
+    expect_bad("empty", &[], &[], "empty");
+}
+
+#[test]
+fn truncated_elf_is_rejected() {
+    let good = elf(true, 0x10_0000, &[(0x10_0000, &[0xf4], 1)]);
+    expect_bad("truncated-elf", &good[..40], &[], "truncated");
+}
+
+#[test]
+fn garbage_elf_is_rejected() {
+    let mut junk = b"\x7fELF".to_vec();
+    junk.extend((0..200u32).map(|i| (i * 37 % 251) as u8));
+    expect_bad("garbage-elf", &junk, &["--format", "elf"], "elf");
+}
+
+#[test]
+fn elf_segment_outside_ram_is_rejected() {
+    let img = elf(true, 0x10_0000, &[(0x4000_0000, &[0xf4], 1)]);
+    expect_bad("elf-outside-ram", &img, &["--mem", "16M"], "outside");
+}
+
+#[test]
+fn elf32_segment_over_a_device_window_is_rejected() {
+    let img = elf(false, 0xd000_0000, &[(0xd000_0000, &[0xf4], 0x100)]);
+    expect_bad(
+        "elf-over-window",
+        &img,
+        &["--mode", "protected", "--mmio-ram", "0xd0000000:0x1000"],
+        "0xd0000000",
+    );
+}
+
+#[test]
+fn image_larger_than_ram_is_rejected() {
+    expect_bad(
+        "too-large",
+        &vec![0x90; 3 << 20],
+        &["--mem", "2M", "--load-addr", "0x0"],
+        "bytes of RAM",
+    );
+}
+
+#[test]
+fn bad_flags_are_rejected_with_a_message() {
+    for (args, needle) in [
+        (&["run", "--mem", "12Q", "x"][..], "invalid size"),
+        (&["run", "--mode", "weird", "x"][..], "unknown mode"),
+        (&["run", "--mmio-ram", "0xd0000000", "x"][..], "ADDR:SIZE"),
+        (&["run", "--format", "pe", "x"][..], "format"),
+        (&["--its", "maybe", "run", "x"][..], "ITS"),
+    ] {
+        let o = vmm(args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(status(&o), 2, "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn missing_image_file_is_a_setup_error() {
+    let o = vmm(&["run", "/nonexistent/image.bin"]);
+    assert_eq!(status(&o), vmm::status::SETUP_ERROR);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cannot read image"));
+}
+
+#[test]
+fn elf64_image_runs() {
+    // An ELF64 whose code prints 'E' and exits through the debug port.
+    let code: &[u8] = &[
+        0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0xb0, b'E', // mov al, 'E'
+        0xee, // out dx, al
+        0x66, 0xba, 0xf4, 0x00, // mov dx, 0xf4
+        0xb8, 0x05, 0x00, 0x00, 0x00, // mov eax, 5
+        0xef, // out dx, eax
+        0xf4, // hlt
+    ];
+    let img = elf(true, 0x20_0000, &[(0x20_0000, code, 0x2000)]);
+    let dir = scratch("elf64-runs");
+    let path = dir.join("k.elf");
+    std::fs::write(&path, img).unwrap();
+    let o = vmm(&["run", path.to_str().unwrap()]);
+    assert_eq!(status(&o), 11, "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "E");
+}
