@@ -36,6 +36,7 @@ program_tests! {
     mmio_cross_page => "mmio-cross-page",
     user_simd => "user-simd",
     user_exception => "user-exception",
+    regonly_cpl0 => "regonly-cpl0",
 }
 
 #[test]

@@ -39,6 +39,8 @@ pub enum VmError {
     Trace(std::io::Error),
     #[error("cannot start a vCPU thread: {0}")]
     Thread(std::io::Error),
+    #[error("cannot set up the emulator's stub buffer: {0}")]
+    Stub(emul::stub::StubError),
     #[error("stub self-test failed; refusing to run guests:\n{0}")]
     Selftest(String),
 }
@@ -200,7 +202,12 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
         stop: AtomicBool::new(false),
     });
 
-    let emulator = Emulator::new(its_on);
+    let mut emulator = Emulator::new(its_on).map_err(VmError::Stub)?;
+    // Xen-style: prove the stub machinery turns faults into exceptions
+    // before trusting it with a guest.
+    let t = std::time::Instant::now();
+    emulator.selftest().map_err(VmError::Selftest)?;
+    log::info!("stub self-test passed in {} us", t.elapsed().as_micros());
     let mut vcpu = Vcpu::new(0, vcpu_fd, shared.clone(), emulator);
     let handle = std::thread::Builder::new()
         .name("vcpu0".into())

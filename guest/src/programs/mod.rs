@@ -3,6 +3,7 @@
 mod basic;
 mod mmio;
 mod pio;
+mod regonly;
 mod user;
 
 use crate::rt::{Asm, AsmResult};
@@ -33,6 +34,7 @@ const CATALOGUE: &[(&str, Builder)] = &[
     ("mmio-cross-page", mmio::mmio_cross_page),
     ("user-simd", user::user_simd),
     ("user-exception", user::user_exception),
+    ("regonly-cpl0", regonly::regonly_cpl0),
 ];
 
 pub fn names() -> Vec<&'static str> {
