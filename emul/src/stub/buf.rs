@@ -7,8 +7,8 @@ use super::builder::{self, BuiltStub, STUB_BUF_SIZE};
 use super::cursor::INT3;
 use super::error::{StubError, StubRunError};
 use super::fault::{self, ControlBlock, StubFault, NO_FAULT};
-use super::helpers::{self, HelperLayout};
-use super::region::StubRegion;
+use super::helpers::{self, HelperLayout, VecSwitch};
+use super::region::{StubRegion, XSAVE_AREA_SIZE};
 use super::regs::GuestGprs;
 use super::ret::RetPolicy;
 
@@ -20,6 +20,36 @@ pub struct StubBuf {
     region: StubRegion,
     helpers: HelperLayout,
     policy: RetPolicy,
+    /// The host's XCR0 (0 without OSXSAVE).
+    xcr0: u64,
+    /// The XSAVE components a vector run switches (0: vector runs refused).
+    vec_mask: u64,
+}
+
+/// XSAVE components a vector run switches between host and guest: x87,
+/// SSE, AVX, opmask, ZMM_Hi256 and Hi16_ZMM (not PKRU, AMX or supervisor
+/// state, which no allow-listed instruction touches).
+pub const VECTOR_XFEATURES: u64 = 0xe7;
+
+/// Offset of XSTATE_BV in a standard-format XSAVE area.
+pub const XSAVE_HEADER_OFFSET: usize = 512;
+/// Offset of MXCSR in the legacy region.
+const MXCSR_OFFSET: usize = 24;
+
+/// The host's XCR0, or 0 when the OS has not enabled XSAVE.
+fn host_xcr0() -> u64 {
+    const OSXSAVE: u32 = 1 << 27;
+    if core::arch::x86_64::__cpuid(1).ecx & OSXSAVE == 0 {
+        return 0;
+    }
+    let (lo, hi): (u32, u32);
+    // SAFETY: XGETBV with ECX=0 only reads XCR0; CPUID said OSXSAVE is set,
+    // so it cannot fault.
+    unsafe {
+        asm!("xgetbv", in("ecx") 0u32, out("eax") lo, out("edx") hi,
+            options(nomem, nostack, preserves_flags));
+    }
+    u64::from(hi) << 32 | u64::from(lo)
 }
 
 // SAFETY: the raw pointers inside point into mappings owned by this value,
@@ -34,8 +64,18 @@ impl StubBuf {
         fault::install_handler()?;
         let mut region = StubRegion::new()?;
         let control = region.control_ptr() as u64;
-        let helpers =
-            region.write_helpers(|page, exec| helpers::generate(page, exec, control, its_on))?;
+        let xcr0 = host_xcr0();
+        // Without x87 and SSE in XCR0 there is nothing worth switching.
+        let vec_mask = match xcr0 & VECTOR_XFEATURES {
+            m if m & 0b11 == 0b11 => m,
+            _ => 0,
+        };
+        let vec = (vec_mask != 0).then(|| VecSwitch {
+            image: region.guest_xsave_addr(),
+            mask: vec_mask,
+        });
+        let helpers = region
+            .write_helpers(|page, exec| helpers::generate(page, exec, control, its_on, vec))?;
         region.stub_write()[..].fill(INT3);
 
         let (code_lo, code_hi) = region.exec_range();
@@ -64,6 +104,8 @@ impl StubBuf {
             region,
             helpers,
             policy,
+            xcr0,
+            vec_mask,
         })
     }
 
@@ -99,9 +141,36 @@ impl StubBuf {
         self.region.bounce_mut()
     }
 
+    /// The XSAVE components [`run_with_vector`](Self::run_with_vector)
+    /// switches: [`VECTOR_XFEATURES`] as far as the host's XCR0 enables
+    /// them, or 0 when this host cannot run vector stubs.
+    pub fn vector_mask(&self) -> u64 {
+        self.vec_mask
+    }
+
+    /// The guest XSAVE image (standard format, [`XSAVE_AREA_SIZE`] bytes)
+    /// that a vector run loads before the instruction and saves after it.
+    pub fn guest_xsave(&self) -> &[u8] {
+        self.region.guest_xsave()
+    }
+
+    /// The guest XSAVE image, writable: fill it before a vector run.
+    pub fn guest_xsave_mut(&mut self) -> &mut [u8] {
+        self.region.guest_xsave_mut()
+    }
+
     /// Builds a stub for `insn` at offset `start` of the buffer without
     /// running it.
     pub fn build_at(&mut self, start: usize, insn: &[u8]) -> Result<BuiltStub, StubError> {
+        self.build_stub(start, insn, false)
+    }
+
+    fn build_stub(
+        &mut self,
+        start: usize,
+        insn: &[u8],
+        with_vec: bool,
+    ) -> Result<BuiltStub, StubError> {
         let stub_exec = self.region.stub_exec();
         let helpers = self.helpers;
         let policy = self.policy;
@@ -112,7 +181,50 @@ impl StubBuf {
             insn,
             &helpers,
             policy,
+            with_vec,
         )
+    }
+
+    /// Checks what XRSTOR would reject in the guest image (so a fault in the
+    /// stub is the instruction's, not the image's): XSTATE_BV outside XCR0,
+    /// a compacted-format or non-zero reserved header, reserved MXCSR bits.
+    fn check_guest_xsave(&self) -> Result<(), StubError> {
+        let img = self.region.guest_xsave();
+        let word = |off: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&img[off..off + 8]);
+            u64::from_le_bytes(b)
+        };
+        let xstate_bv = word(XSAVE_HEADER_OFFSET);
+        let header_rest = (1..8).any(|i| word(XSAVE_HEADER_OFFSET + 8 * i) != 0);
+        let mxcsr = word(MXCSR_OFFSET) as u32;
+        if xstate_bv & !self.xcr0 != 0 || header_rest || mxcsr & 0xffff_0000 != 0 {
+            return Err(StubError::BadXsaveImage);
+        }
+        Ok(())
+    }
+
+    /// Runs one instruction like [`run`](Self::run), with the guest's
+    /// vector and x87 state: the stub XRSTORs [`guest_xsave`](Self::guest_xsave)
+    /// (components [`vector_mask`](Self::vector_mask)) before the
+    /// instruction and XSAVEs it after, inside the region where faults are
+    /// recovered. The host's own state of those components is saved before
+    /// the stub and restored after it, also after a fault. On a fault the
+    /// image is left as it was before the run.
+    pub fn run_with_vector(
+        &mut self,
+        insn: &[u8],
+        gprs: &mut GuestGprs,
+    ) -> Result<(), StubRunError> {
+        if self.vec_mask == 0 {
+            return Err(StubError::NoXsave.into());
+        }
+        self.check_guest_xsave()?;
+        let stub = self.build_stub(0, insn, true)?;
+        let outcome = self.invoke(&stub, gprs, true);
+        let buf = &mut self.region.stub_write()[..STUB_BUF_SIZE];
+        buf[stub.start..stub.start + stub.len].fill(INT3);
+        outcome.map_err(StubRunError::Fault)
     }
 
     /// Runs one instruction with the guest's GPRs and arithmetic flags.
@@ -131,7 +243,7 @@ impl StubBuf {
         gprs: &mut GuestGprs,
     ) -> Result<(), StubRunError> {
         let stub = self.build_at(start, insn)?;
-        let outcome = self.invoke(&stub, gprs);
+        let outcome = self.invoke(&stub, gprs, false);
         // Put the stub back: nothing stale stays executable.
         let buf = &mut self.region.stub_write()[..STUB_BUF_SIZE];
         buf[stub.start..stub.start + stub.len].fill(INT3);
@@ -139,7 +251,12 @@ impl StubBuf {
     }
 
     /// Calls a built stub and collects a recovered fault.
-    fn invoke(&mut self, stub: &BuiltStub, gprs: &mut GuestGprs) -> Result<(), StubFault> {
+    fn invoke(
+        &mut self,
+        stub: &BuiltStub,
+        gprs: &mut GuestGprs,
+        with_vec: bool,
+    ) -> Result<(), StubFault> {
         let ctl = self.region.control_ptr().cast::<ControlBlock>();
         // SAFETY: `ctl` points at the control block written in `new`; the
         // stub and the signal handler are the only other writers and
@@ -153,34 +270,38 @@ impl StubBuf {
         // FPU in whatever state the instruction left it).
         let mut host_fpu = [0u32; 2];
         let guard = fault::enter(ctl);
-        // SAFETY: `stub.entry` is a stub just built by `builder::build`
-        // (checked to fit its buffer) in this buffer's executable alias,
-        // with helpers generated for this buffer. The stub saves and
-        // restores rbx, rbp and r12-r15 itself (also on the fault path, via
-        // the landing pad) and only runs on the stack below the current
-        // RSP; every other register it may change is covered by
-        // clobber_abi("C"), which includes the vector and x87/MMX
-        // registers. The arithmetic flags are clobbered (no
-        // preserves_flags) and DF is clear on return. r12 carries
-        // `host_fpu`, a live local. The indirect call's last byte sits at
-        // offset 34 of an aligned cache line, so the call is ITS-safe too.
-        unsafe {
-            asm!(
-                "stmxcsr [r12]",
-                "fnstcw [r12 + 4]",
-                "jmp 3f",
-                ".p2align 6",
-                ".fill 32, 1, 0xcc",
-                "3:",
-                "call r11",
-                "fninit",
-                "fldcw [r12 + 4]",
-                "ldmxcsr [r12]",
-                in("r11") stub.entry,
-                in("rdi") ptr::from_mut(gprs),
-                in("r12") host_fpu.as_mut_ptr(),
-                clobber_abi("C"),
-            );
+        if with_vec {
+            self.invoke_with_vec(stub, gprs);
+        } else {
+            // SAFETY: `stub.entry` is a stub just built by `builder::build`
+            // (checked to fit its buffer) in this buffer's executable alias,
+            // with helpers generated for this buffer. The stub saves and
+            // restores rbx, rbp and r12-r15 itself (also on the fault path, via
+            // the landing pad) and only runs on the stack below the current
+            // RSP; every other register it may change is covered by
+            // clobber_abi("C"), which includes the vector and x87/MMX
+            // registers. The arithmetic flags are clobbered (no
+            // preserves_flags) and DF is clear on return. r12 carries
+            // `host_fpu`, a live local. The indirect call's last byte sits at
+            // offset 34 of an aligned cache line, so the call is ITS-safe too.
+            unsafe {
+                asm!(
+                    "stmxcsr [r12]",
+                    "fnstcw [r12 + 4]",
+                    "jmp 3f",
+                    ".p2align 6",
+                    ".fill 32, 1, 0xcc",
+                    "3:",
+                    "call r11",
+                    "fninit",
+                    "fldcw [r12 + 4]",
+                    "ldmxcsr [r12]",
+                    in("r11") stub.entry,
+                    in("rdi") ptr::from_mut(gprs),
+                    in("r12") host_fpu.as_mut_ptr(),
+                    clobber_abi("C"),
+                );
+            }
         }
         drop(guard);
         // SAFETY: as above; the handler, if it ran, finished before the
@@ -201,6 +322,44 @@ impl StubBuf {
             error_code,
             fault_addr: (has_addr != 0).then_some(addr),
         })
+    }
+
+    /// The asm call of a vector run: the host's state of the switched
+    /// components goes to the host XSAVE area before the call and comes back
+    /// after it (the landing pad of a fault returns to the same place).
+    fn invoke_with_vec(&mut self, stub: &BuiltStub, gprs: &mut GuestGprs) {
+        let host_area = self.region.host_xsave_ptr();
+        debug_assert!(XSAVE_AREA_SIZE >= 2688 && (host_area as usize) % 64 == 0);
+        // SAFETY: as for the plain call in `invoke`. In addition, r12 holds
+        // the page-aligned host XSAVE area (XSAVE_AREA_SIZE bytes, large
+        // enough for the standard layout of VECTOR_XFEATURES, header zero)
+        // and r13 the component mask, both preserved by the stub and the
+        // landing pad (callee-saved there). XSAVE/XRSTOR of host-written
+        // data with a mask within XCR0 cannot fault; RAX and RDX are
+        // clobbered, and the restore rewrites every vector and x87 register
+        // the clobber list names.
+        unsafe {
+            asm!(
+                "mov rax, r13",
+                "mov rdx, r13",
+                "shr rdx, 32",
+                "xsave64 [r12]",
+                "jmp 3f",
+                ".p2align 6",
+                ".fill 32, 1, 0xcc",
+                "3:",
+                "call r11",
+                "mov rax, r13",
+                "mov rdx, r13",
+                "shr rdx, 32",
+                "xrstor64 [r12]",
+                in("r11") stub.entry,
+                in("rdi") ptr::from_mut(gprs),
+                in("r12") host_area,
+                in("r13") self.vec_mask,
+                clobber_abi("C"),
+            );
+        }
     }
 
     /// The generated helper code and its executable address (for checks).

@@ -3,9 +3,11 @@
 //!
 //! ```text
 //!   push rbx; push rbp; push r12; push r13; push r14; push r15
+//!   call load_guest_vec    (XRSTOR guest image, or a bare RET)
 //!   call load_guest_gprs
 //!   <instruction bytes>
 //!   call save_guest_gprs
+//!   call save_guest_vec    (XSAVE guest image, or a bare RET)
 //!   pop r15; pop r14; pop r13; pop r12; pop rbp; pop rbx
 //!   place_ret            (RET, or JMP thunk; INT3)
 //! ```
@@ -25,12 +27,12 @@ pub const MAX_INSN_LEN: usize = 15;
 const CALL_REL32_LEN: usize = 5;
 
 /// Offset of the instruction from the stub's first byte.
-pub const STUB_PROLOGUE_LEN: usize = HOST_SAVE_LEN + CALL_REL32_LEN;
+pub const STUB_PROLOGUE_LEN: usize = HOST_SAVE_LEN + 2 * CALL_REL32_LEN;
 
 /// The longest stub: prologue, the longest instruction, the save call,
 /// epilogue and a thunk jump.
 pub const MAX_STUB_LEN: usize =
-    STUB_PROLOGUE_LEN + MAX_INSN_LEN + CALL_REL32_LEN + HOST_SAVE_LEN + PLACE_RET_MAX_LEN;
+    STUB_PROLOGUE_LEN + MAX_INSN_LEN + 2 * CALL_REL32_LEN + HOST_SAVE_LEN + PLACE_RET_MAX_LEN;
 
 /// The largest start offset a caller may choose: any position in a cache
 /// line, so tests can cover every alignment of the RET.
@@ -65,6 +67,7 @@ pub(crate) fn build(
     insn: &[u8],
     helpers: &HelperLayout,
     policy: RetPolicy,
+    with_vec: bool,
 ) -> Result<BuiltStub, StubError> {
     if insn.is_empty() || insn.len() > MAX_INSN_LEN {
         return Err(StubError::BadInsnLength(insn.len()));
@@ -81,11 +84,20 @@ pub(crate) fn build(
 
     let mut cur = CodeCursor::new(&mut buf[..half], stub_exec);
     cur.seek(start)?;
+    // Without vector state the calls go to the thunk's bare RET, so the
+    // instruction sits at the same offset either way.
+    let (load_vec, save_vec) = if with_vec {
+        (helpers.load_guest_vec, helpers.save_guest_vec)
+    } else {
+        (helpers.thunk, helpers.thunk)
+    };
     emit_host_save(&mut cur)?;
+    cur.call(load_vec)?;
     cur.call(helpers.load_guest_gprs)?;
     let insn_addr = cur.exec_pos();
     cur.emit(insn)?;
     cur.call(helpers.save_guest_gprs)?;
+    cur.call(save_vec)?;
     emit_host_restore(&mut cur)?;
     emit_ret(&mut cur, policy)?;
     let end = cur.pos();

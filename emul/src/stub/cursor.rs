@@ -85,7 +85,12 @@ impl<'a> CodeCursor<'a> {
     /// An instruction `prefix` followed by a disp32/rel32 that reaches
     /// `target` from the end of the instruction (`suffix` bytes, e.g. an
     /// immediate, follow the displacement).
-    fn emit_rel(&mut self, prefix: &[u8], target: u64, suffix: &[u8]) -> Result<(), StubError> {
+    pub(crate) fn emit_rel(
+        &mut self,
+        prefix: &[u8],
+        target: u64,
+        suffix: &[u8],
+    ) -> Result<(), StubError> {
         let len = prefix.len() + 4 + suffix.len();
         let next_ip = self.exec_pos() + len as u64;
         let rel = Self::rel32(next_ip, target)?;

@@ -22,6 +22,13 @@ pub enum StubError {
     /// A rel32 branch or RIP-relative operand cannot reach its target.
     #[error("target {target:#x} is out of rel32 range from {from:#x}")]
     OutOfRange { from: u64, target: u64 },
+    /// A vector run was asked for on a host without XSAVE enabled.
+    #[error("the host has no XSAVE support for vector stubs")]
+    NoXsave,
+    /// The guest XSAVE image would make XRSTOR fault (bits outside XCR0,
+    /// compacted or reserved header, reserved MXCSR bits).
+    #[error("guest XSAVE image is not a valid standard-format image")]
+    BadXsaveImage,
     /// memfd_create, mmap or sigaction failed.
     #[error("{what} failed: {source}")]
     Os {

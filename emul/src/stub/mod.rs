@@ -41,6 +41,16 @@
 //! code and (for #PF) address. Faults elsewhere go to the previous handler.
 //! The host's MXCSR and x87 control word are restored after every run.
 //!
+//! # Vector state
+//!
+//! [`StubBuf::run_with_vector`] also switches the x87/SSE/AVX/AVX-512
+//! state: the host's is XSAVEd before the stub and XRSTORed after it; the
+//! stub itself XRSTORs the guest's image ([`StubBuf::guest_xsave_mut`])
+//! before loading the GPRs and XSAVEs it after saving them, through the
+//! helpers `load_guest_vec`/`save_guest_vec`, so a fault there is recovered
+//! like one in the instruction. Plain runs call the thunk's bare RET in
+//! those two places, so every stub has the same layout.
+//!
 //! # Threads
 //!
 //! `StubBuf` is `Send` but not `Sync`: one thread runs it at a time.
@@ -68,7 +78,7 @@ mod regs;
 mod ret;
 pub mod selftest;
 
-pub use buf::StubBuf;
+pub use buf::{StubBuf, VECTOR_XFEATURES, XSAVE_HEADER_OFFSET};
 pub use builder::{BuiltStub, MAX_INSN_LEN, MAX_STUB_LEN, STUB_BUF_SIZE, STUB_PROLOGUE_LEN};
 pub use error::{StubError, StubRunError};
 pub use fault::{
@@ -78,7 +88,7 @@ pub use its::{
     decide_from_cpuid, decide_from_sysfs, detect, CpuId, ItsDecision, ItsMode, ParseItsModeError,
     ITS_SYSFS_PATH,
 };
-pub use region::BOUNCE_SIZE;
+pub use region::{BOUNCE_SIZE, XSAVE_AREA_SIZE};
 pub use regs::{GuestGprs, ARITH_FLAGS_MASK};
 pub use ret::{its_safe, place_ret, RetPolicy, PLACE_RET_MAX_LEN, RET};
 

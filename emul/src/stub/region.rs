@@ -11,6 +11,8 @@
 //! | 2    | 1               | rw-        | stub buffer (writable alias)     |
 //! | 3    | 2               | rw-        | control block                    |
 //! | 4, 5 | 3, 4            | rw-        | bounce buffer                    |
+//! | 6    | 5               | rw-        | guest XSAVE image (vector state) |
+//! | 7    | 6               | rw-        | host XSAVE area during a run     |
 //!
 //! The helper page's writable alias exists only while the helpers are
 //! generated, at a kernel-chosen address outside the reservation. Keeping
@@ -34,13 +36,24 @@ const BOUNCE_PAGE: usize = 4;
 /// Two pages, so that an operand of up to 64 bytes at any offset modulo
 /// 4096 fits without crossing the end.
 pub const BOUNCE_SIZE: usize = 2 * PAGE_SIZE;
-const RESERVED_PAGES: usize = 6;
+/// The guest's XSAVE image that a vector run restores before the
+/// instruction and saves after it (page-aligned, so 64-byte aligned as
+/// XSAVE/XRSTOR require).
+const GUEST_XSAVE_PAGE: usize = 6;
+/// The host's vector state while a vector run has the guest's loaded.
+const HOST_XSAVE_PAGE: usize = 7;
+/// Size of either XSAVE area: the standard-format layout of the components
+/// a vector run switches (x87 .. Hi16_ZMM) ends at 2688 bytes.
+pub const XSAVE_AREA_SIZE: usize = PAGE_SIZE;
+const RESERVED_PAGES: usize = 8;
 
 const FILE_HELPER_PAGE: usize = 0;
 const FILE_STUB_PAGE: usize = 1;
 const FILE_CONTROL_PAGE: usize = 2;
 const FILE_BOUNCE_PAGE: usize = 3;
-const FILE_PAGES: usize = 5;
+const FILE_GUEST_XSAVE_PAGE: usize = 5;
+const FILE_HOST_XSAVE_PAGE: usize = 6;
+const FILE_PAGES: usize = 7;
 
 /// The mapped aliases of one stub buffer.
 pub(crate) struct StubRegion {
@@ -101,6 +114,8 @@ impl StubRegion {
         region.map_fixed(STUB_WRITE_PAGE, 1, rw, FILE_STUB_PAGE)?;
         region.map_fixed(CONTROL_PAGE, 1, rw, FILE_CONTROL_PAGE)?;
         region.map_fixed(BOUNCE_PAGE, BOUNCE_SIZE / PAGE_SIZE, rw, FILE_BOUNCE_PAGE)?;
+        region.map_fixed(GUEST_XSAVE_PAGE, 1, rw, FILE_GUEST_XSAVE_PAGE)?;
+        region.map_fixed(HOST_XSAVE_PAGE, 1, rw, FILE_HOST_XSAVE_PAGE)?;
         Ok(region)
     }
 
@@ -210,6 +225,31 @@ impl StubRegion {
     pub(crate) fn bounce_mut(&mut self) -> &mut [u8] {
         // SAFETY: as in `bounce`, and `&mut self` makes this borrow unique.
         unsafe { std::slice::from_raw_parts_mut(self.page_ptr(BOUNCE_PAGE), BOUNCE_SIZE) }
+    }
+
+    /// Address of the guest XSAVE image (the generated helpers address it
+    /// RIP-relatively).
+    pub(crate) fn guest_xsave_addr(&self) -> u64 {
+        self.page_addr(GUEST_XSAVE_PAGE)
+    }
+
+    pub(crate) fn guest_xsave(&self) -> &[u8] {
+        // SAFETY: mapped read-write for the life of `self`; written only
+        // through `guest_xsave_mut` or by a running stub, both under
+        // `&mut self`.
+        unsafe { std::slice::from_raw_parts(self.page_ptr(GUEST_XSAVE_PAGE), XSAVE_AREA_SIZE) }
+    }
+
+    pub(crate) fn guest_xsave_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `guest_xsave`, and `&mut self` makes this borrow unique.
+        unsafe { std::slice::from_raw_parts_mut(self.page_ptr(GUEST_XSAVE_PAGE), XSAVE_AREA_SIZE) }
+    }
+
+    /// The host XSAVE area, only ever touched by XSAVE/XRSTOR in
+    /// `StubBuf::invoke` (its header stays zero from the memfd, as the
+    /// standard format needs).
+    pub(crate) fn host_xsave_ptr(&self) -> *mut u8 {
+        self.page_ptr(HOST_XSAVE_PAGE)
     }
 
     /// Runs `generate` on a temporary writable alias of the helper page

@@ -149,8 +149,10 @@ fn its_invariant_holds_for_all_generated_code() {
 fn plain_ret_with_its_off() {
     let mut buf = StubBuf::new(false).unwrap();
     let (ip, code) = buf.helper_code();
-    // Thunk (unused), load, save and landing each end in a plain RET.
-    assert_eq!(check_code(ip, code, false).len(), 4);
+    // Thunk (the no-op vector switch), load, save, landing and, with
+    // XSAVE, the two vector switches each end in a plain RET.
+    let vec_helpers = if buf.vector_mask() != 0 { 2 } else { 0 };
+    assert_eq!(check_code(ip, code, false).len(), 4 + vec_helpers);
     for start in 0..64 {
         let stub = buf.build_at(start, &nop(3)).unwrap();
         let (ip, code) = buf.stub_code(&stub);
@@ -622,4 +624,28 @@ fn fault_outside_a_stub_is_not_swallowed() {
             assert!(stderr.contains("overflowed its stack"), "{stderr}");
         }
     }
+}
+
+#[test]
+fn vector_run_switches_the_guest_xsave_image() {
+    let mut buf = StubBuf::new(true).unwrap();
+    if buf.vector_mask() == 0 {
+        eprintln!("skipped: host has no XSAVE");
+        return;
+    }
+    let img = buf.guest_xsave_mut();
+    img.fill(0);
+    img[24..28].copy_from_slice(&0x1f80u32.to_le_bytes()); // MXCSR default
+    img[512] = 0b10; // XSTATE_BV: SSE
+    img[160..176].fill(0x11); // XMM0
+    let mut gprs = GuestGprs::default();
+    // paddb xmm0, xmm0
+    buf.run_with_vector(&[0x66, 0x0f, 0xfc, 0xc0], &mut gprs)
+        .unwrap();
+    assert!(buf.guest_xsave()[160..176].iter().all(|&b| b == 0x22));
+    // A corrupt header is refused before anything runs.
+    buf.guest_xsave_mut()[520] = 1;
+    assert!(buf
+        .run_with_vector(&[0x66, 0x0f, 0xfc, 0xc0], &mut gprs)
+        .is_err());
 }
