@@ -60,7 +60,7 @@ fn mmio_traffic_is_really_exits() {
     let mut cfg = common::config_for(&p);
     cfg.stats = true;
     let (out, _) = common::run_config(&cfg);
-    let stats = out.stats.expect("stats report");
+    let stats = out.stats.expect("stats report").report();
     let count = |reason: &str| -> u64 {
         stats
             .lines()

@@ -5,7 +5,37 @@ use crate::boot::EntryMode;
 use crate::kvm::cpuid::CpuModel;
 use crate::layout;
 use crate::loader::ImageFormat;
+use crate::bus::{MmioDevice, PioDevice};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+/// A device an embedder (the benchmark, tests) adds to the port bus.
+#[derive(Clone)]
+pub struct ExtraPio {
+    pub base: u16,
+    pub len: u16,
+    pub device: Arc<Mutex<dyn PioDevice>>,
+}
+
+/// A device an embedder adds to the MMIO bus.
+#[derive(Clone)]
+pub struct ExtraMmio {
+    pub base: u64,
+    pub len: u64,
+    pub device: Arc<Mutex<dyn MmioDevice>>,
+}
+
+impl std::fmt::Debug for ExtraPio {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ExtraPio({:#x}+{:#x})", self.base, self.len)
+    }
+}
+
+impl std::fmt::Debug for ExtraMmio {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ExtraMmio({:#x}+{:#x})", self.base, self.len)
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -23,6 +53,9 @@ pub struct VmConfig {
     pub stats: bool,
     pub cpu: CpuModel,
     pub its: emul::stub::ItsMode,
+    /// Devices added by an embedder, beside the standard ones.
+    pub extra_pio: Vec<ExtraPio>,
+    pub extra_mmio: Vec<ExtraMmio>,
 }
 
 impl VmConfig {
@@ -41,6 +74,8 @@ impl VmConfig {
             stats: false,
             cpu: CpuModel::Kvm,
             its: emul::stub::ItsMode::Auto,
+            extra_pio: Vec::new(),
+            extra_mmio: Vec::new(),
         }
     }
 }

@@ -28,7 +28,7 @@ fn run(cli: Cli) -> i32 {
             match vmm::vm::run(&cfg, Box::new(std::io::stdout())) {
                 Ok(out) => {
                     if let Some(s) = &out.stats {
-                        eprint!("{s}");
+                        eprint!("{}", s.report());
                     }
                     eprintln!("vmm: {}", out.message);
                     out.status

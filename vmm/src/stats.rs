@@ -55,6 +55,12 @@ pub struct ExitStats {
     by_reason: [Option<Box<LatencyHistogram>>; ExitReason::ALL.len()],
 }
 
+impl std::fmt::Debug for ExitStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.report())
+    }
+}
+
 impl ExitStats {
     pub fn new() -> Self {
         let mut s = ExitStats::default();
@@ -69,6 +75,11 @@ impl ExitStats {
         if let Some(h) = &mut self.by_reason[reason.index()] {
             h.record(ns);
         }
+    }
+
+    /// The histogram of one exit reason.
+    pub fn histogram(&self, reason: ExitReason) -> Option<&LatencyHistogram> {
+        self.by_reason[reason.index()].as_deref()
     }
 
     pub fn merge(&mut self, other: &ExitStats) {

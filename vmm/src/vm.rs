@@ -113,8 +113,8 @@ pub struct VmOutcome {
     pub message: String,
     /// Values the guest wrote to the test-report port.
     pub reports: Vec<u64>,
-    /// The `--stats` report, when asked for.
-    pub stats: Option<String>,
+    /// Exit latency histograms of all vCPUs, when `stats` was asked for.
+    pub stats: Option<ExitStats>,
 }
 
 /// Builds the VM described by `cfg` and runs it; the guest's serial output
@@ -230,7 +230,7 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
     let stats = stats.map(|s| {
         let mut all = ExitStats::new();
         all.merge(&s);
-        all.report()
+        all
     });
     let reports = reports.lock().unwrap_or_else(|p| p.into_inner()).clone();
     drop(vm);
@@ -315,6 +315,12 @@ fn build_buses(
         test_report::TEST_REPORT_LEN,
         Arc::new(Mutex::new(test_report::TestReport::new(reports))),
     )?;
+    for d in &cfg.extra_pio {
+        b.pio.insert(u64::from(d.base), u64::from(d.len), d.device.clone())?;
+    }
+    for d in &cfg.extra_mmio {
+        b.mmio.insert(d.base, d.len, d.device.clone())?;
+    }
     for &(addr, size) in &cfg.mmio_ram {
         let over_ram = mem.iter().any(|r| {
             let (s, e) = (r.start_addr().0, r.start_addr().0 + r.len());
