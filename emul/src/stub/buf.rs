@@ -329,7 +329,7 @@ impl StubBuf {
     /// after it (the landing pad of a fault returns to the same place).
     fn invoke_with_vec(&mut self, stub: &BuiltStub, gprs: &mut GuestGprs) {
         let host_area = self.region.host_xsave_ptr();
-        debug_assert!(XSAVE_AREA_SIZE >= 2688 && (host_area as usize) % 64 == 0);
+        debug_assert!(XSAVE_AREA_SIZE >= 2688 && (host_area as usize).is_multiple_of(64));
         // SAFETY: as for the plain call in `invoke`. In addition, r12 holds
         // the page-aligned host XSAVE area (XSAVE_AREA_SIZE bytes, large
         // enough for the standard layout of VECTOR_XFEATURES, header zero)
