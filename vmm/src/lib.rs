@@ -2,6 +2,7 @@
 //! port-I/O and MMIO exits through its device buses; instructions KVM cannot
 //! emulate are completed by the `emul` crate.
 
+pub mod acpi;
 pub mod boot;
 pub mod bus;
 pub mod cli;

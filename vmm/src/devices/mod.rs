@@ -2,8 +2,11 @@
 //! bus traits live in [`crate::bus`].
 
 pub mod debug_exit;
+pub mod fw_cfg;
 pub mod i8042;
 pub mod mmio_ram;
+pub mod pc_testdev;
+pub mod pm_timer;
 pub mod serial;
 pub mod test_report;
 
