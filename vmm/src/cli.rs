@@ -1,7 +1,7 @@
 //! The command line: `vmm run`, `vmm selftest`.
 
 use crate::boot::EntryMode;
-use crate::config::{parse_addr, parse_size, parse_window, VmConfig};
+use crate::config::{parse_addr, parse_size, parse_window, TestDevice, VmConfig};
 use crate::kvm::cpuid::CpuModel;
 use crate::loader::ImageFormat;
 use clap::{Args, Parser, Subcommand};
@@ -62,6 +62,21 @@ pub struct RunArgs {
     /// Guest CPUID: kvm (KVM's supported list) or host (the host's leaves 1, 7, 0xD).
     #[arg(long, default_value = "kvm", value_parser = parse_cpu)]
     pub cpu: CpuModel,
+    /// Number of vCPUs (application processors start on INIT/SIPI).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..))]
+    pub cpus: u8,
+    /// Multiboot command line (by convention its first word is the program name).
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    /// A file passed to a Multiboot kernel as module 0.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// A QEMU-compatible test device: pc-testdev, fw_cfg, acpi-pm (repeatable).
+    #[arg(long = "device", value_parser = parse_device)]
+    pub devices: Vec<TestDevice>,
+    /// Every test device kvm-unit-tests expects (pc-testdev, fw_cfg, acpi-pm).
+    #[arg(long)]
+    pub testdev: bool,
     /// The guest image.
     pub image: PathBuf,
 }
@@ -78,6 +93,10 @@ fn parse_its(s: &str) -> Result<ItsMode, String> {
 fn parse_format(s: &str) -> Result<ImageFormat, String> {
     s.parse()
         .map_err(|e: crate::loader::UnknownImageFormat| e.to_string())
+}
+
+fn parse_device(s: &str) -> Result<TestDevice, String> {
+    s.parse()
 }
 
 fn parse_mode(s: &str) -> Result<EntryMode, String> {
@@ -105,6 +124,20 @@ impl RunArgs {
         cfg.stats = self.stats;
         cfg.cpu = self.cpu;
         cfg.its = its;
+        cfg.cpus = self.cpus;
+        cfg.cmdline = self.cmdline.clone();
+        if let Some(p) = &self.initrd {
+            let data =
+                std::fs::read(p).map_err(|e| format!("cannot read initrd {}: {e}", p.display()))?;
+            cfg.initrd = Some((p.display().to_string(), data));
+        }
+        cfg.test_devices = if self.testdev {
+            TestDevice::ALL.to_vec()
+        } else {
+            let mut d = self.devices.clone();
+            d.dedup();
+            d
+        };
         Ok(cfg)
     }
 }

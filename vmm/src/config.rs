@@ -2,10 +2,10 @@
 //! for (command line or in-process tests).
 
 use crate::boot::EntryMode;
+use crate::bus::{MmioDevice, PioDevice};
 use crate::kvm::cpuid::CpuModel;
 use crate::layout;
 use crate::loader::ImageFormat;
-use crate::bus::{MmioDevice, PioDevice};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -53,6 +53,14 @@ pub struct VmConfig {
     pub stats: bool,
     pub cpu: CpuModel,
     pub its: emul::stub::ItsMode,
+    /// Number of vCPUs; the application processors wait for INIT/SIPI.
+    pub cpus: u8,
+    /// Multiboot command line (default: the image name).
+    pub cmdline: Option<String>,
+    /// Multiboot module 0: (name, bytes).
+    pub initrd: Option<(String, Vec<u8>)>,
+    /// QEMU-compatible test devices (`--device`, `--testdev`).
+    pub test_devices: Vec<TestDevice>,
     /// Devices added by an embedder, beside the standard ones.
     pub extra_pio: Vec<ExtraPio>,
     pub extra_mmio: Vec<ExtraMmio>,
@@ -76,6 +84,50 @@ impl VmConfig {
             its: emul::stub::ItsMode::Auto,
             extra_pio: Vec::new(),
             extra_mmio: Vec::new(),
+            cpus: 1,
+            cmdline: None,
+            initrd: None,
+            test_devices: Vec::new(),
+        }
+    }
+
+    /// The in-kernel LAPIC/IOAPIC/PIC/PIT are needed for SMP and for the
+    /// test devices' interrupt lines.
+    pub fn irqchip(&self) -> bool {
+        self.cpus > 1 || !self.test_devices.is_empty()
+    }
+
+    /// Whether the guest gets ACPI tables (for the PM timer and the MADT).
+    pub fn acpi(&self) -> bool {
+        self.test_devices.contains(&TestDevice::AcpiPm)
+    }
+}
+
+/// The QEMU-compatible devices kvm-unit-tests expect, named like QEMU's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestDevice {
+    /// `pc-testdev`: latch on 0xe0, IRQ lines at 0x2000, MMIO buffer at 0xff000000.
+    PcTestdev,
+    /// `fw_cfg` on ports 0x510/0x511.
+    FwCfg,
+    /// ACPI tables in the BIOS area and the PM timer at port 0x608.
+    AcpiPm,
+}
+
+impl TestDevice {
+    pub const ALL: [TestDevice; 3] = [TestDevice::PcTestdev, TestDevice::FwCfg, TestDevice::AcpiPm];
+}
+
+impl std::str::FromStr for TestDevice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "pc-testdev" => Ok(TestDevice::PcTestdev),
+            "fw_cfg" | "fw-cfg" => Ok(TestDevice::FwCfg),
+            "acpi-pm" => Ok(TestDevice::AcpiPm),
+            _ => Err(format!(
+                "unknown device '{s}' (expected pc-testdev, fw_cfg or acpi-pm)"
+            )),
         }
     }
 }

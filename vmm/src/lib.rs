@@ -12,6 +12,7 @@ pub mod kvm;
 pub mod layout;
 pub mod loader;
 pub mod selftest;
+pub mod signals;
 pub mod stats;
 pub mod status;
 pub mod trace;

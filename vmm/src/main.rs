@@ -18,6 +18,10 @@ fn run(cli: Cli) -> i32 {
     match cli.command {
         Command::Selftest => vmm::selftest::print_and_check(),
         Command::Run(args) => {
+            if let Err(e) = vmm::signals::install_stop() {
+                eprintln!("vmm: cannot install SIGINT/SIGTERM handlers: {e}");
+                return status::SETUP_ERROR;
+            }
             let cfg = match args.to_config(cli.its) {
                 Ok(c) => c,
                 Err(e) => {

@@ -2,20 +2,21 @@
 
 use crate::boot::{self, EntryMode};
 use crate::bus::{BusError, MmioBus, PioBus};
-use crate::config::VmConfig;
+use crate::config::{TestDevice, VmConfig};
 use crate::devices::{debug_exit, i8042, mmio_ram::MmioRam, serial, test_report};
 use crate::kvm::{self, cpuid, ioctl_err, KvmError};
 use crate::layout;
-use crate::loader::{self, LoadError, LoadRequest};
+use crate::loader::{self, ImageFormat, LoadError, LoadRequest};
 use crate::stats::ExitStats;
 use crate::status;
 use crate::trace::Tracer;
 use crate::vcpu::{Emulator, Vcpu};
 use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region, kvm_xcrs};
-use kvm_ioctls::{Cap, Kvm, VmFd};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
 
 /// KVM_CAP_EXIT_ON_EMULATION_FAILURE: every emulation failure exits to
 /// userspace instead of KVM queueing #UD at CPL > 0.
@@ -35,6 +36,14 @@ pub enum VmError {
     Bus(#[from] BusError),
     #[error("--mmio-ram {addr:#x}+{size:#x} overlaps guest RAM")]
     WindowOverRam { addr: u64, size: u64 },
+    #[error("--cpus must be between 1 and 255, not {0}")]
+    Cpus(u8),
+    #[error("cannot install the vCPU kick signal handler (errno {0})")]
+    Signal(i32),
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(std::io::Error),
+    #[error("ACPI tables: {0}")]
+    Acpi(crate::acpi::AcpiError),
     #[error("cannot create trace file: {0}")]
     Trace(std::io::Error),
     #[error("cannot start a vCPU thread: {0}")]
@@ -77,12 +86,26 @@ pub struct Shared {
     pub tracer: Option<Tracer>,
     pub stats: bool,
     stop: AtomicBool,
+    /// The first vCPU to end the VM records why.
+    end: Mutex<Option<VmEnd>>,
 }
 
 impl Shared {
     #[inline]
     pub fn stopping(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Records how the VM ended (the first end wins; a kicked vCPU's does
+    /// not count) and tells every vCPU to stop.
+    fn finish(&self, end: VmEnd) {
+        if end != VmEnd::kicked() {
+            let mut slot = self.end.lock().unwrap_or_else(|p| p.into_inner());
+            if slot.is_none() {
+                *slot = Some(end);
+            }
+        }
+        self.stop.store(true, Ordering::SeqCst);
     }
 }
 
@@ -129,67 +152,24 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
             return Err(KvmError::MissingCap(name).into());
         }
     }
+    if cfg.cpus == 0 {
+        return Err(VmError::Cpus(cfg.cpus));
+    }
+    crate::signals::install_kick().map_err(|e| VmError::Signal(e.errno()))?;
     let vm = kvm.create_vm().map_err(ioctl_err("KVM_CREATE_VM"))?;
     enable_exit_on_emulation_failure(&vm)?;
+    let vm = Arc::new(vm);
+    if cfg.irqchip() {
+        create_irqchip(&vm)?;
+    }
     let mem = create_memory(&vm, cfg.mem_size)?;
 
     let reports = test_report::Reports::default();
-    let buses = build_buses(cfg, &mem, serial_out, reports.clone())?;
-
-    let mut reserved: Vec<(u64, u64)> = boot::reserved_ranges(cfg.mode);
-    reserved.extend(buses.mmio.iter());
-    let image = loader::load(
-        &mem,
-        &LoadRequest {
-            image: &cfg.image,
-            format: cfg.format,
-            load_addr: cfg.load_addr,
-            reserved: &reserved,
-        },
-    )
-    .map_err(|err| VmError::Load {
-        name: cfg.image_name.clone(),
-        err,
-    })?;
-    let entry = cfg.entry.unwrap_or(image.entry);
-    log::info!(
-        "loaded {} ({:?}, {} segment(s)), entry {entry:#x}, {:?} mode",
-        cfg.image_name,
-        image.kind,
-        image.segments.len(),
-        cfg.mode
-    );
+    let buses = build_buses(cfg, &vm, &mem, serial_out, reports.clone())?;
+    let boot = load_guest(cfg, &mem, &buses)?;
 
     let its_on = resolve_its(cfg.its)?;
     let base_cpuid = cpuid::build(&kvm, cfg.cpu)?;
-    let low_ram_end = cfg.mem_size.min(layout::RAM_32BIT_END);
-    let vcpu_fd = vm.create_vcpu(0).map_err(ioctl_err("KVM_CREATE_VCPU"))?;
-    let cpuid = cpuid::for_vcpu(&base_cpuid, 0);
-    vcpu_fd
-        .set_cpuid2(&cpuid)
-        .map_err(ioctl_err("KVM_SET_CPUID2"))?;
-    let mut sregs = vcpu_fd.get_sregs().map_err(ioctl_err("KVM_GET_SREGS"))?;
-    let mut regs = vcpu_fd.get_regs().map_err(ioctl_err("KVM_GET_REGS"))?;
-    boot::setup_entry(&mem, cfg.mode, entry, low_ram_end, &mut sregs, &mut regs)?;
-    let xcr0 = cpuid::xcr0_for(&cpuid);
-    if cfg.mode != EntryMode::Long || (xcr0 == 0 && std::env::var_os("VMM_FORCE_OSXSAVE").is_none())
-    {
-        sregs.cr4 &= !boot::CR4_OSXSAVE;
-    }
-    vcpu_fd
-        .set_sregs(&sregs)
-        .map_err(ioctl_err("KVM_SET_SREGS"))?;
-    vcpu_fd.set_regs(&regs).map_err(ioctl_err("KVM_SET_REGS"))?;
-    if cfg.mode == EntryMode::Long && xcr0 != 0 {
-        let mut xcrs = kvm_xcrs {
-            nr_xcrs: 1,
-            ..Default::default()
-        };
-        xcrs.xcrs[0].xcr = 0;
-        xcrs.xcrs[0].value = xcr0;
-        vcpu_fd.set_xcrs(&xcrs).map_err(ioctl_err("KVM_SET_XCRS"))?;
-    }
-
     let tracer = match &cfg.trace {
         Some(p) => Some(Tracer::create(p).map_err(VmError::Trace)?),
         None => None,
@@ -200,46 +180,248 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
         tracer,
         stats: cfg.stats,
         stop: AtomicBool::new(false),
+        end: Mutex::new(None),
     });
 
-    let mut emulator = Emulator::new(its_on).map_err(VmError::Stub)?;
-    // Xen-style: prove the stub machinery turns faults into exceptions
-    // before trusting it with a guest.
-    let t = std::time::Instant::now();
-    emulator.selftest().map_err(VmError::Selftest)?;
-    log::info!("stub self-test passed in {} us", t.elapsed().as_micros());
-    let mut vcpu = Vcpu::new(0, vcpu_fd, shared.clone(), emulator);
-    let handle = std::thread::Builder::new()
-        .name("vcpu0".into())
-        .spawn(move || {
-            let end = vcpu.run();
-            (end, vcpu.take_stats())
-        })
-        .map_err(VmError::Thread)?;
-    let (end, stats) = match handle.join() {
-        Ok(r) => r,
-        Err(_) => (
-            VmEnd::new(status::UNHANDLED_EXIT, "vcpu 0 thread panicked".into()),
-            None,
-        ),
-    };
-    shared.stop.store(true, Ordering::Relaxed);
+    let mut vcpus = Vec::with_capacity(usize::from(cfg.cpus));
+    for id in 0..cfg.cpus {
+        let fd = vm
+            .create_vcpu(u64::from(id))
+            .map_err(ioctl_err("KVM_CREATE_VCPU"))?;
+        let cpuid = cpuid::for_vcpu(&base_cpuid, id);
+        fd.set_cpuid2(&cpuid).map_err(ioctl_err("KVM_SET_CPUID2"))?;
+        // Application processors keep their reset state: with the in-kernel
+        // irqchip they wait for the guest's INIT/SIPI.
+        if id == 0 {
+            set_boot_state(&fd, &shared.mem, cfg, &boot, &cpuid)?;
+        }
+        let mut emulator = Emulator::new(its_on).map_err(VmError::Stub)?;
+        // Xen-style: prove this vCPU's stub buffer turns faults into
+        // exceptions before trusting it with a guest.
+        let t = std::time::Instant::now();
+        emulator.selftest().map_err(VmError::Selftest)?;
+        log::debug!(
+            "vcpu {id}: stub self-test passed in {} us",
+            t.elapsed().as_micros()
+        );
+        vcpus.push(Vcpu::new(id, fd, shared.clone(), emulator));
+    }
+
+    let mut handles = Vec::with_capacity(vcpus.len());
+    for mut vcpu in vcpus {
+        let shared = shared.clone();
+        let h = std::thread::Builder::new()
+            .name(format!("vcpu{}", vcpu.id))
+            .spawn(move || {
+                let end = vcpu.run();
+                shared.finish(end);
+                vcpu.take_stats()
+            })
+            .map_err(VmError::Thread)?;
+        handles.push(h);
+    }
+    wait_for_end(&shared, &handles);
+
+    let mut stats = cfg.stats.then(ExitStats::new);
+    for h in handles {
+        match h.join() {
+            Ok(Some(s)) => {
+                if let Some(all) = &mut stats {
+                    all.merge(&s);
+                }
+            }
+            Ok(None) => {}
+            Err(_) => shared.finish(VmEnd::new(
+                status::UNHANDLED_EXIT,
+                "a vCPU thread panicked".into(),
+            )),
+        }
+    }
     if let Some(t) = &shared.tracer {
         t.flush();
     }
-    let stats = stats.map(|s| {
-        let mut all = ExitStats::new();
-        all.merge(&s);
-        all
-    });
+    let end = shared
+        .end
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .unwrap_or_else(|| VmEnd::new(status::INTERRUPTED, "stopped".into()));
     let reports = reports.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    drop(vm);
     Ok(VmOutcome {
         status: end.status,
         message: end.message,
         reports,
         stats,
     })
+}
+
+/// Waits until some vCPU ended the VM (or SIGINT/SIGTERM asked for it), then
+/// kicks every vCPU thread out of KVM_RUN until all have returned.
+fn wait_for_end<T>(shared: &Shared, handles: &[std::thread::JoinHandle<T>]) {
+    use vmm_sys_util::signal::Killable;
+    let tick = std::time::Duration::from_millis(2);
+    while !shared.stopping() && !handles.iter().all(|h| h.is_finished()) {
+        if crate::signals::stop_requested() {
+            shared.finish(VmEnd::new(
+                status::INTERRUPTED,
+                "stopped by SIGINT/SIGTERM".into(),
+            ));
+        }
+        std::thread::park_timeout(tick);
+    }
+    shared.stop.store(true, Ordering::SeqCst);
+    while !handles.iter().all(|h| h.is_finished()) {
+        for h in handles.iter().filter(|h| !h.is_finished()) {
+            // A vCPU between exits sees the flag; one inside KVM_RUN (halted,
+            // or waiting for SIPI) needs the signal. Repeat until it returns.
+            let _ = h.kill(crate::signals::kick_signal());
+        }
+        std::thread::sleep(tick);
+    }
+}
+
+/// What the boot vCPU needs from the loaded image.
+struct BootInfo {
+    mode: EntryMode,
+    entry: u64,
+    /// EAX and EBX for a Multiboot kernel.
+    multiboot: Option<(u32, u32)>,
+}
+
+fn load_guest(cfg: &VmConfig, mem: &GuestMemoryMmap, buses: &Buses) -> Result<BootInfo, VmError> {
+    let load_err = |err| VmError::Load {
+        name: cfg.image_name.clone(),
+        err,
+    };
+    let multiboot = match cfg.format {
+        ImageFormat::Multiboot => true,
+        ImageFormat::Auto => loader::detect(&cfg.image) == ImageFormat::Multiboot,
+        _ => false,
+    };
+    // A Multiboot kernel is entered in protected mode whatever --mode says.
+    let mode = if multiboot {
+        EntryMode::Protected
+    } else {
+        cfg.mode
+    };
+    let mut reserved: Vec<(u64, u64)> = boot::reserved_ranges(mode);
+    reserved.extend(buses.mmio.iter());
+    if multiboot || cfg.acpi() {
+        reserved.extend(loader::boot_reserved());
+    }
+    let image = loader::load(
+        mem,
+        &LoadRequest {
+            image: &cfg.image,
+            format: cfg.format,
+            load_addr: cfg.load_addr,
+            reserved: &reserved,
+        },
+    )
+    .map_err(load_err)?;
+    let entry = cfg.entry.unwrap_or(image.entry);
+    log::info!(
+        "loaded {} ({:?}, {} segment(s)), entry {entry:#x}, {:?} mode",
+        cfg.image_name,
+        image.kind,
+        image.segments.len(),
+        mode
+    );
+    let mut mb = None;
+    if image.kind.is_multiboot() {
+        let initrd_name = cfg.initrd.as_ref().map(|(n, _)| n.as_str()).unwrap_or("");
+        let module = match &cfg.initrd {
+            Some((_, data)) => {
+                Some(loader::load_module(mem, image.end(), data, &reserved).map_err(load_err)?)
+            }
+            None => None,
+        };
+        let modules: Vec<loader::MultibootModule> = module
+            .iter()
+            .map(|&(start, end)| loader::MultibootModule {
+                start,
+                end,
+                cmdline: initrd_name,
+            })
+            .collect();
+        let cmdline = cfg
+            .cmdline
+            .clone()
+            .unwrap_or_else(|| cfg.image_name.clone());
+        let info = loader::write_multiboot_info(
+            mem,
+            &loader::MultibootInfoRequest {
+                mem_size: cfg.mem_size,
+                cmdline: Some(&cmdline),
+                modules: &modules,
+            },
+        )
+        .map_err(load_err)?;
+        mb = Some((loader::MULTIBOOT_BOOTLOADER_MAGIC, info as u32));
+    } else if cfg.initrd.is_some() {
+        log::warn!("--initrd is only passed to Multiboot kernels; ignored");
+    }
+    if cfg.acpi() {
+        crate::acpi::write_tables(
+            mem,
+            &crate::acpi::AcpiConfig {
+                nb_cpus: u16::from(cfg.cpus),
+            },
+        )
+        .map_err(VmError::Acpi)?;
+    }
+    Ok(BootInfo {
+        mode,
+        entry,
+        multiboot: mb,
+    })
+}
+
+/// Puts the boot vCPU in the entry state.
+fn set_boot_state(
+    fd: &VcpuFd,
+    mem: &GuestMemoryMmap,
+    cfg: &VmConfig,
+    boot: &BootInfo,
+    cpuid: &kvm_bindings::CpuId,
+) -> Result<(), VmError> {
+    let low_ram_end = cfg.mem_size.min(layout::RAM_32BIT_END);
+    let mut sregs = fd.get_sregs().map_err(ioctl_err("KVM_GET_SREGS"))?;
+    let mut regs = fd.get_regs().map_err(ioctl_err("KVM_GET_REGS"))?;
+    boot::setup_entry(
+        mem,
+        boot.mode,
+        boot.entry,
+        low_ram_end,
+        &mut sregs,
+        &mut regs,
+    )?;
+    if let Some((eax, ebx)) = boot.multiboot {
+        regs.rax = u64::from(eax);
+        regs.rbx = u64::from(ebx);
+    }
+    fd.set_sregs(&sregs).map_err(ioctl_err("KVM_SET_SREGS"))?;
+    fd.set_regs(&regs).map_err(ioctl_err("KVM_SET_REGS"))?;
+    let xcr0 = cpuid::xcr0_for(cpuid);
+    if boot.mode == EntryMode::Long && xcr0 != 0 {
+        let mut xcrs = kvm_xcrs {
+            nr_xcrs: 1,
+            ..Default::default()
+        };
+        xcrs.xcrs[0].xcr = 0;
+        xcrs.xcrs[0].value = xcr0;
+        fd.set_xcrs(&xcrs).map_err(ioctl_err("KVM_SET_XCRS"))?;
+    }
+    Ok(())
+}
+
+/// The in-kernel LAPIC, IOAPIC, PIC and PIT.
+fn create_irqchip(vm: &VmFd) -> Result<(), VmError> {
+    vm.create_irq_chip()
+        .map_err(ioctl_err("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_bindings::kvm_pit_config::default();
+    vm.create_pit2(pit).map_err(ioctl_err("KVM_CREATE_PIT2"))?;
+    Ok(())
 }
 
 fn resolve_its(mode: emul::stub::ItsMode) -> Result<bool, VmError> {
@@ -289,12 +471,22 @@ fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap, VmError> {
 
 fn build_buses(
     cfg: &VmConfig,
+    vm: &Arc<VmFd>,
     mem: &GuestMemoryMmap,
     serial_out: serial::SerialOut,
     reports: test_report::Reports,
 ) -> Result<Buses, VmError> {
     let mut b = Buses::default();
-    let com1 = serial::SerialPort::new(serial::SerialIrq(None), serial_out);
+    // With an irqchip, COM1's interrupt goes to ISA IRQ 4 through an irqfd.
+    let com1_irq = if cfg.irqchip() {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+        vm.register_irqfd(&evt, serial::COM1_IRQ)
+            .map_err(ioctl_err("KVM_IRQFD"))?;
+        Some(evt)
+    } else {
+        None
+    };
+    let com1 = serial::SerialPort::new(serial::SerialIrq(com1_irq), serial_out);
     b.pio.register(
         serial::COM1_PORT,
         serial::COM1_LEN,
@@ -315,8 +507,51 @@ fn build_buses(
         test_report::TEST_REPORT_LEN,
         Arc::new(Mutex::new(test_report::TestReport::new(reports))),
     )?;
+    for dev in &cfg.test_devices {
+        match dev {
+            TestDevice::PcTestdev => {
+                use crate::devices::pc_testdev::*;
+                b.pio.register(
+                    TESTDEV_PORT,
+                    TESTDEV_LEN,
+                    Arc::new(Mutex::new(PcTestdev::new())),
+                )?;
+                let vm = vm.clone();
+                let set_line: IrqLineFn = Box::new(move |gsi, level| {
+                    if let Err(e) = vm.set_irq_line(gsi, level) {
+                        log::warn!("pc-testdev: KVM_IRQ_LINE {gsi}={level}: {e}");
+                    }
+                });
+                b.pio.register(
+                    TESTDEV_IRQ_PORT,
+                    TESTDEV_IRQ_LEN,
+                    Arc::new(Mutex::new(TestdevIrq::new(set_line))),
+                )?;
+                b.mmio.register(
+                    TESTDEV_IOMEM_ADDR,
+                    TESTDEV_IOMEM_LEN,
+                    Arc::new(Mutex::new(TestdevMmio::new())),
+                )?;
+            }
+            TestDevice::FwCfg => {
+                use crate::devices::fw_cfg::*;
+                let fw = FwCfg::new(cfg.mem_size, u16::from(cfg.cpus));
+                b.pio
+                    .register(FW_CFG_PORT, FW_CFG_LEN, Arc::new(Mutex::new(fw)))?;
+            }
+            TestDevice::AcpiPm => {
+                use crate::devices::pm_timer::*;
+                b.pio.register(
+                    PM_TMR_PORT,
+                    PM_TMR_LEN,
+                    Arc::new(Mutex::new(PmTimer::new())),
+                )?;
+            }
+        }
+    }
     for d in &cfg.extra_pio {
-        b.pio.insert(u64::from(d.base), u64::from(d.len), d.device.clone())?;
+        b.pio
+            .insert(u64::from(d.base), u64::from(d.len), d.device.clone())?;
     }
     for d in &cfg.extra_mmio {
         b.mmio.insert(d.base, d.len, d.device.clone())?;
