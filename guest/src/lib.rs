@@ -58,6 +58,8 @@ pub struct Program {
     pub mmio_ram: Vec<(u64, u64)>,
     /// Guest RAM it needs (`--mem`), when not the default.
     pub mem: Option<u64>,
+    /// Further `vmm run` flags it needs (format, devices, CPUs...).
+    pub extra_args: Vec<&'static str>,
     pub image: Vec<u8>,
     pub expect: Expect,
 }
@@ -70,9 +72,11 @@ impl Program {
             self.mode.flag().to_string(),
             "--load-addr".to_string(),
             format!("{:#x}", self.load_addr),
-            "--format".to_string(),
-            "flat".to_string(),
         ];
+        if !self.extra_args.contains(&"--format") {
+            v.push("--format".into());
+            v.push("flat".into());
+        }
         if let Some(m) = self.mem {
             v.push("--mem".into());
             v.push(format!("{m:#x}"));
@@ -81,6 +85,7 @@ impl Program {
             v.push("--mmio-ram".into());
             v.push(format!("{a:#x}:{s:#x}"));
         }
+        v.extend(self.extra_args.iter().map(|s| s.to_string()));
         v
     }
 }

@@ -23,6 +23,7 @@ pub fn hello_real() -> Result<Program, IcedError> {
         load_addr: REAL_LOAD_ADDR,
         mmio_ram: vec![],
         mem: None,
+        extra_args: vec![],
         image,
         expect: expect(
             status_of(EXIT_PASS),
@@ -52,6 +53,7 @@ pub fn hello_protected() -> Result<Program, IcedError> {
         load_addr: LOAD_ADDR,
         mmio_ram: vec![],
         mem: None,
+        extra_args: vec![],
         image,
         expect: expect(
             status_of(EXIT_PASS),
@@ -87,6 +89,7 @@ pub fn hello_long() -> Result<Program, IcedError> {
         load_addr: LOAD_ADDR,
         mmio_ram: vec![],
         mem: None,
+        extra_args: vec![],
         image,
         expect: expect(
             status_of(EXIT_PASS),
@@ -110,6 +113,7 @@ pub fn halt() -> Result<Program, IcedError> {
         load_addr: LOAD_ADDR,
         mmio_ram: vec![],
         mem: None,
+        extra_args: vec![],
         image,
         expect: expect(0, "halting", Some(vec![])),
     })
@@ -130,6 +134,7 @@ pub fn i8042_reset() -> Result<Program, IcedError> {
         load_addr: LOAD_ADDR,
         mmio_ram: vec![],
         mem: None,
+        extra_args: vec![],
         image,
         expect: expect(0, "resetting", Some(vec![])),
     })
@@ -153,6 +158,7 @@ pub fn triple_fault() -> Result<Program, IcedError> {
         load_addr: LOAD_ADDR,
         mmio_ram: vec![],
         mem: None,
+        extra_args: vec![],
         image,
         expect: expect(4, "faulting", Some(vec![])),
     })

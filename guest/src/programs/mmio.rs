@@ -46,6 +46,7 @@ pub fn mmio_widths() -> Result<Program, IcedError> {
         load_addr: LOAD_ADDR,
         mmio_ram: vec![(MMIO_BASE, MMIO_SIZE)],
         mem: None,
+        extra_args: vec![],
         image,
         expect: expect(
             status_of(EXIT_PASS),
@@ -95,6 +96,7 @@ pub fn mmio_user_sse() -> Result<Program, IcedError> {
         load_addr: LOAD_ADDR,
         mmio_ram: vec![(MMIO_BASE, MMIO_SIZE)],
         mem: None,
+        extra_args: vec![],
         image,
         expect: expect(
             status_of(EXIT_PASS),
@@ -137,6 +139,7 @@ pub fn mmio_cross_page() -> Result<Program, IcedError> {
         load_addr: LOAD_ADDR,
         mmio_ram: vec![(RAM, 0x1000)],
         mem: Some(RAM),
+        extra_args: vec![],
         image,
         expect: expect(
             status_of(EXIT_PASS),

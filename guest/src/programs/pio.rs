@@ -51,6 +51,7 @@ pub fn pio_widths() -> Result<Program, IcedError> {
         load_addr: LOAD_ADDR,
         mmio_ram: vec![],
         mem: None,
+        extra_args: vec![],
         image,
         expect: expect(
             status_of(EXIT_PASS),
@@ -106,6 +107,7 @@ pub fn rep_string_io() -> Result<Program, IcedError> {
         load_addr: LOAD_ADDR,
         mmio_ram: vec![],
         mem: None,
+        extra_args: vec![],
         image,
         expect: expect(
             status_of(EXIT_PASS),

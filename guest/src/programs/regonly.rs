@@ -152,6 +152,7 @@ pub fn regonly_cpl0() -> Result<Program, IcedError> {
         load_addr: LOAD_ADDR,
         mmio_ram: vec![],
         mem: None,
+        extra_args: vec![],
         image,
         expect: expect(
             status_of(EXIT_PASS),

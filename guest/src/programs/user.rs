@@ -48,6 +48,7 @@ pub fn user_simd() -> Result<Program, IcedError> {
         load_addr: LOAD_ADDR,
         mmio_ram: vec![],
         mem: None,
+        extra_args: vec![],
         image,
         expect: expect(
             status_of(EXIT_PASS),
@@ -75,6 +76,7 @@ pub fn user_exception() -> Result<Program, IcedError> {
         load_addr: LOAD_ADDR,
         mmio_ram: vec![],
         mem: None,
+        extra_args: vec![],
         image,
         expect: expect(
             status_of(EXIT_EXCEPTION),

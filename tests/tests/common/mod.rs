@@ -9,7 +9,6 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 use vmm::config::VmConfig;
-use vmm::loader::ImageFormat;
 use vmm::vm::VmOutcome;
 
 /// Fails the test with one line when KVM is unusable: these tests must never
@@ -40,21 +39,24 @@ impl Capture {
     }
 }
 
-/// The VM configuration a program asks for.
+/// The VM configuration a program asks for: its `vmm run` arguments go
+/// through the real command-line parser, so in-process runs and binary runs
+/// mean the same thing.
 pub fn config_for(p: &Program) -> VmConfig {
-    let mut cfg = VmConfig::new(p.image.clone());
-    cfg.image_name = p.name.to_string();
-    cfg.format = ImageFormat::Flat;
-    cfg.load_addr = p.load_addr;
-    cfg.mode = match p.mode {
-        guest::Mode::Real => vmm::boot::EntryMode::Real,
-        guest::Mode::Protected => vmm::boot::EntryMode::Protected,
-        guest::Mode::Long => vmm::boot::EntryMode::Long,
+    use clap::Parser;
+    let dir = scratch(p.name);
+    let img = dir.join(format!("{}.bin", p.name));
+    std::fs::write(&img, &p.image).expect("write image");
+    let mut argv = vec!["vmm".to_string(), "run".to_string()];
+    argv.extend(p.vmm_args());
+    argv.push(img.display().to_string());
+    let cli = vmm::cli::Cli::try_parse_from(&argv)
+        .unwrap_or_else(|e| panic!("{}: bad vmm arguments {argv:?}: {e}", p.name));
+    let vmm::cli::Command::Run(args) = cli.command else {
+        panic!("not a run command");
     };
-    cfg.mmio_ram = p.mmio_ram.clone();
-    if let Some(m) = p.mem {
-        cfg.mem_size = m;
-    }
+    let mut cfg = args.to_config(cli.its).expect("config");
+    cfg.image_name = p.name.to_string();
     cfg
 }
 
