@@ -1,0 +1,121 @@
+//! The guest CPU state the VMM hands over, and the mode it implies.
+
+use crate::stub::GuestGprs;
+
+/// CR0.PE
+pub const CR0_PE: u64 = 1 << 0;
+/// CR0.MP
+pub const CR0_MP: u64 = 1 << 1;
+/// CR0.EM
+pub const CR0_EM: u64 = 1 << 2;
+/// CR0.TS
+pub const CR0_TS: u64 = 1 << 3;
+/// CR0.WP
+pub const CR0_WP: u64 = 1 << 16;
+/// CR0.PG
+pub const CR0_PG: u64 = 1 << 31;
+/// CR4.PSE
+pub const CR4_PSE: u64 = 1 << 4;
+/// CR4.PAE
+pub const CR4_PAE: u64 = 1 << 5;
+/// CR4.OSFXSR
+pub const CR4_OSFXSR: u64 = 1 << 9;
+/// CR4.OSXMMEXCPT
+pub const CR4_OSXMMEXCPT: u64 = 1 << 10;
+/// CR4.LA57
+pub const CR4_LA57: u64 = 1 << 12;
+/// CR4.OSXSAVE
+pub const CR4_OSXSAVE: u64 = 1 << 18;
+/// EFER.LMA
+pub const EFER_LMA: u64 = 1 << 10;
+/// EFER.NXE
+pub const EFER_NXE: u64 = 1 << 11;
+
+/// A segment register's hidden part, as in `kvm_segment`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    pub selector: u16,
+    pub base: u64,
+    pub limit: u32,
+    /// Descriptor type (4 bits: for data segments bit 1 = writable,
+    /// bit 2 = expand-down; bit 3 = code).
+    pub type_: u8,
+    pub dpl: u8,
+    pub db: bool,
+    pub l: bool,
+    pub present: bool,
+    /// A null selector loaded in protected mode.
+    pub unusable: bool,
+}
+
+impl Segment {
+    /// A flat writable data segment (base 0, limit 4 GiB).
+    pub fn flat_data() -> Self {
+        Segment {
+            base: 0,
+            limit: u32::MAX,
+            type_: 0x3,
+            db: true,
+            present: true,
+            ..Default::default()
+        }
+    }
+}
+
+/// What the emulator needs of the vCPU (from KVM's sync regs/sregs).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CpuState {
+    pub gprs: GuestGprs,
+    pub rip: u64,
+    pub cr0: u64,
+    pub cr2: u64,
+    pub cr3: u64,
+    pub cr4: u64,
+    pub efer: u64,
+    pub cs: Segment,
+    pub ss: Segment,
+    pub ds: Segment,
+    pub es: Segment,
+    pub fs: Segment,
+    pub gs: Segment,
+    pub cpl: u8,
+}
+
+impl CpuState {
+    /// Code bitness: 64 in long mode with CS.L, else 32 or 16 by CS.D; 16
+    /// in real mode. (Virtual-8086 mode is not distinguished.)
+    pub fn bitness(&self) -> u32 {
+        if self.cr0 & CR0_PE == 0 {
+            16
+        } else if self.efer & EFER_LMA != 0 && self.cs.l {
+            64
+        } else if self.cs.db {
+            32
+        } else {
+            16
+        }
+    }
+
+    /// A flat 64-bit CPL-0 state with 4-level paging rooted at `cr3`.
+    pub fn long_mode(cr3: u64) -> Self {
+        let data = Segment::flat_data();
+        CpuState {
+            cr0: CR0_PE | CR0_MP | CR0_WP | CR0_PG,
+            cr3,
+            cr4: CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT | CR4_OSXSAVE,
+            efer: EFER_LMA | EFER_NXE | (1 << 8),
+            cs: Segment {
+                type_: 0xb,
+                l: true,
+                db: false,
+                ..data
+            },
+            ss: data,
+            ds: data,
+            es: data,
+            fs: data,
+            gs: data,
+            ..Default::default()
+        }
+    }
+}

@@ -1,0 +1,503 @@
+//! The emulator: fetch, decode, classify, translate, stage the operand in
+//! the bounce buffer, run the instruction in a stub, write back.
+
+use iced_x86::{
+    CpuidFeature, Decoder, DecoderError, DecoderOptions, Formatter, Instruction,
+    InstructionInfoFactory, IntelFormatter, Mnemonic, OpAccess, Register, UsedMemory,
+};
+
+use crate::address::linear_address;
+use crate::classify::{classify, Class};
+use crate::cpu::{CpuState, CR0_EM, CR0_TS, CR4_OSFXSR, CR4_OSXMMEXCPT, CR4_OSXSAVE};
+use crate::exception::{Exception, VEC_AC, VEC_GP, VEC_PF, VEC_SS, VEC_XM};
+use crate::paging::{is_canonical, translate, Access, WalkError};
+use crate::platform::{Platform, PlatformError, VectorState};
+use crate::reencode::Reencoder;
+use crate::stub::{StubBuf, StubError, StubRunError, MAX_INSN_LEN, XSAVE_AREA_SIZE};
+use crate::writeback::{masked_store, XsaveLayout};
+
+const PAGE_SIZE: u64 = 4096;
+/// Where staged operands start in the bounce buffer; the operand sits at
+/// this plus the guest address modulo 64, so alignment faults (#GP for
+/// movaps/vmovdqa/cmpxchg16b) happen natively.
+const BOUNCE_BASE: usize = 64;
+/// The largest memory operand an allowed instruction has (a ZMM register).
+const MAX_OPERAND: usize = 64;
+
+/// The result of [`Emulator::emulate`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The instruction completed: registers, memory, vector state and RIP
+    /// are updated.
+    Done { mnemonic: Mnemonic },
+    /// Inject this exception; nothing was changed (RIP still points at the
+    /// instruction).
+    Exception {
+        vector: u8,
+        error_code: Option<u32>,
+        cr2: Option<u64>,
+    },
+    /// The instruction is outside the allow-list (or cannot be staged);
+    /// `text` names it in Intel syntax and says why. Nothing was changed.
+    Unsupported { text: String },
+    /// A memory or vector-state access through the VMM failed.
+    Platform(PlatformError),
+}
+
+impl From<Exception> for Outcome {
+    fn from(e: Exception) -> Self {
+        Outcome::Exception {
+            vector: e.vector,
+            error_code: e.error_code,
+            cr2: e.cr2,
+        }
+    }
+}
+
+/// Why the emulation path stopped early.
+enum Stop {
+    Exception(Exception),
+    Unsupported(&'static str),
+    Platform(PlatformError),
+}
+
+impl From<Exception> for Stop {
+    fn from(e: Exception) -> Self {
+        Stop::Exception(e)
+    }
+}
+
+impl From<WalkError> for Stop {
+    fn from(e: WalkError) -> Self {
+        match e {
+            WalkError::Fault(x) => Stop::Exception(x),
+            WalkError::Platform(p) => Stop::Platform(p),
+        }
+    }
+}
+
+impl From<PlatformError> for Stop {
+    fn from(e: PlatformError) -> Self {
+        Stop::Platform(e)
+    }
+}
+
+/// Errors setting up an [`Emulator`].
+#[derive(Debug, thiserror::Error)]
+pub enum EmulError {
+    #[error("stub buffer: {0}")]
+    Stub(#[from] StubError),
+}
+
+/// The memory operand of the instruction being emulated, once translated.
+#[derive(Debug, Clone, Copy)]
+struct Operand {
+    lin: u64,
+    size: usize,
+    /// Guest-physical address and length of each page piece.
+    pieces: [(u64, usize); 2],
+    reads: bool,
+    writes: bool,
+    /// Only some elements are written (masked store).
+    masked: bool,
+}
+
+/// One vCPU's instruction emulator. Not `Sync`; keep one per vCPU thread.
+pub struct Emulator {
+    stub: StubBuf,
+    info: InstructionInfoFactory,
+    reencoder: Reencoder,
+    layout: XsaveLayout,
+    max_phys_bits: u8,
+    last_mnemonic: Mnemonic,
+}
+
+impl Emulator {
+    /// `its_on`: build ITS-safe stubs (see [`crate::stub::detect`]).
+    pub fn new(its_on: bool) -> Result<Self, EmulError> {
+        Ok(Emulator {
+            stub: StubBuf::new(its_on)?,
+            info: InstructionInfoFactory::new(),
+            reencoder: Reencoder::new(),
+            layout: XsaveLayout::from_host(),
+            max_phys_bits: 52,
+            last_mnemonic: Mnemonic::INVALID,
+        })
+    }
+
+    /// The guest's MAXPHYADDR (default 52): page-table entry bits from it
+    /// up to 51 are reserved.
+    pub fn set_max_phys_bits(&mut self, bits: u8) {
+        self.max_phys_bits = bits;
+    }
+
+    /// The mnemonic of the last decoded instruction (for per-mnemonic
+    /// statistics), `Mnemonic::INVALID` if decoding failed.
+    pub fn last_mnemonic(&self) -> Mnemonic {
+        self.last_mnemonic
+    }
+
+    /// Emulates the instruction at `cpu.rip`.
+    ///
+    /// `insn` holds the bytes the hypervisor reported (may be empty or cut
+    /// short: the rest is fetched from guest memory at CS:RIP through the
+    /// page tables). `vec` is asked for the guest's XSAVE image only when
+    /// the instruction touches x87/SSE/AVX state, and told when it changed.
+    /// On [`Outcome::Done`], `cpu.gprs` (GPRs, arithmetic flags) and
+    /// `cpu.rip` hold the new values; otherwise `cpu` is unchanged.
+    pub fn emulate(
+        &mut self,
+        cpu: &mut CpuState,
+        insn: &[u8],
+        vec: &mut dyn VectorState,
+        mem: &mut dyn Platform,
+    ) -> Outcome {
+        self.last_mnemonic = Mnemonic::INVALID;
+        let bitness = cpu.bitness();
+        let instr = match self.decode(cpu, bitness, insn, mem) {
+            Ok(i) => i,
+            Err(stop) => return self.outcome(stop, None),
+        };
+        self.last_mnemonic = instr.mnemonic();
+        match self.execute(cpu, bitness, &instr, vec, mem) {
+            Ok(()) => Outcome::Done {
+                mnemonic: instr.mnemonic(),
+            },
+            Err(stop) => self.outcome(stop, Some(&instr)),
+        }
+    }
+
+    fn outcome(&self, stop: Stop, instr: Option<&Instruction>) -> Outcome {
+        match stop {
+            Stop::Exception(e) => e.into(),
+            Stop::Platform(p) => Outcome::Platform(p),
+            Stop::Unsupported(why) => {
+                let mut text = String::new();
+                if let Some(i) = instr {
+                    IntelFormatter::new().format(i, &mut text);
+                    text.push_str(": ");
+                }
+                text.push_str(why);
+                Outcome::Unsupported { text }
+            }
+        }
+    }
+
+    /// Decodes from the reported bytes, or from guest memory when they are
+    /// absent or end inside the instruction.
+    fn decode(
+        &mut self,
+        cpu: &CpuState,
+        bitness: u32,
+        insn: &[u8],
+        mem: &mut dyn Platform,
+    ) -> Result<Instruction, Stop> {
+        let given = &insn[..insn.len().min(MAX_INSN_LEN)];
+        if !given.is_empty() {
+            let mut d = Decoder::with_ip(bitness, given, cpu.rip, DecoderOptions::NONE);
+            let i = d.decode();
+            if d.last_error() != DecoderError::NoMoreBytes {
+                return if i.is_invalid() {
+                    Err(Exception::ud().into())
+                } else {
+                    Ok(i)
+                };
+            }
+        }
+        let mut bytes = [0u8; MAX_INSN_LEN];
+        let (len, pending) = fetch(cpu, bitness, self.max_phys_bits, &mut bytes, mem)?;
+        let mut d = Decoder::with_ip(bitness, &bytes[..len], cpu.rip, DecoderOptions::NONE);
+        let i = d.decode();
+        match (d.last_error(), pending) {
+            (DecoderError::NoMoreBytes, Some(fault)) => Err(fault.into()),
+            _ if i.is_invalid() => Err(Exception::ud().into()),
+            _ => Ok(i),
+        }
+    }
+
+    fn execute(
+        &mut self,
+        cpu: &mut CpuState,
+        bitness: u32,
+        instr: &Instruction,
+        vec: &mut dyn VectorState,
+        mem: &mut dyn Platform,
+    ) -> Result<(), Stop> {
+        let class = classify(instr).map_err(Stop::Unsupported)?;
+        check_vector_enabled(cpu, instr, class)?;
+        let operand = self.operand(cpu, bitness, instr, mem)?;
+
+        // Stage the operand and build the instruction for the stub.
+        let bounce_off = operand.map_or(0, |o| BOUNCE_BASE + (o.lin & 63) as usize);
+        let target = operand.map(|_| self.stub.bounce_exec_addr() + bounce_off as u64);
+        let mut code = [0u8; MAX_INSN_LEN];
+        let len = self
+            .reencoder
+            .encode(instr, self.stub.insn_exec_addr(), target, &mut code)
+            .map_err(Stop::Unsupported)?;
+        if let Some(op) = operand {
+            let staged = &mut self.stub.bounce_mut()[bounce_off..bounce_off + op.size];
+            if op.reads {
+                let mut at = 0;
+                for &(gpa, n) in op.pieces.iter().filter(|p| p.1 != 0) {
+                    mem.read_phys(gpa, &mut staged[at..at + n])?;
+                    at += n;
+                }
+            } else {
+                staged.fill(0);
+            }
+        }
+
+        let mut gprs = cpu.gprs;
+        if class.vector {
+            let image = vec.image()?;
+            let n = image.len().min(XSAVE_AREA_SIZE);
+            let area = self.stub.guest_xsave_mut();
+            area[..n].copy_from_slice(&image[..n]);
+            area[n..].fill(0);
+            let ran = self.stub.run_with_vector(&code[..len], &mut gprs);
+            map_run(cpu, ran)?;
+            let after = &self.stub.guest_xsave()[..n];
+            let dirty = after != &image[..n];
+            if dirty {
+                image[..n].copy_from_slice(after);
+                vec.mark_dirty();
+            }
+        } else {
+            map_run(cpu, self.stub.run(&code[..len], &mut gprs))?;
+        }
+
+        if let Some(op) = operand.filter(|o| o.writes) {
+            self.write_back(instr, &op, bounce_off, mem)?;
+        }
+        cpu.gprs = gprs;
+        let next = cpu.rip.wrapping_add(instr.len() as u64);
+        cpu.rip = match bitness {
+            64 => next,
+            32 => next & 0xffff_ffff,
+            _ => next & 0xffff,
+        };
+        Ok(())
+    }
+
+    /// Finds, checks and translates the memory operand (before anything
+    /// runs, so a fault has no side effect).
+    fn operand(
+        &mut self,
+        cpu: &CpuState,
+        bitness: u32,
+        instr: &Instruction,
+        mem: &mut dyn Platform,
+    ) -> Result<Option<Operand>, Stop> {
+        let used: UsedMemory = {
+            let info = self.info.info(instr);
+            match info.used_memory() {
+                [] => return Ok(None),
+                [one] => *one,
+                _ => return Err(Stop::Unsupported("several memory accesses")),
+            }
+        };
+        let (reads, writes, masked) = match used.access() {
+            OpAccess::Read | OpAccess::CondRead => (true, false, false),
+            OpAccess::Write => (false, true, false),
+            OpAccess::CondWrite => (false, true, true),
+            OpAccess::ReadWrite | OpAccess::ReadCondWrite => (true, true, false),
+            _ => return Err(Stop::Unsupported("memory operand without access")),
+        };
+        if masked
+            && instr.op_mask() == Register::None
+            && !matches!(
+                instr.mnemonic(),
+                Mnemonic::Vmaskmovps
+                    | Mnemonic::Vmaskmovpd
+                    | Mnemonic::Vpmaskmovd
+                    | Mnemonic::Vpmaskmovq
+            )
+        {
+            return Err(Stop::Unsupported("conditional store of unknown kind"));
+        }
+        let size = used.memory_size().size();
+        if size == 0 || size > MAX_OPERAND {
+            return Err(Stop::Unsupported("memory operand size"));
+        }
+        let lin = linear_address(cpu, bitness, &used, size as u64, writes)?;
+        // Masked-out elements are translated too: an access whose masked
+        // elements lie on an unmapped page faults here, where hardware
+        // would suppress the fault.
+        let access = Access {
+            write: writes,
+            fetch: false,
+            user: cpu.cpl == 3,
+        };
+        let first = size.min((PAGE_SIZE - (lin & (PAGE_SIZE - 1))) as usize);
+        let mut pieces = [(0u64, 0usize); 2];
+        pieces[0] = (translate(cpu, lin, access, self.max_phys_bits, mem)?, first);
+        if first < size {
+            let mut next = lin.wrapping_add(first as u64);
+            if bitness != 64 {
+                next &= 0xffff_ffff;
+            }
+            pieces[1] = (
+                translate(cpu, next, access, self.max_phys_bits, mem)?,
+                size - first,
+            );
+        }
+        Ok(Some(Operand {
+            lin,
+            size,
+            pieces,
+            reads,
+            writes,
+            masked,
+        }))
+    }
+
+    /// Writes the bytes the instruction stored back to guest memory.
+    fn write_back(
+        &mut self,
+        instr: &Instruction,
+        op: &Operand,
+        bounce_off: usize,
+        mem: &mut dyn Platform,
+    ) -> Result<(), Stop> {
+        let mut bytes = [0u8; MAX_OPERAND];
+        bytes[..op.size].copy_from_slice(&self.stub.bounce()[bounce_off..bounce_off + op.size]);
+        if !op.masked {
+            return write_range(op, &bytes, 0, op.size, mem);
+        }
+        let mask = masked_store(instr, self.stub.guest_xsave(), self.layout)
+            .ok_or(Stop::Unsupported("masked store without mask"))?;
+        let es = mask.element_size;
+        let count = op.size / es;
+        // Merge runs of selected elements into one write each.
+        let mut i = 0;
+        while i < count {
+            if mask.bits >> i & 1 == 0 {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < count && mask.bits >> i & 1 != 0 {
+                i += 1;
+            }
+            write_range(op, &bytes, start * es, i * es, mem)?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes operand bytes `from..to` to the pieces they fall in.
+fn write_range(
+    op: &Operand,
+    bytes: &[u8],
+    from: usize,
+    to: usize,
+    mem: &mut dyn Platform,
+) -> Result<(), Stop> {
+    let mut piece_start = 0;
+    for &(gpa, n) in &op.pieces {
+        let (lo, hi) = (from.max(piece_start), to.min(piece_start + n));
+        if lo < hi {
+            mem.write_phys(gpa + (lo - piece_start) as u64, &bytes[lo..hi])?;
+        }
+        piece_start += n;
+    }
+    Ok(())
+}
+
+/// The #UD/#NM checks of CR0.EM/TS and CR4.OSFXSR/OSXSAVE that precede
+/// any memory access of an x87/SSE/AVX instruction. (The guest's XCR0 is
+/// not known here; the host's applies.)
+fn check_vector_enabled(cpu: &CpuState, instr: &Instruction, class: Class) -> Result<(), Stop> {
+    if !class.vector {
+        return Ok(());
+    }
+    let em = cpu.cr0 & CR0_EM != 0;
+    let ts = cpu.cr0 & CR0_TS != 0;
+    if class.x87_mmx {
+        let mmx = instr.cpuid_features().contains(&CpuidFeature::MMX);
+        if em {
+            return Err(if mmx {
+                Exception::ud()
+            } else {
+                Exception::nm()
+            }
+            .into());
+        }
+    } else {
+        if em || cpu.cr4 & CR4_OSFXSR == 0 {
+            return Err(Exception::ud().into());
+        }
+        if class.vex && cpu.cr4 & CR4_OSXSAVE == 0 {
+            return Err(Exception::ud().into());
+        }
+    }
+    if ts {
+        return Err(Exception::nm().into());
+    }
+    Ok(())
+}
+
+/// Turns a stub result into the guest's view.
+fn map_run(cpu: &CpuState, ran: Result<(), StubRunError>) -> Result<(), Stop> {
+    let fault = match ran {
+        Ok(()) => return Ok(()),
+        Err(StubRunError::Build(_)) => return Err(Stop::Unsupported("stub could not be built")),
+        Err(StubRunError::Fault(f)) => f,
+    };
+    let exc = match fault.vector {
+        // Operands were translated beforehand; a #PF would be ours.
+        VEC_PF => return Err(Stop::Unsupported("unexpected #PF in the stub")),
+        // The host's error code describes host selectors: the guest sees 0.
+        VEC_GP | VEC_SS | VEC_AC => Exception::new(fault.vector, Some(0)),
+        VEC_XM if cpu.cr4 & CR4_OSXMMEXCPT == 0 => Exception::ud(),
+        v @ (0 | 6 | 7 | 16 | 19) => Exception::new(v, None),
+        _ => return Err(Stop::Unsupported("unexpected exception in the stub")),
+    };
+    Err(exc.into())
+}
+
+/// Fetches up to 15 instruction bytes at CS:RIP. Returns how many were
+/// readable and, when fewer than 15, the fault the next page gives (raised
+/// only if the instruction turns out to need those bytes).
+fn fetch(
+    cpu: &CpuState,
+    bitness: u32,
+    max_phys_bits: u8,
+    out: &mut [u8; MAX_INSN_LEN],
+    mem: &mut dyn Platform,
+) -> Result<(usize, Option<Exception>), Stop> {
+    let lin = if bitness == 64 {
+        cpu.rip
+    } else {
+        cpu.cs.base.wrapping_add(cpu.rip) & 0xffff_ffff
+    };
+    if bitness == 64 && !is_canonical(cpu, lin) {
+        return Err(Exception::gp0().into());
+    }
+    let access = Access {
+        write: false,
+        fetch: true,
+        user: cpu.cpl == 3,
+    };
+    let first = MAX_INSN_LEN.min((PAGE_SIZE - (lin & (PAGE_SIZE - 1))) as usize);
+    let gpa = translate(cpu, lin, access, max_phys_bits, mem)?;
+    mem.read_phys(gpa, &mut out[..first])?;
+    if first == MAX_INSN_LEN {
+        return Ok((first, None));
+    }
+    let mut next = lin.wrapping_add(first as u64);
+    if bitness != 64 {
+        next &= 0xffff_ffff;
+    }
+    let next_ok = bitness != 64 || is_canonical(cpu, next);
+    match translate(cpu, next, access, max_phys_bits, mem) {
+        Ok(gpa) if next_ok => {
+            mem.read_phys(gpa, &mut out[first..])?;
+            Ok((MAX_INSN_LEN, None))
+        }
+        Ok(_) => Ok((first, Some(Exception::gp0()))),
+        Err(WalkError::Fault(f)) => Ok((first, Some(f))),
+        Err(WalkError::Platform(p)) => Err(p.into()),
+    }
+}

@@ -1,0 +1,96 @@
+//! The emulator's only view of the VM: guest-physical memory (RAM or the
+//! MMIO bus, as the VMM decides) and, on demand, the vector state.
+
+use thiserror::Error;
+
+/// A guest-physical access the VMM could not complete.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[error("guest-physical access of {len} bytes at {gpa:#x} failed: {reason}")]
+pub struct PlatformError {
+    pub gpa: u64,
+    pub len: usize,
+    pub reason: &'static str,
+}
+
+/// Guest-physical memory as the emulator sees it.
+///
+/// Each call stays within one guest page (the emulator splits accesses at
+/// page boundaries after translation). What an unbacked address reads as
+/// (all-ones, like an open bus) is the VMM's choice; returning an error
+/// aborts the emulation with [`Outcome::Platform`](crate::Outcome::Platform).
+pub trait Platform {
+    fn read_phys(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), PlatformError>;
+    fn write_phys(&mut self, gpa: u64, buf: &[u8]) -> Result<(), PlatformError>;
+}
+
+/// The guest's x87/SSE/AVX/AVX-512 state, fetched only for instructions
+/// that touch it (each fetch is an ioctl for a KVM VMM).
+pub trait VectorState {
+    /// The guest's XSAVE image in standard (non-compacted) format, as
+    /// `KVM_GET_XSAVE` returns it (4096 bytes; offsets of the extended
+    /// components are the host's CPUID leaf 0xD offsets). Called at most
+    /// once per emulated instruction.
+    fn image(&mut self) -> Result<&mut [u8], PlatformError>;
+    /// Called after the instruction changed the image (the VMM then owes a
+    /// `KVM_SET_XSAVE` before the vCPU runs again).
+    fn mark_dirty(&mut self);
+}
+
+/// A [`VectorState`] for callers that hold no vector state: any instruction
+/// that needs it ends in [`Outcome::Platform`](crate::Outcome::Platform).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoVectorState;
+
+impl VectorState for NoVectorState {
+    fn image(&mut self) -> Result<&mut [u8], PlatformError> {
+        Err(PlatformError {
+            gpa: 0,
+            len: 0,
+            reason: "no vector state available",
+        })
+    }
+    fn mark_dirty(&mut self) {}
+}
+
+/// An owned XSAVE image with a dirty flag: the simplest [`VectorState`].
+#[derive(Debug, Clone)]
+pub struct XsaveImage {
+    pub bytes: Vec<u8>,
+    pub dirty: bool,
+    /// How many times [`VectorState::image`] was called.
+    pub fetches: u32,
+}
+
+/// Size of the image `KVM_GET_XSAVE` fills.
+pub const KVM_XSAVE_SIZE: usize = 4096;
+
+impl XsaveImage {
+    /// A 4096-byte image in the initial state (MXCSR 0x1f80, x87 control
+    /// word 0x37f, XSTATE_BV 0).
+    pub fn new() -> Self {
+        let mut bytes = vec![0u8; KVM_XSAVE_SIZE];
+        bytes[0..2].copy_from_slice(&0x37fu16.to_le_bytes());
+        bytes[24..28].copy_from_slice(&0x1f80u32.to_le_bytes());
+        XsaveImage {
+            bytes,
+            dirty: false,
+            fetches: 0,
+        }
+    }
+}
+
+impl Default for XsaveImage {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl VectorState for XsaveImage {
+    fn image(&mut self) -> Result<&mut [u8], PlatformError> {
+        self.fetches += 1;
+        Ok(&mut self.bytes)
+    }
+    fn mark_dirty(&mut self) {
+        self.dirty = true;
+    }
+}

@@ -1,0 +1,85 @@
+//! Which bytes of a memory operand a store writes: all of them, or for a
+//! masked store (AVX-512 `{k}`, VMASKMOV/VPMASKMOV) only the selected
+//! elements, read from the vector state after the instruction.
+
+use iced_x86::{Instruction, Mnemonic, OpKind, Register};
+
+use crate::stub::XSAVE_HEADER_OFFSET;
+
+/// Offsets of the XSAVE components the mask computation reads, from the
+/// host's CPUID leaf 0xD (the image is in the host's standard layout).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct XsaveLayout {
+    pub ymm_hi128: usize,
+    pub opmask: usize,
+}
+
+impl XsaveLayout {
+    pub fn from_host() -> Self {
+        let off = |sub| core::arch::x86_64::__cpuid_count(0xd, sub).ebx as usize;
+        XsaveLayout {
+            ymm_hi128: off(2),
+            opmask: off(5),
+        }
+    }
+}
+
+const XMM0_OFFSET: usize = 160;
+
+fn xstate_bv(image: &[u8]) -> u64 {
+    read_u64(image, XSAVE_HEADER_OFFSET)
+}
+
+fn read_u64(image: &[u8], off: usize) -> u64 {
+    let mut b = [0u8; 8];
+    if let Some(src) = image.get(off..off + 8) {
+        b.copy_from_slice(src);
+    }
+    u64::from_le_bytes(b)
+}
+
+/// A per-element write mask: bit `i` set means element `i` is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ElementMask {
+    pub element_size: usize,
+    pub bits: u64,
+}
+
+/// For a conditionally writing store, the elements it wrote; `None` when
+/// the instruction is not a known masked store.
+pub fn masked_store(instr: &Instruction, image: &[u8], layout: XsaveLayout) -> Option<ElementMask> {
+    let element_size = instr.memory_size().element_size().max(1);
+    let opmask = instr.op_mask();
+    if opmask != Register::None {
+        let k = (opmask as usize).checked_sub(Register::K0 as usize)?;
+        // Opmask component (bit 5) in its init state: all k registers zero.
+        let bits = if xstate_bv(image) & (1 << 5) != 0 {
+            read_u64(image, layout.opmask + 8 * k)
+        } else {
+            0
+        };
+        return Some(ElementMask { element_size, bits });
+    }
+    let element_size = match instr.mnemonic() {
+        Mnemonic::Vmaskmovps | Mnemonic::Vpmaskmovd => 4,
+        Mnemonic::Vmaskmovpd | Mnemonic::Vpmaskmovq => 8,
+        _ => return None,
+    };
+    // Store form: [mem], mask register, source register.
+    if instr.op_kind(0) != OpKind::Memory || instr.op_kind(1) != OpKind::Register {
+        return None;
+    }
+    let reg = instr.op_register(1);
+    let n = reg.number();
+    let mut value = [0u8; 32];
+    value[..16].copy_from_slice(image.get(XMM0_OFFSET + 16 * n..XMM0_OFFSET + 16 * n + 16)?);
+    if reg.is_ymm() && xstate_bv(image) & (1 << 2) != 0 {
+        let hi = layout.ymm_hi128 + 16 * n;
+        value[16..].copy_from_slice(image.get(hi..hi + 16)?);
+    }
+    let count = reg.size() / element_size;
+    let bits = (0..count)
+        .filter(|&i| value[(i + 1) * element_size - 1] & 0x80 != 0)
+        .fold(0u64, |acc, i| acc | 1 << i);
+    Some(ElementMask { element_size, bits })
+}
