@@ -618,3 +618,28 @@ fn fuzz_random_instructions() {
     }
     assert!(ran > 1000, "only {ran} instructions ran");
 }
+
+/// Host-side cost of a simple instruction (run with `--ignored --nocapture`
+/// in release).
+#[test]
+#[ignore]
+fn bench_add_to_memory() {
+    let (mut cpu, mut mem) = setup();
+    let mut e = emul();
+    let code = asm64(|a| a.add(dword_ptr(rax), ebx));
+    cpu.gprs.rax = DATA;
+    let mut samples = Vec::with_capacity(10_000);
+    for _ in 0..10_000 {
+        cpu.rip = CODE;
+        mem.log.clear();
+        let t = std::time::Instant::now();
+        let o = e.emulate(&mut cpu, &code, &mut NoVectorState, &mut mem);
+        samples.push(t.elapsed().as_nanos());
+        assert!(matches!(o, Outcome::Done { .. }));
+    }
+    samples.sort_unstable();
+    eprintln!(
+        "emulate add [rax], ebx: median {} ns",
+        samples[samples.len() / 2]
+    );
+}
