@@ -163,3 +163,26 @@ pub fn triple_fault() -> Result<Program, IcedError> {
         expect: expect(4, "faulting", Some(vec![])),
     })
 }
+
+/// Spins forever at CPL 0 after printing: for stopping a VM from outside
+/// (SIGINT/SIGTERM).
+pub fn spin() -> Result<Program, IcedError> {
+    let image = assemble(Mode::Long, LOAD_ADDR, |a| {
+        print(a, "spinning\n")?;
+        let mut l = a.create_label();
+        a.set_label(&mut l)?;
+        a.pause()?;
+        a.jmp(l)
+    })?;
+    Ok(Program {
+        name: "spin",
+        description: "print, then spin forever (stop it with SIGINT/SIGTERM: status 14)",
+        mode: Mode::Long,
+        load_addr: LOAD_ADDR,
+        mmio_ram: vec![],
+        mem: None,
+        extra_args: vec![],
+        image,
+        expect: expect(14, "spinning", Some(vec![])),
+    })
+}

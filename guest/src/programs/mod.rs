@@ -1,9 +1,11 @@
 //! The program catalogue. Each file holds programs for one concern.
 
 mod basic;
+pub mod bench;
 mod mmio;
 mod pio;
 mod regonly;
+pub mod testdev;
 mod user;
 
 use crate::rt::{Asm, AsmResult};
@@ -27,6 +29,7 @@ const CATALOGUE: &[(&str, Builder)] = &[
     ("halt", basic::halt),
     ("i8042-reset", basic::i8042_reset),
     ("triple-fault", basic::triple_fault),
+    ("spin", basic::spin),
     ("pio-widths", pio::pio_widths),
     ("rep-string-io", pio::rep_string_io),
     ("mmio-widths", mmio::mmio_widths),
@@ -35,6 +38,20 @@ const CATALOGUE: &[(&str, Builder)] = &[
     ("user-simd", user::user_simd),
     ("user-exception", user::user_exception),
     ("regonly-cpl0", regonly::regonly_cpl0),
+    ("multiboot-info", testdev::multiboot_info),
+    ("testdev-ports", testdev::testdev_ports),
+    ("testdev-irq", testdev::testdev_irq),
+    ("smp-2", testdev::smp2),
+    ("smp-4", testdev::smp4),
+    ("bench-pio", bench::catalogue_pio),
+    ("bench-mmio", bench::catalogue_mmio),
+    ("bench-cmpxchg16b", bench::catalogue_cmpxchg16b),
+    ("bench-adcx", bench::catalogue_adcx),
+    ("bench-vmovdqu", bench::catalogue_vmovdqu),
+    ("bench-simd-cpl0", bench::catalogue_simd_cpl0),
+    ("bench-user-mmio", bench::catalogue_user_mmio),
+    ("bench-user-vmovdqu", bench::catalogue_user_vmovdqu),
+    ("bench-cpuid", bench::cpuid),
 ];
 
 pub fn names() -> Vec<&'static str> {

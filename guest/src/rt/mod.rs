@@ -3,6 +3,7 @@
 //! that runs payloads at CPL 3.
 
 pub mod kernel64;
+pub mod multiboot;
 
 use iced_x86::code_asm::*;
 
