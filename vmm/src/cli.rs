@@ -1,4 +1,4 @@
-//! The command line: `vmm run`, `vmm selftest`.
+//! The command line: `vmm run`, `vmm selftest`, `vmm bench`.
 
 use crate::boot::EntryMode;
 use crate::config::{parse_addr, parse_size, parse_window, TestDevice, VmConfig};
@@ -31,6 +31,36 @@ pub enum Command {
     Run(RunArgs),
     /// Build and run the stub self-test cases with ITS on and off.
     Selftest,
+    /// Measure the round trip per exit of each path against a bare KVM_RUN floor.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Exits per run and path.
+    #[arg(long, default_value_t = crate::bench::DEFAULT_ITERS, value_parser = clap::value_parser!(u32).range(1..))]
+    pub iters: u32,
+    /// Floor/VMM alternations per path.
+    #[arg(long, default_value_t = crate::bench::DEFAULT_RUNS, value_parser = clap::value_parser!(u32).range(1..))]
+    pub runs: u32,
+    /// Write the results as JSON to FILE.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Draw the latency spread of every path as SVG to FILE.
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
+}
+
+impl BenchArgs {
+    pub fn to_options(&self, its: ItsMode) -> crate::bench::BenchOptions {
+        crate::bench::BenchOptions {
+            iters: self.iters,
+            runs: self.runs,
+            json: self.json.clone(),
+            svg: self.svg.clone(),
+            its,
+        }
+    }
 }
 
 #[derive(Debug, Args)]

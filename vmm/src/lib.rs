@@ -3,6 +3,7 @@
 //! emulate are completed by the `emul` crate.
 
 pub mod acpi;
+pub mod bench;
 pub mod boot;
 pub mod bus;
 pub mod cli;

@@ -17,6 +17,13 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> i32 {
     match cli.command {
         Command::Selftest => vmm::selftest::print_and_check(),
+        Command::Bench(args) => match vmm::bench::run_and_report(&args.to_options(cli.its)) {
+            Ok(_) => status::GUEST_DONE,
+            Err(e) => {
+                eprintln!("vmm: bench: {e}");
+                status::SETUP_ERROR
+            }
+        },
         Command::Run(args) => {
             if let Err(e) = vmm::signals::install_stop() {
                 eprintln!("vmm: cannot install SIGINT/SIGTERM handlers: {e}");

@@ -1,0 +1,255 @@
+//! The floor: a bare loop around KVM_RUN, written directly on kvm-ioctls,
+//! with the same guest entry state as the VMM but no bus, no statistics and
+//! no logging. It times each round trip like the VMM's run loop does: an
+//! `Instant` taken before KVM_RUN, read after the exit has been served.
+
+use super::BenchError;
+use crate::boot::{self, EntryMode};
+use crate::kvm::run_page::{self, Exit, ExitReason};
+use crate::kvm::{self, cpuid, ioctl_err};
+use crate::layout;
+use crate::loader::{self, ImageFormat, LoadRequest};
+use crate::stats::LatencyHistogram;
+use guest::Program;
+use iced_x86::{Decoder, DecoderOptions};
+use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region, kvm_xcrs};
+use kvm_ioctls::{Kvm, SyncReg, VcpuFd, VmFd};
+use std::time::Instant;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+/// KVM_CAP_EXIT_ON_EMULATION_FAILURE (as the VMM enables it).
+const KVM_CAP_EXIT_ON_EMULATION_FAILURE: u32 = 204;
+const DEBUG_EXIT_PORT: u16 = crate::devices::debug_exit::DEBUG_EXIT_PORT;
+const GUEST_RAM: u64 = 128 << 20;
+
+/// What the floor does to serve an emulation-failure exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Serve {
+    /// Nothing to serve beyond re-entering (PIO, MMIO).
+    Bare,
+    /// Skip the instruction: RIP += length through the synced registers.
+    SkipRip,
+    /// Skip it and round-trip the vector state: KVM_GET_XSAVE + KVM_SET_XSAVE.
+    SkipRipXsave,
+}
+
+/// A VM and vCPU ready to run `program` from its entry point.
+pub struct FloorVm {
+    vcpu: VcpuFd,
+    // Kept alive for the vCPU: the VM fd and the memory it maps.
+    _vm: VmFd,
+    _mem: GuestMemoryMmap,
+    _kvm: Kvm,
+}
+
+impl FloorVm {
+    pub fn new(program: &Program) -> Result<Self, BenchError> {
+        let kvm = kvm::open()?;
+        let vm = kvm.create_vm().map_err(ioctl_err("KVM_CREATE_VM"))?;
+        let cap = kvm_enable_cap {
+            cap: KVM_CAP_EXIT_ON_EMULATION_FAILURE,
+            args: [1, 0, 0, 0],
+            ..Default::default()
+        };
+        vm.enable_cap(&cap)
+            .map_err(ioctl_err("KVM_ENABLE_CAP(EXIT_ON_EMULATION_FAILURE)"))?;
+        let mem = create_memory(&vm)?;
+        let image = loader::load(
+            &mem,
+            &LoadRequest {
+                image: &program.image,
+                format: ImageFormat::Flat,
+                load_addr: program.load_addr,
+                reserved: &boot::reserved_ranges(EntryMode::Long),
+            },
+        )
+        .map_err(|e| BenchError::Setup(format!("{}: {e}", program.name)))?;
+        let base = cpuid::build(&kvm, cpuid::CpuModel::Kvm)?;
+        let vcpu = vm.create_vcpu(0).map_err(ioctl_err("KVM_CREATE_VCPU"))?;
+        let cpuid = cpuid::for_vcpu(&base, 0);
+        vcpu.set_cpuid2(&cpuid)
+            .map_err(ioctl_err("KVM_SET_CPUID2"))?;
+        let mut sregs = vcpu.get_sregs().map_err(ioctl_err("KVM_GET_SREGS"))?;
+        let mut regs = vcpu.get_regs().map_err(ioctl_err("KVM_GET_REGS"))?;
+        let low_ram_end = GUEST_RAM.min(layout::RAM_32BIT_END);
+        boot::setup_entry(
+            &mem,
+            EntryMode::Long,
+            image.entry,
+            low_ram_end,
+            &mut sregs,
+            &mut regs,
+        )
+        .map_err(|e| BenchError::Setup(e.to_string()))?;
+        // The VMM's long-mode entry state: OSXSAVE and XCR0 from leaf 0xD.
+        let xcr0 = cpuid::xcr0_for(&cpuid);
+        if xcr0 == 0 {
+            sregs.cr4 &= !boot::CR4_OSXSAVE;
+        }
+        vcpu.set_sregs(&sregs).map_err(ioctl_err("KVM_SET_SREGS"))?;
+        vcpu.set_regs(&regs).map_err(ioctl_err("KVM_SET_REGS"))?;
+        if xcr0 != 0 {
+            let mut xcrs = kvm_xcrs {
+                nr_xcrs: 1,
+                ..Default::default()
+            };
+            xcrs.xcrs[0].xcr = 0;
+            xcrs.xcrs[0].value = xcr0;
+            vcpu.set_xcrs(&xcrs).map_err(ioctl_err("KVM_SET_XCRS"))?;
+        }
+        Ok(FloorVm {
+            vcpu,
+            _vm: vm,
+            _mem: mem,
+            _kvm: kvm,
+        })
+    }
+
+    /// Runs the guest until it writes to isa-debug-exit, recording the round
+    /// trip of every exit whose reason is `measured` (as the VMM's
+    /// `ExitStats` does). Returns the number of exits recorded.
+    pub fn run_to_end(
+        &mut self,
+        measured: ExitReason,
+        serve: Serve,
+        hist: &mut LatencyHistogram,
+    ) -> Result<u64, BenchError> {
+        if serve != Serve::Bare {
+            self.vcpu.set_sync_valid_reg(SyncReg::Register);
+        }
+        let mut recorded = 0;
+        // The loop's one emulated instruction: decoded once, not per exit.
+        let mut insn_len: Option<(u64, u64)> = None;
+        loop {
+            let t0 = Instant::now();
+            if let Err(e) = self.vcpu.run() {
+                if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN {
+                    continue;
+                }
+                return Err(BenchError::Kvm(kvm::KvmError::Ioctl {
+                    op: "KVM_RUN",
+                    err: e,
+                }));
+            }
+            let exit = run_page::decode(self.vcpu.get_kvm_run());
+            let reason = exit.reason();
+            let done = match exit {
+                Exit::Io { port, out, .. } => out && port == DEBUG_EXIT_PORT,
+                Exit::Mmio { .. } => false,
+                Exit::EmulationFailure { bytes, len } => {
+                    if serve == Serve::Bare {
+                        return Err(BenchError::Guest(
+                            "unexpected emulation failure in a bare floor".into(),
+                        ));
+                    }
+                    self.skip_insn(&bytes[..len], &mut insn_len)?;
+                    if serve == Serve::SkipRipXsave {
+                        let xsave = self.vcpu.get_xsave().map_err(ioctl_err("KVM_GET_XSAVE"))?;
+                        self.set_xsave(&xsave)?;
+                    }
+                    false
+                }
+                other => {
+                    return Err(BenchError::Guest(format!(
+                        "floor: unexpected exit {}",
+                        other.reason().name()
+                    )))
+                }
+            };
+            if reason == measured {
+                hist.record(t0.elapsed().as_nanos() as u64);
+                recorded += 1;
+            }
+            if done {
+                return Ok(recorded);
+            }
+        }
+    }
+
+    /// Runs the guest for `runs` KVM_RUNs and returns each one's duration
+    /// (for guests that do their work inside KVM between two exits).
+    pub fn time_runs(&mut self, runs: usize) -> Result<Vec<u64>, BenchError> {
+        let mut out = Vec::with_capacity(runs);
+        while out.len() < runs {
+            let t0 = Instant::now();
+            if let Err(e) = self.vcpu.run() {
+                if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN {
+                    continue;
+                }
+                return Err(BenchError::Kvm(kvm::KvmError::Ioctl {
+                    op: "KVM_RUN",
+                    err: e,
+                }));
+            }
+            let ns = t0.elapsed().as_nanos() as u64;
+            match run_page::decode(self.vcpu.get_kvm_run()) {
+                Exit::Io { out: true, .. } => out.push(ns),
+                other => {
+                    return Err(BenchError::Guest(format!(
+                        "floor: unexpected exit {}",
+                        other.reason().name()
+                    )))
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn skip_insn(
+        &mut self,
+        bytes: &[u8],
+        cache: &mut Option<(u64, u64)>,
+    ) -> Result<(), BenchError> {
+        let regs = &mut self.vcpu.sync_regs_mut().regs;
+        let rip = regs.rip;
+        let len = match *cache {
+            Some((at, len)) if at == rip => len,
+            _ => {
+                let insn = Decoder::with_ip(64, bytes, rip, DecoderOptions::NONE).decode();
+                if insn.is_invalid() {
+                    return Err(BenchError::Guest(format!(
+                        "floor: cannot decode the instruction at {rip:#x}"
+                    )));
+                }
+                let len = insn.len() as u64;
+                *cache = Some((rip, len));
+                len
+            }
+        };
+        regs.rip = rip + len;
+        self.vcpu.set_sync_dirty_reg(SyncReg::Register);
+        Ok(())
+    }
+
+    fn set_xsave(&mut self, xsave: &kvm_bindings::kvm_xsave) -> Result<(), BenchError> {
+        // SAFETY: `xsave` was filled by KVM_GET_XSAVE on this very vCPU, so
+        // it is a 4 KiB state image in the layout KVM expects.
+        unsafe { self.vcpu.set_xsave(xsave) }.map_err(ioctl_err("KVM_SET_XSAVE"))?;
+        Ok(())
+    }
+}
+
+fn create_memory(vm: &VmFd) -> Result<GuestMemoryMmap, BenchError> {
+    let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(GUEST_RAM)
+        .into_iter()
+        .map(|(a, l)| (GuestAddress(a), l as usize))
+        .collect();
+    let mem = GuestMemoryMmap::from_ranges(&ranges)
+        .map_err(|e| BenchError::Setup(format!("guest memory: {e}")))?;
+    for (slot, region) in mem.iter().enumerate() {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|e| BenchError::Setup(format!("guest memory: {e}")))?;
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is a live anonymous mapping of `memory_size`
+        // bytes owned by `mem`, which `FloorVm` keeps alive as long as the VM.
+        unsafe { vm.set_user_memory_region(r) }.map_err(ioctl_err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(mem)
+}
