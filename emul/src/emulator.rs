@@ -131,6 +131,11 @@ impl Emulator {
         self.max_phys_bits = bits;
     }
 
+    /// This emulator's stub buffer (for running the stub self-test on it).
+    pub fn stub_mut(&mut self) -> &mut StubBuf {
+        &mut self.stub
+    }
+
     /// The mnemonic of the last decoded instruction (for per-mnemonic
     /// statistics), `Mnemonic::INVALID` if decoding failed.
     pub fn last_mnemonic(&self) -> Mnemonic {

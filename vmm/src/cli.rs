@@ -4,6 +4,7 @@ use crate::boot::EntryMode;
 use crate::config::{parse_addr, parse_size, parse_window, TestDevice, VmConfig};
 use crate::kvm::cpuid::CpuModel;
 use crate::loader::ImageFormat;
+use crate::vcpu::OnUnsupported;
 use clap::{Args, Parser, Subcommand};
 use emul::stub::ItsMode;
 use std::path::PathBuf;
@@ -107,6 +108,10 @@ pub struct RunArgs {
     /// Every test device kvm-unit-tests expects (pc-testdev, fw_cfg, acpi-pm).
     #[arg(long)]
     pub testdev: bool,
+    /// An instruction outside the emulator's allow-list: stop the VM, or
+    /// inject #UD.
+    #[arg(long, default_value = "stop", value_parser = parse_on_unsupported)]
+    pub on_unsupported: OnUnsupported,
     /// The guest image.
     pub image: PathBuf,
 }
@@ -123,6 +128,16 @@ fn parse_its(s: &str) -> Result<ItsMode, String> {
 fn parse_format(s: &str) -> Result<ImageFormat, String> {
     s.parse()
         .map_err(|e: crate::loader::UnknownImageFormat| e.to_string())
+}
+
+fn parse_on_unsupported(s: &str) -> Result<OnUnsupported, String> {
+    match s {
+        "stop" => Ok(OnUnsupported::Stop),
+        "ud" => Ok(OnUnsupported::InjectUd),
+        _ => Err(format!(
+            "unknown --on-unsupported '{s}' (expected stop or ud)"
+        )),
+    }
 }
 
 fn parse_device(s: &str) -> Result<TestDevice, String> {
@@ -155,6 +170,7 @@ impl RunArgs {
         cfg.cpu = self.cpu;
         cfg.its = its;
         cfg.cpus = self.cpus;
+        cfg.on_unsupported = self.on_unsupported;
         cfg.cmdline = self.cmdline.clone();
         if let Some(p) = &self.initrd {
             let data =

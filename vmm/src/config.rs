@@ -53,6 +53,8 @@ pub struct VmConfig {
     pub stats: bool,
     pub cpu: CpuModel,
     pub its: emul::stub::ItsMode,
+    /// What to do with an instruction the emulator does not allow.
+    pub on_unsupported: crate::vcpu::OnUnsupported,
     /// Number of vCPUs; the application processors wait for INIT/SIPI.
     pub cpus: u8,
     /// Multiboot command line (default: the image name).
@@ -84,6 +86,7 @@ impl VmConfig {
             its: emul::stub::ItsMode::Auto,
             extra_pio: Vec::new(),
             extra_mmio: Vec::new(),
+            on_unsupported: crate::vcpu::OnUnsupported::Stop,
             cpus: 1,
             cmdline: None,
             initrd: None,

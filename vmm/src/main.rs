@@ -40,6 +40,12 @@ fn run(cli: Cli) -> i32 {
                 Ok(out) => {
                     if let Some(s) = &out.stats {
                         eprint!("{}", s.report());
+                        if !out.emulated.is_empty() {
+                            eprintln!("{:<16} {:>10}", "emulated", "count");
+                            for (m, n) in &out.emulated {
+                                eprintln!("{:<16} {:>10}", format!("{m:?}").to_lowercase(), n);
+                            }
+                        }
                     }
                     eprintln!("vmm: {}", out.message);
                     out.status

@@ -49,7 +49,7 @@ pub enum VmError {
     #[error("cannot start a vCPU thread: {0}")]
     Thread(std::io::Error),
     #[error("cannot set up the emulator's stub buffer: {0}")]
-    Stub(emul::stub::StubError),
+    Stub(emul::EmulError),
     #[error("stub self-test failed; refusing to run guests:\n{0}")]
     Selftest(String),
 }
@@ -138,6 +138,9 @@ pub struct VmOutcome {
     pub reports: Vec<u64>,
     /// Exit latency histograms of all vCPUs, when `stats` was asked for.
     pub stats: Option<ExitStats>,
+    /// Instructions the VMM completed for the guest, per mnemonic, most
+    /// frequent first (with `stats`).
+    pub emulated: Vec<(iced_x86::Mnemonic, u64)>,
 }
 
 /// Builds the VM described by `cfg` and runs it; the guest's serial output
@@ -195,7 +198,8 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
         if id == 0 {
             set_boot_state(&fd, &shared.mem, cfg, &boot, &cpuid)?;
         }
-        let mut emulator = Emulator::new(its_on).map_err(VmError::Stub)?;
+        let mut emulator =
+            Emulator::new(its_on, cfg.on_unsupported, cfg.stats).map_err(VmError::Stub)?;
         // Xen-style: prove this vCPU's stub buffer turns faults into
         // exceptions before trusting it with a guest.
         let t = std::time::Instant::now();
@@ -223,11 +227,18 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
     wait_for_end(&shared, &handles);
 
     let mut stats = cfg.stats.then(ExitStats::new);
+    let mut emulated: Vec<(iced_x86::Mnemonic, u64)> = Vec::new();
     for h in handles {
         match h.join() {
-            Ok(Some(s)) => {
+            Ok(Some((s, counts))) => {
                 if let Some(all) = &mut stats {
                     all.merge(&s);
+                }
+                for (m, n) in counts {
+                    match emulated.iter_mut().find(|(x, _)| *x == m) {
+                        Some(e) => e.1 += n,
+                        None => emulated.push((m, n)),
+                    }
                 }
             }
             Ok(None) => {}
@@ -247,11 +258,13 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
         .take()
         .unwrap_or_else(|| VmEnd::new(status::INTERRUPTED, "stopped".into()));
     let reports = reports.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    emulated.sort_by(|a, b| b.1.cmp(&a.1));
     Ok(VmOutcome {
         status: end.status,
         message: end.message,
         reports,
         stats,
+        emulated,
     })
 }
 

@@ -3,6 +3,7 @@
 
 pub mod cpuid;
 pub mod run_page;
+pub mod xsave;
 
 use kvm_ioctls::Kvm;
 

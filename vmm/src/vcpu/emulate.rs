@@ -1,36 +1,68 @@
-//! Emulation-failure exits: KVM's emulator gave up on the instruction at RIP.
-//!
-//! This first version completes register-only instructions KVM cannot
-//! emulate (ADX, BMI1/2, CRC32, POPCNT, LZCNT/TZCNT) by running them in an
-//! ITS-safe host stub with the guest's GPRs and flags loaded; everything
-//! else is reported with its decoded text and stops the VM.
+//! Emulation-failure exits: KVM's emulator gave up on the instruction at
+//! RIP. The `emul` crate completes it in an ITS-safe host stub; this module
+//! translates between KVM's register state and the emulator's.
 
-use emul::stub::{GuestGprs, StubBuf, StubRunError};
-use iced_x86::{
-    Code, Decoder, DecoderOptions, Encoder, Formatter, Instruction, IntelFormatter, Mnemonic,
-    OpKind, Register,
-};
-use kvm_bindings::{kvm_regs, kvm_sregs};
-use vm_memory::GuestMemoryMmap;
+use super::platform::GuestPhys;
+use crate::kvm::xsave::{KvmVectorState, XsaveBuf};
+use crate::vm::Shared;
+use emul::{CpuState, Outcome, Segment};
+use iced_x86::Mnemonic;
+use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs, kvm_sync_regs};
+use kvm_ioctls::VcpuFd;
 
-/// Per-vCPU instruction completion; owns the vCPU's stub buffer.
+/// What to do with an instruction outside the emulator's allow-list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnUnsupported {
+    /// Report it and stop the VM.
+    Stop,
+    /// Inject #UD, as a CPU without the instruction would.
+    InjectUd,
+}
+
+/// What the run loop must do after an emulation.
+pub enum Completion {
+    /// Registers changed (write back GPRs through sync regs).
+    Done,
+    /// Inject this exception (events, and CR2 for #PF, through sync regs).
+    Inject {
+        vector: u8,
+        error_code: Option<u32>,
+        cr2: Option<u64>,
+    },
+    /// End the VM with this message.
+    Stop(String),
+    /// A device asked to end the VM during an emulated MMIO access.
+    DeviceStop(crate::bus::BusAction),
+}
+
+/// Per-vCPU instruction completion.
 pub struct Emulator {
-    stub: StubBuf,
-    encoder: Encoder,
+    emu: emul::Emulator,
+    xsave: XsaveBuf,
+    on_unsupported: OnUnsupported,
+    /// Emulated instructions per mnemonic (`--stats`), indexed by
+    /// `Mnemonic as usize`; allocated once.
+    per_mnemonic: Option<Vec<u64>>,
 }
 
 impl Emulator {
-    pub fn new(its_on: bool) -> Result<Self, emul::stub::StubError> {
+    pub fn new(
+        its_on: bool,
+        on_unsupported: OnUnsupported,
+        stats: bool,
+    ) -> Result<Self, emul::EmulError> {
         Ok(Emulator {
-            stub: StubBuf::new(its_on)?,
-            encoder: Encoder::new(64),
+            emu: emul::Emulator::new(its_on)?,
+            xsave: XsaveBuf::default(),
+            on_unsupported,
+            per_mnemonic: stats.then(|| vec![0; Mnemonic::values().count()]),
         })
     }
 
     /// Runs the stub self-test on this vCPU's own buffer; `Err` lists the
     /// cases that did not match.
     pub fn selftest(&mut self) -> Result<(), String> {
-        let cases = emul::stub::selftest::run_with(&mut self.stub);
+        let cases = emul::stub::selftest::run_with(self.emu.stub_mut());
         if emul::stub::selftest::all_passed(&cases) {
             Ok(())
         } else {
@@ -42,117 +74,147 @@ impl Emulator {
         }
     }
 
-    /// Completes the instruction at RIP, updating `regs`; on failure returns
-    /// the one-line message that ends the VM.
+    /// Completes the instruction at RIP. `sync` holds the vCPU's registers
+    /// (from KVM_CAP_SYNC_REGS); on `Done` its GPRs and RIP are updated.
     pub fn complete(
         &mut self,
         vcpu: u8,
+        fd: &VcpuFd,
+        sync: &mut kvm_sync_regs,
         bytes: &[u8],
-        regs: &mut kvm_regs,
-        sregs: &kvm_sregs,
-        _mem: &GuestMemoryMmap,
-    ) -> Result<(), String> {
-        let bitness = bitness(sregs);
-        let insn = decode(bytes, bitness, regs.rip);
-        if !is_register_only_allowed(&insn) {
-            return Err(format!(
-                "vcpu {vcpu}: KVM could not emulate `{}` at rip {:#x} ({bitness}-bit, bytes {})",
-                describe(&insn),
-                regs.rip,
-                hex(bytes)
+        shared: &Shared,
+    ) -> Completion {
+        let mut cpu = cpu_state(&sync.regs, &sync.sregs);
+        let mut phys = GuestPhys {
+            mem: &shared.mem,
+            mmio: &shared.buses.mmio,
+            stop: None,
+        };
+        let mut vec = KvmVectorState::new(fd, &mut self.xsave);
+        let outcome = self.emu.emulate(&mut cpu, bytes, &mut vec, &mut phys);
+        if let Err(e) = vec.write_back() {
+            return Completion::Stop(format!(
+                "vcpu {vcpu}: KVM_SET_XSAVE failed at rip {:#x}: {e}",
+                sync.regs.rip
             ));
         }
-        // Stubs run in 64-bit mode: re-encode so 16-bit operand sizes keep
-        // their meaning. The encoder appends, so start from an empty buffer.
-        let mut code = self.encoder.take_buffer();
-        code.clear();
-        self.encoder.set_buffer(code);
-        let len = self
-            .encoder
-            .encode(&insn, 0)
-            .map_err(|e| format!("vcpu {vcpu}: cannot re-encode `{}`: {e}", describe(&insn)))?;
-        let code = self.encoder.take_buffer();
-        let mut gprs = to_gprs(regs);
-        match self.stub.run(&code[..len], &mut gprs) {
-            Ok(()) => {}
-            Err(StubRunError::Fault(f)) => {
-                return Err(format!(
-                    "vcpu {vcpu}: `{}` at rip {:#x} faulted with {f}",
-                    describe(&insn),
-                    regs.rip
-                ))
-            }
-            Err(StubRunError::Build(e)) => return Err(format!("vcpu {vcpu}: stub: {e}")),
+        if let Some(stop) = phys.stop {
+            return Completion::DeviceStop(stop);
         }
-        self.encoder.set_buffer(code);
-        from_gprs(&gprs, regs);
-        let next = regs.rip.wrapping_add(insn.len() as u64);
-        regs.rip = match bitness {
-            64 => next,
-            32 => next & 0xffff_ffff,
-            _ => next & 0xffff,
+        match outcome {
+            Outcome::Done { mnemonic } => {
+                if let Some(counts) = &mut self.per_mnemonic {
+                    if let Some(c) = counts.get_mut(mnemonic as usize) {
+                        *c += 1;
+                    }
+                }
+                write_gprs(&cpu, &mut sync.regs);
+                Completion::Done
+            }
+            Outcome::Exception {
+                vector,
+                error_code,
+                cr2,
+            } => Completion::Inject {
+                vector,
+                error_code,
+                cr2,
+            },
+            Outcome::Unsupported { text } => match self.on_unsupported {
+                OnUnsupported::Stop => Completion::Stop(format!(
+                    "vcpu {vcpu}: unsupported instruction `{text}` at rip {:#x} ({}-bit, bytes {})",
+                    sync.regs.rip,
+                    cpu.bitness(),
+                    hex(bytes)
+                )),
+                OnUnsupported::InjectUd => {
+                    log::warn!(
+                        "vcpu {vcpu}: unsupported `{text}` at rip {:#x}: injecting #UD",
+                        sync.regs.rip
+                    );
+                    Completion::Inject {
+                        vector: 6,
+                        error_code: None,
+                        cr2: None,
+                    }
+                }
+            },
+            Outcome::Platform(e) => {
+                Completion::Stop(format!("vcpu {vcpu}: at rip {:#x}: {e}", sync.regs.rip))
+            }
+        }
+    }
+
+    /// Emulated instructions per mnemonic, most frequent first.
+    pub fn mnemonic_counts(&self) -> Vec<(Mnemonic, u64)> {
+        let Some(counts) = &self.per_mnemonic else {
+            return Vec::new();
         };
-        Ok(())
+        let mut v: Vec<(Mnemonic, u64)> = Mnemonic::values()
+            .filter_map(|m| counts.get(m as usize).filter(|c| **c > 0).map(|c| (m, *c)))
+            .collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1));
+        v
     }
 }
 
-/// Register-only forms of the instructions KVM's emulator lacks, with no
-/// RSP operand (the stub never loads the guest's RSP).
-fn is_register_only_allowed(insn: &Instruction) -> bool {
-    let allowed = matches!(
-        insn.mnemonic(),
-        Mnemonic::Adcx
-            | Mnemonic::Adox
-            | Mnemonic::Andn
-            | Mnemonic::Bextr
-            | Mnemonic::Blsi
-            | Mnemonic::Blsr
-            | Mnemonic::Blsmsk
-            | Mnemonic::Bzhi
-            | Mnemonic::Pdep
-            | Mnemonic::Pext
-            | Mnemonic::Shlx
-            | Mnemonic::Sarx
-            | Mnemonic::Shrx
-            | Mnemonic::Rorx
-            | Mnemonic::Mulx
-            | Mnemonic::Crc32
-            | Mnemonic::Popcnt
-            | Mnemonic::Lzcnt
-            | Mnemonic::Tzcnt
-    );
-    allowed
-        && insn.code() != Code::INVALID
-        && (0..insn.op_count()).all(|i| match insn.op_kind(i) {
-            OpKind::Register => !matches!(insn.op_register(i).full_register(), Register::RSP),
-            OpKind::Immediate8 => true,
-            _ => false,
-        })
-}
-
-fn to_gprs(r: &kvm_regs) -> GuestGprs {
-    GuestGprs {
-        rax: r.rax,
-        rcx: r.rcx,
-        rdx: r.rdx,
-        rbx: r.rbx,
-        rsp: r.rsp,
-        rbp: r.rbp,
-        rsi: r.rsi,
-        rdi: r.rdi,
-        r8: r.r8,
-        r9: r.r9,
-        r10: r.r10,
-        r11: r.r11,
-        r12: r.r12,
-        r13: r.r13,
-        r14: r.r14,
-        r15: r.r15,
-        rflags: r.rflags,
+fn segment(s: &kvm_segment) -> Segment {
+    Segment {
+        selector: s.selector,
+        base: s.base,
+        limit: s.limit,
+        type_: s.type_,
+        dpl: s.dpl,
+        db: s.db != 0,
+        l: s.l != 0,
+        present: s.present != 0,
+        unusable: s.unusable != 0,
     }
 }
 
-fn from_gprs(g: &GuestGprs, r: &mut kvm_regs) {
+/// The emulator's view of the vCPU.
+pub fn cpu_state(r: &kvm_regs, s: &kvm_sregs) -> CpuState {
+    const CR0_PE: u64 = 1;
+    CpuState {
+        gprs: emul::stub::GuestGprs {
+            rax: r.rax,
+            rcx: r.rcx,
+            rdx: r.rdx,
+            rbx: r.rbx,
+            rsp: r.rsp,
+            rbp: r.rbp,
+            rsi: r.rsi,
+            rdi: r.rdi,
+            r8: r.r8,
+            r9: r.r9,
+            r10: r.r10,
+            r11: r.r11,
+            r12: r.r12,
+            r13: r.r13,
+            r14: r.r14,
+            r15: r.r15,
+            rflags: r.rflags,
+        },
+        rip: r.rip,
+        cr0: s.cr0,
+        cr2: s.cr2,
+        cr3: s.cr3,
+        cr4: s.cr4,
+        efer: s.efer,
+        cs: segment(&s.cs),
+        ss: segment(&s.ss),
+        ds: segment(&s.ds),
+        es: segment(&s.es),
+        fs: segment(&s.fs),
+        gs: segment(&s.gs),
+        // CPL is SS.DPL in protected mode (CS.DPL differs for conforming
+        // code); always 0 in real mode.
+        cpl: if s.cr0 & CR0_PE != 0 { s.ss.dpl } else { 0 },
+    }
+}
+
+fn write_gprs(cpu: &CpuState, r: &mut kvm_regs) {
+    let g = &cpu.gprs;
     r.rax = g.rax;
     r.rcx = g.rcx;
     r.rdx = g.rdx;
@@ -169,35 +231,7 @@ fn from_gprs(g: &GuestGprs, r: &mut kvm_regs) {
     r.r14 = g.r14;
     r.r15 = g.r15;
     r.rflags = g.rflags;
-}
-
-/// The code size of the vCPU: 16/32/64 from CR0.PE, EFER.LMA, CS.L and CS.D.
-pub fn bitness(sregs: &kvm_sregs) -> u32 {
-    const CR0_PE: u64 = 1;
-    const EFER_LMA: u64 = 1 << 10;
-    if sregs.cr0 & CR0_PE == 0 {
-        16
-    } else if sregs.efer & EFER_LMA != 0 && sregs.cs.l != 0 {
-        64
-    } else if sregs.cs.db != 0 {
-        32
-    } else {
-        16
-    }
-}
-
-fn decode(bytes: &[u8], bitness: u32, rip: u64) -> Instruction {
-    let mut d = Decoder::with_ip(bitness, bytes, rip, DecoderOptions::NONE);
-    d.decode()
-}
-
-fn describe(insn: &Instruction) -> String {
-    if insn.is_invalid() {
-        return "(undecodable bytes)".into();
-    }
-    let mut out = String::new();
-    IntelFormatter::new().format(insn, &mut out);
-    out
+    r.rip = cpu.rip;
 }
 
 fn hex(bytes: &[u8]) -> String {

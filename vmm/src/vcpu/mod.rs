@@ -6,6 +6,7 @@
 
 mod emulate;
 pub mod exit;
+mod platform;
 
 use crate::kvm::run_page::{self, Exit};
 use crate::status;
@@ -17,7 +18,9 @@ use kvm_ioctls::{SyncReg, VcpuFd};
 use std::sync::Arc;
 use std::time::Instant;
 
-pub use emulate::Emulator;
+use crate::bus::BusAction;
+use emulate::Completion;
+pub use emulate::{Emulator, OnUnsupported};
 
 const RFLAGS_IF: u64 = 1 << 9;
 
@@ -35,6 +38,9 @@ impl Vcpu {
         // exit, so serving one never needs KVM_GET_REGS/SREGS.
         fd.set_sync_valid_reg(SyncReg::Register);
         fd.set_sync_valid_reg(SyncReg::SystemRegister);
+        // Exceptions from emulated instructions are injected through the
+        // same page.
+        fd.set_sync_valid_reg(SyncReg::VcpuEvents);
         let stats = shared.stats.then(crate::stats::ExitStats::new);
         Vcpu {
             id,
@@ -45,8 +51,13 @@ impl Vcpu {
         }
     }
 
-    pub fn take_stats(&mut self) -> Option<crate::stats::ExitStats> {
-        self.stats.take()
+    /// This vCPU's exit latencies and emulated instructions per mnemonic
+    /// (when `--stats` asked for them).
+    pub fn take_stats(
+        &mut self,
+    ) -> Option<(crate::stats::ExitStats, Vec<(iced_x86::Mnemonic, u64)>)> {
+        let s = self.stats.take()?;
+        Some((s, self.emulator.mnemonic_counts()))
     }
 
     fn rip(&mut self) -> u64 {
@@ -144,17 +155,42 @@ impl Vcpu {
     }
 
     fn emulate(&mut self, bytes: &[u8]) -> Option<VmEnd> {
-        let sync = self.fd.sync_regs_mut();
-        let (regs, sregs) = (&mut sync.regs, &sync.sregs);
+        // A copy: the emulator also needs the vCPU fd (for XSAVE state).
+        let mut sync = self.fd.sync_regs();
         match self
             .emulator
-            .complete(self.id, bytes, regs, sregs, &self.shared.mem)
+            .complete(self.id, &self.fd, &mut sync, bytes, &self.shared)
         {
-            Ok(()) => {
+            Completion::Done => {
+                self.fd.sync_regs_mut().regs = sync.regs;
                 self.fd.set_sync_dirty_reg(SyncReg::Register);
                 None
             }
-            Err(msg) => Some(VmEnd::new(status::UNSUPPORTED_INSTRUCTION, msg)),
+            Completion::Inject {
+                vector,
+                error_code,
+                cr2,
+            } => {
+                let s = self.fd.sync_regs_mut();
+                let e = &mut s.events.exception;
+                e.injected = 1;
+                e.pending = 0;
+                e.nr = vector;
+                e.has_error_code = u8::from(error_code.is_some());
+                e.error_code = error_code.unwrap_or(0);
+                if let Some(cr2) = cr2 {
+                    s.sregs.cr2 = cr2;
+                    self.fd.set_sync_dirty_reg(SyncReg::SystemRegister);
+                }
+                self.fd.set_sync_dirty_reg(SyncReg::VcpuEvents);
+                None
+            }
+            Completion::Stop(msg) => Some(VmEnd::new(status::UNSUPPORTED_INSTRUCTION, msg)),
+            Completion::DeviceStop(BusAction::Stop { status, reason }) => Some(VmEnd::new(
+                status,
+                format!("vcpu {}: {} (status {status})", self.id, reason.describe()),
+            )),
+            Completion::DeviceStop(BusAction::Continue) => None,
         }
     }
 }
