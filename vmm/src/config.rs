@@ -53,6 +53,9 @@ pub struct VmConfig {
     pub stats: bool,
     pub cpu: CpuModel,
     pub its: emul::stub::ItsMode,
+    /// Guest-physical ranges to copy out when the VM ends (tests read result
+    /// tables the guest wrote there).
+    pub dump_ranges: Vec<(u64, u64)>,
     /// What to do with an instruction the emulator does not allow.
     pub on_unsupported: crate::vcpu::OnUnsupported,
     /// Number of vCPUs; the application processors wait for INIT/SIPI.
@@ -86,6 +89,7 @@ impl VmConfig {
             its: emul::stub::ItsMode::Auto,
             extra_pio: Vec::new(),
             extra_mmio: Vec::new(),
+            dump_ranges: Vec::new(),
             on_unsupported: crate::vcpu::OnUnsupported::Stop,
             cpus: 1,
             cmdline: None,

@@ -15,7 +15,7 @@ use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region, kvm_xcrs};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 /// KVM_CAP_EXIT_ON_EMULATION_FAILURE: every emulation failure exits to
@@ -141,6 +141,8 @@ pub struct VmOutcome {
     /// Instructions the VMM completed for the guest, per mnemonic, most
     /// frequent first (with `stats`).
     pub emulated: Vec<(iced_x86::Mnemonic, u64)>,
+    /// Guest memory copied out at the end, one per `VmConfig::dump_ranges`.
+    pub dumps: Vec<Vec<u8>>,
 }
 
 /// Builds the VM described by `cfg` and runs it; the guest's serial output
@@ -259,12 +261,23 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
         .unwrap_or_else(|| VmEnd::new(status::INTERRUPTED, "stopped".into()));
     let reports = reports.lock().unwrap_or_else(|p| p.into_inner()).clone();
     emulated.sort_by(|a, b| b.1.cmp(&a.1));
+    let dumps = cfg
+        .dump_ranges
+        .iter()
+        .map(|&(gpa, len)| {
+            let mut v = vec![0u8; len as usize];
+            // Ranges outside RAM come back as zeros.
+            let _ = shared.mem.read_slice(&mut v, GuestAddress(gpa));
+            v
+        })
+        .collect();
     Ok(VmOutcome {
         status: end.status,
         message: end.message,
         reports,
         stats,
         emulated,
+        dumps,
     })
 }
 
