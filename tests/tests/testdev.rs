@@ -85,7 +85,7 @@ fn sigterm_stops_the_vm_cleanly() {
     assert!(st.success());
     let t = Instant::now();
     loop {
-        if let Some(_) = child.try_wait().unwrap() {
+        if child.try_wait().unwrap().is_some() {
             break;
         }
         assert!(

@@ -260,7 +260,7 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
         .take()
         .unwrap_or_else(|| VmEnd::new(status::INTERRUPTED, "stopped".into()));
     let reports = reports.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    emulated.sort_by(|a, b| b.1.cmp(&a.1));
+    emulated.sort_by_key(|e| std::cmp::Reverse(e.1));
     let dumps = cfg
         .dump_ranges
         .iter()

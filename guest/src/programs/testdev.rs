@@ -161,7 +161,7 @@ fn fw_cfg_read(a: &mut Asm, key: u32, len: u32) -> AsmResult {
     for i in 0..len {
         a.in_(al, dx)?;
         a.movzx(ecx, al)?;
-        a.shl(ecx, (8 * i) as u32)?;
+        a.shl(ecx, 8 * i)?;
         a.or(ebx, ecx)?;
     }
     a.mov(eax, ebx)

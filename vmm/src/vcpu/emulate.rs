@@ -153,7 +153,7 @@ impl Emulator {
         let mut v: Vec<(Mnemonic, u64)> = Mnemonic::values()
             .filter_map(|m| counts.get(m as usize).filter(|c| **c > 0).map(|c| (m, *c)))
             .collect();
-        v.sort_by(|a, b| b.1.cmp(&a.1));
+        v.sort_by_key(|e| std::cmp::Reverse(e.1));
         v
     }
 }
