@@ -106,7 +106,14 @@ fn random_cpu(rng: &mut Rng) -> CpuState {
             cpu.cr0 &= !(CR0_PG | CR0_PE);
             cpu.cs.l = false;
             cpu.cs.db = false;
-            for s in [&mut cpu.cs, &mut cpu.ds, &mut cpu.es, &mut cpu.ss, &mut cpu.fs, &mut cpu.gs] {
+            for s in [
+                &mut cpu.cs,
+                &mut cpu.ds,
+                &mut cpu.es,
+                &mut cpu.ss,
+                &mut cpu.fs,
+                &mut cpu.gs,
+            ] {
                 s.base = rng.below(0x10_0000) & !0xf;
                 s.limit = 0xffff;
             }
@@ -171,9 +178,9 @@ fn random_bytes(rng: &mut Rng, out: &mut [u8; 15]) {
         *b = rng.next() as u8;
     }
     match rng.below(5) {
-        0 => out[0] = 0xc5,          // VEX2
-        1 => out[0] = 0xc4,          // VEX3
-        2 => out[0] = 0x62,          // EVEX
+        0 => out[0] = 0xc5, // VEX2
+        1 => out[0] = 0xc4, // VEX3
+        2 => out[0] = 0x62, // EVEX
         3 => out[..2].copy_from_slice(&[0x0f, rng.next() as u8]),
         _ => {}
     }
@@ -181,8 +188,14 @@ fn random_bytes(rng: &mut Rng, out: &mut [u8; 15]) {
 
 #[test]
 fn random_instructions_registers_and_page_tables() {
-    let cases: u64 = std::env::var("FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(30_000);
-    let seed: u64 = std::env::var("FUZZ_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0x2545_f491_4f6c_dd1d);
+    let cases: u64 = std::env::var("FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30_000);
+    let seed: u64 = std::env::var("FUZZ_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0x2545_f491_4f6c_dd1d);
     let mut rng = Rng(seed | 1);
     let mut emu = Emulator::new(true).expect("stub buffer");
     let mut plat = FuzzPlatform {
@@ -210,10 +223,18 @@ fn random_instructions_registers_and_page_tables() {
         let mut bytes = [0u8; 15];
         random_bytes(&mut rng, &mut bytes);
         // Sometimes give no bytes: the emulator fetches through the walk.
-        let given = if rng.chance(4) { &bytes[..rng.below(15) as usize] } else { &bytes[..] };
+        let given = if rng.chance(4) {
+            &bytes[..rng.below(15) as usize]
+        } else {
+            &bytes[..]
+        };
         let t = Instant::now();
         let outcome = emu.emulate(&mut cpu, given, &mut img, &mut plat);
-        assert!(t.elapsed() < Duration::from_secs(1), "case {case} took {:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "case {case} took {:?}",
+            t.elapsed()
+        );
         if let Some((gpa, len)) = plat.bad_access {
             panic!("case {case}: platform access of {len} bytes at {gpa:#x}");
         }
@@ -230,11 +251,17 @@ fn random_instructions_registers_and_page_tables() {
                         "case {case}: completed a denied instruction {instr}"
                     );
                 }
-                assert_eq!(cpu.gprs.rsp, before.gprs.rsp, "case {case}: RSP changed by {instr}");
+                assert_eq!(
+                    cpu.gprs.rsp, before.gprs.rsp,
+                    "case {case}: RSP changed by {instr}"
+                );
             }
             Outcome::Exception { .. } => {
                 exceptions += 1;
-                assert_eq!(cpu, before, "case {case}: state changed although an exception was raised");
+                assert_eq!(
+                    cpu, before,
+                    "case {case}: state changed although an exception was raised"
+                );
             }
             Outcome::Unsupported { .. } => {
                 unsupported += 1;
@@ -248,5 +275,8 @@ fn random_instructions_registers_and_page_tables() {
         t0.elapsed(),
         plat.mmio_writes
     );
-    assert!(done > cases / 100, "too few completions ({done}) to mean anything");
+    assert!(
+        done > cases / 100,
+        "too few completions ({done}) to mean anything"
+    );
 }
