@@ -29,8 +29,8 @@ pub use report::{machine_description, BenchReport, PathResult};
 
 /// Default iterations per run: with the default runs, a full bench takes
 /// one to three minutes on the project's PVM machines.
-pub const DEFAULT_ITERS: u32 = 5000;
-pub const DEFAULT_RUNS: u32 = 6;
+pub const DEFAULT_ITERS: u32 = 20_000;
+pub const DEFAULT_RUNS: u32 = 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
