@@ -11,7 +11,7 @@ use crate::stats::ExitStats;
 use crate::status;
 use crate::trace::Tracer;
 use crate::vcpu::{Emulator, Vcpu};
-use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region, kvm_xcrs};
+use kvm_bindings::{kvm_enable_cap, kvm_xcrs};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,8 +26,8 @@ const KVM_CAP_EXIT_ON_EMULATION_FAILURE: u32 = 204;
 pub enum VmError {
     #[error(transparent)]
     Kvm(#[from] KvmError),
-    #[error("cannot allocate {0} bytes of guest memory: {1}")]
-    Memory(u64, vm_memory::mmap::FromRangesError),
+    #[error(transparent)]
+    Memory(#[from] crate::kvm::memory::MemoryError),
     #[error("image {name}: {err}")]
     Load { name: String, err: LoadError },
     #[error("entry state: {0}")]
@@ -167,7 +167,7 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
     if cfg.irqchip() {
         create_irqchip(&vm)?;
     }
-    let mem = create_memory(&vm, cfg.mem_size)?;
+    let mem = crate::kvm::memory::create_guest_memory(&vm, cfg.mem_size)?;
 
     let reports = test_report::Reports::default();
     let buses = build_buses(cfg, &vm, &mem, serial_out, reports.clone())?;
@@ -468,31 +468,6 @@ fn enable_exit_on_emulation_failure(vm: &VmFd) -> Result<(), VmError> {
     vm.enable_cap(&cap)
         .map_err(ioctl_err("KVM_ENABLE_CAP(EXIT_ON_EMULATION_FAILURE)"))?;
     Ok(())
-}
-
-fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap, VmError> {
-    let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(size)
-        .into_iter()
-        .map(|(a, l)| (GuestAddress(a), l as usize))
-        .collect();
-    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::Memory(size, e))?;
-    for (slot, region) in mem.iter().enumerate() {
-        let host = mem
-            .get_host_address(region.start_addr())
-            .map_err(|_| KvmError::MissingCap("a host mapping for guest RAM"))?;
-        let r = kvm_userspace_memory_region {
-            slot: slot as u32,
-            flags: 0,
-            guest_phys_addr: region.start_addr().0,
-            memory_size: region.len(),
-            userspace_addr: host as u64,
-        };
-        // SAFETY: the region is a live anonymous mapping of `memory_size`
-        // bytes owned by `mem`, which the VM's `Shared` keeps alive until
-        // after the VM fd is closed.
-        unsafe { vm.set_user_memory_region(r) }.map_err(ioctl_err("KVM_SET_USER_MEMORY_REGION"))?;
-    }
-    Ok(mem)
 }
 
 fn build_buses(

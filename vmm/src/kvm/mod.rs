@@ -2,6 +2,7 @@
 //! decoding the `kvm_run` page after an exit.
 
 pub mod cpuid;
+pub mod memory;
 pub mod run_page;
 pub mod xsave;
 
