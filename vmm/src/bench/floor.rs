@@ -12,10 +12,10 @@ use crate::loader::{self, ImageFormat, LoadRequest};
 use crate::stats::LatencyHistogram;
 use guest::Program;
 use iced_x86::{Decoder, DecoderOptions};
-use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region, kvm_xcrs};
+use kvm_bindings::{kvm_enable_cap, kvm_xcrs};
 use kvm_ioctls::{Kvm, SyncReg, VcpuFd, VmFd};
 use std::time::Instant;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::GuestMemoryMmap;
 
 /// KVM_CAP_EXIT_ON_EMULATION_FAILURE (as the VMM enables it).
 const KVM_CAP_EXIT_ON_EMULATION_FAILURE: u32 = 204;
@@ -230,26 +230,6 @@ impl FloorVm {
 }
 
 fn create_memory(vm: &VmFd) -> Result<GuestMemoryMmap, BenchError> {
-    let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(GUEST_RAM)
-        .into_iter()
-        .map(|(a, l)| (GuestAddress(a), l as usize))
-        .collect();
-    let mem = GuestMemoryMmap::from_ranges(&ranges)
-        .map_err(|e| BenchError::Setup(format!("guest memory: {e}")))?;
-    for (slot, region) in mem.iter().enumerate() {
-        let host = mem
-            .get_host_address(region.start_addr())
-            .map_err(|e| BenchError::Setup(format!("guest memory: {e}")))?;
-        let r = kvm_userspace_memory_region {
-            slot: slot as u32,
-            flags: 0,
-            guest_phys_addr: region.start_addr().0,
-            memory_size: region.len(),
-            userspace_addr: host as u64,
-        };
-        // SAFETY: the region is a live anonymous mapping of `memory_size`
-        // bytes owned by `mem`, which `FloorVm` keeps alive as long as the VM.
-        unsafe { vm.set_user_memory_region(r) }.map_err(ioctl_err("KVM_SET_USER_MEMORY_REGION"))?;
-    }
-    Ok(mem)
+    kvm::memory::create_guest_memory(vm, GUEST_RAM)
+        .map_err(|e| BenchError::Setup(format!("guest memory: {e}")))
 }
