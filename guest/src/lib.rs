@@ -6,6 +6,7 @@
 //! every mode a way to print, report values and exit, and 64-bit programs a
 //! mini kernel that runs their payload at CPL 3.
 
+pub mod diff;
 pub mod programs;
 pub mod rt;
 

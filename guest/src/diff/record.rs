@@ -1,0 +1,141 @@
+//! The result record each form writes per way, and where the tables live.
+//!
+//! Every record has the same fixed layout so that the guest's save code is
+//! shared by all forms and the host can compare records field by field.
+
+/// Guest-physical address of the first result table; way `w`'s table is at
+/// `TABLES + w * table_size(forms)`.
+pub const TABLES: u64 = 0x40_0000;
+/// The RAM copy of the operand buffer (inside the first 2 MiB, clear of the
+/// image and the kernel's stacks).
+pub const RAM_BUF: u64 = 0x1f_8000;
+/// The `--mmio-ram` window and the operand buffer at its start. It must not
+/// overlap RAM.
+pub const MMIO_BASE: u64 = 0xd000_0000;
+pub const MMIO_SIZE: u64 = 0x1000;
+
+/// Size of one record; a multiple of 64 so FXSAVE and ZMM stores are aligned.
+pub const RECORD: usize = 1152;
+
+/// Exception vector, or [`NO_EXCEPTION`].
+pub const EXC_VECTOR: usize = 0;
+pub const EXC_ERROR: usize = 8;
+/// RAX..R15 in encoding order (RSP's slot stays zero).
+pub const GPRS: usize = 16;
+pub const RFLAGS: usize = 144;
+/// The operand buffer after the instruction.
+pub const MEM: usize = 160;
+pub const MEM_LEN: usize = 64;
+/// K1..K4 (KMOVQ), AVX-512 forms only.
+pub const KREGS: usize = 224;
+pub const KREG_COUNT: usize = 4;
+/// FXSAVE64 image (x87, MXCSR, XMM0-15), vector forms only.
+pub const FXSAVE: usize = 256;
+/// ZMM0..4 (64 bytes each; YMM: 32 bytes each), vector forms only.
+pub const VREGS: usize = 768;
+pub const VREG_COUNT: usize = 5;
+
+pub const NO_EXCEPTION: u64 = u64::MAX;
+
+/// The arithmetic flags compared (CF PF AF ZF SF OF) plus DF.
+pub const FLAGS_MASK: u64 = 0xcd5;
+
+pub const GPR_NAMES: [&str; 16] = [
+    "rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13",
+    "r14", "r15",
+];
+
+/// Bytes of the result tables for a chunk of `forms` forms (one way).
+pub fn table_size(forms: usize) -> u64 {
+    (forms * RECORD) as u64
+}
+
+/// Guest-physical address of `way`'s table.
+pub fn table_addr(way: usize, forms: usize) -> u64 {
+    TABLES + way as u64 * table_size(forms)
+}
+
+/// One field of a record that two ways must agree on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Field {
+    pub name: String,
+    pub offset: usize,
+    pub len: usize,
+    /// Bits that count (applied to every byte; `None`: all).
+    pub mask: Option<u64>,
+}
+
+fn field(name: impl Into<String>, offset: usize, len: usize) -> Field {
+    Field {
+        name: name.into(),
+        offset,
+        len,
+        mask: None,
+    }
+}
+
+/// The fields of a record, by what the form touches. RSP and RBP are left
+/// out: RSP differs between CPL 0 and CPL 3 stacks, and RBP is the operand
+/// buffer's address, which differs between RAM and MMIO.
+pub fn fields(vector: bool, kregs: bool, vreg_bytes: usize) -> Vec<Field> {
+    let mut v = vec![
+        field("exception vector", EXC_VECTOR, 8),
+        field("exception error code", EXC_ERROR, 8),
+    ];
+    for (i, n) in GPR_NAMES.iter().enumerate() {
+        if *n != "rsp" && *n != "rbp" {
+            v.push(field(*n, GPRS + 8 * i, 8));
+        }
+    }
+    v.push(Field {
+        name: "rflags".into(),
+        offset: RFLAGS,
+        len: 8,
+        mask: Some(FLAGS_MASK),
+    });
+    v.push(field("memory operand", MEM, MEM_LEN));
+    if kregs {
+        for i in 0..KREG_COUNT {
+            v.push(field(format!("k{}", i + 1), KREGS + 8 * i, 8));
+        }
+    }
+    if vector {
+        v.push(field("x87 FCW", FXSAVE, 2));
+        v.push(field("x87 FSW", FXSAVE + 2, 2));
+        v.push(field("x87 FTW (abridged)", FXSAVE + 4, 1));
+        v.push(field(X87_POINTERS, FXSAVE + 6, 18));
+        v.push(field("MXCSR", FXSAVE + 24, 4));
+        for i in 0..8 {
+            v.push(field(format!("st/mm slot {i}"), FXSAVE + 32 + 16 * i, 10));
+        }
+        for i in 0..16 {
+            v.push(field(format!("xmm{i}"), FXSAVE + 160 + 16 * i, 16));
+        }
+        if vreg_bytes > 0 {
+            let name = if vreg_bytes == 64 { "zmm" } else { "ymm" };
+            for i in 0..VREG_COUNT {
+                v.push(field(
+                    format!("{name}{i}"),
+                    VREGS + vreg_bytes * i,
+                    vreg_bytes,
+                ));
+            }
+        }
+    }
+    v
+}
+
+/// Name of the FXSAVE field holding FOP, FIP and FDP: the x87 last
+/// instruction and data pointers.
+pub const X87_POINTERS: &str = "x87 FOP/FIP/FDP";
+
+/// `bytes[offset..offset+len]` as a little-endian u64 (for fields of up to 8
+/// bytes).
+pub fn read_u64(bytes: &[u8], offset: usize) -> u64 {
+    let mut b = [0u8; 8];
+    let end = (offset + 8).min(bytes.len());
+    if offset < end {
+        b[..end - offset].copy_from_slice(&bytes[offset..end]);
+    }
+    u64::from_le_bytes(b)
+}
