@@ -27,9 +27,57 @@ const THREADS: usize = 2;
 /// Mismatches printed in full.
 const SHOW: usize = 12;
 
-/// Forms known to differ, with the reason (instruction text prefix, way
-/// label, reason). Empty when everything passes.
-const KNOWN_FAILURES: &[(&str, &str, &str)] = &[];
+/// Forms known to differ: (instruction text prefix, ways, reason). Each is
+/// reported in the summary; none may be dropped silently.
+const KNOWN_FAILURES: &[(&str, &[&str], &str)] = &[
+    // KVM's in-kernel emulator runs these itself (register forms at CPL 0,
+    // integer MMIO forms), so the VMM never sees them.
+    (
+        "lzcnt ",
+        &["a", "b1", "b2"],
+        "KVM's emulator runs F3 0F BD as BSR (ignores the F3 prefix)",
+    ),
+    (
+        "tzcnt ",
+        &["a", "b1", "b2"],
+        "KVM's emulator runs F3 0F BC as BSF (ignores the F3 prefix)",
+    ),
+    (
+        "cmpxchg ecx,edx",
+        &["b1", "b2"],
+        "KVM's emulator zero-extends the 32-bit destination of a failed CMPXCHG",
+    ),
+    (
+        "movbe ",
+        &["a", "b1", "b2"],
+        "KVM's emulator injects #UD for MOVBE: PVM's KVM leaves MOVBE out of its supported CPUID, which masks the guest's",
+    ),
+    // The VMM's emulator.
+    (
+        "vmaskmovp",
+        &["a", "b1", "b2"],
+        "emul: VEX masked store writes masked-out elements",
+    ),
+    (
+        "vpmaskmov",
+        &["a", "b1", "b2"],
+        "emul: VEX masked store writes masked-out elements",
+    ),
+];
+
+/// Forms where PVM's native result departs from the SDM and the VMM
+/// follows the SDM: (instruction text prefix, native vector, the VMM's
+/// vector and error code). Misaligned aligned-only operands are matched by
+/// `Form::misaligned` instead.
+const PVM_QUIRKS: &[(&str, u64, u64, u64)] = &[
+    // Reserved MXCSR bits: #GP(0) per the SDM, #UD natively under PVM.
+    ("ldmxcsr ", 6, 13, 0),
+    ("vldmxcsr ", 6, 13, 0),
+];
+
+/// Reason for x87 forms whose only difference is FOP/FIP/FDP.
+const X87_POINTERS_REASON: &str =
+    "emul: x87 last-instruction pointer (FIP) holds the host stub's address, not the guest RIP";
 
 fn allow(i: &iced_x86::Instruction) -> Result<bool, &'static str> {
     emul::classify::classify(i).map(|c| c.vector)
@@ -98,7 +146,32 @@ fn hex(b: &[u8]) -> String {
     b.iter().rev().map(|x| format!("{x:02x}")).collect()
 }
 
-fn differences(fields: &[Field], truth: &[u8], got: &[u8]) -> Vec<(String, String, String)> {
+/// EFLAGS bits the SDM leaves undefined after `bytes`' instruction: they
+/// are not compared, because KVM's in-kernel emulator (which runs integer
+/// forms at CPL 0 and on MMIO) computes them differently from the CPU.
+fn undefined_flags(bytes: &[u8]) -> u64 {
+    use iced_x86::RflagsBits as R;
+    let ins = iced_x86::Decoder::new(64, bytes, iced_x86::DecoderOptions::NONE).decode();
+    let u = ins.rflags_undefined();
+    [
+        (R::OF, 0x800),
+        (R::SF, 0x80),
+        (R::ZF, 0x40),
+        (R::AF, 0x10),
+        (R::CF, 0x1),
+        (R::PF, 0x4),
+    ]
+    .iter()
+    .filter(|(r, _)| u & r != 0)
+    .fold(0, |acc, (_, b)| acc | b)
+}
+
+fn differences(
+    fields: &[Field],
+    undefined: u64,
+    truth: &[u8],
+    got: &[u8],
+) -> Vec<(String, String, String)> {
     let mut d = Vec::new();
     for f in fields {
         let (t, g) = (
@@ -106,7 +179,10 @@ fn differences(fields: &[Field], truth: &[u8], got: &[u8]) -> Vec<(String, Strin
             &got[f.offset..f.offset + f.len],
         );
         let same = match f.mask {
-            Some(m) => record::read_u64(t, 0) & m == record::read_u64(g, 0) & m,
+            Some(m) => {
+                let m = m & !undefined;
+                record::read_u64(t, 0) & m == record::read_u64(g, 0) & m
+            }
             None => t == g,
         };
         if !same {
@@ -117,7 +193,7 @@ fn differences(fields: &[Field], truth: &[u8], got: &[u8]) -> Vec<(String, Strin
 }
 
 fn judge(form: &Form, way: Way, fields: &[Field], truth: &[u8], got: &[u8]) -> Outcome {
-    let d = differences(fields, truth, got);
+    let d = differences(fields, undefined_flags(&form.bytes), truth, got);
     if d.is_empty() {
         return Outcome::Pass;
     }
@@ -125,12 +201,22 @@ fn judge(form: &Form, way: Way, fields: &[Field], truth: &[u8], got: &[u8]) -> O
     let gv = record::read_u64(got, record::EXC_VECTOR);
     let ge = record::read_u64(got, record::EXC_ERROR);
     let only_exception = d.iter().all(|(n, _, _)| n.starts_with("exception"));
-    if form.misaligned && tv == 6 && gv == 13 && ge == 0 && only_exception {
+    if only_exception && form.misaligned && tv == 6 && gv == 13 && ge == 0 {
         return Outcome::PvmQuirk;
+    }
+    if only_exception
+        && PVM_QUIRKS
+            .iter()
+            .any(|(text, t, v, e)| form.text.starts_with(text) && tv == *t && gv == *v && ge == *e)
+    {
+        return Outcome::PvmQuirk;
+    }
+    if d.iter().all(|(n, _, _)| n == record::X87_POINTERS) {
+        return Outcome::Known(X87_POINTERS_REASON);
     }
     if let Some((_, _, why)) = KNOWN_FAILURES
         .iter()
-        .find(|(text, w, _)| form.text.starts_with(text) && *w == way.label())
+        .find(|(text, ways, _)| form.text.starts_with(text) && ways.contains(&way.label()))
     {
         return Outcome::Known(why);
     }
@@ -210,6 +296,8 @@ fn emulator_matches_native_cpl3() {
     let mut per_class: BTreeMap<String, [usize; 5]> = BTreeMap::new(); // forms, pass, quirk, known, fail
     let mut per_way: BTreeMap<&str, [usize; 4]> = BTreeMap::new(); // pass, quirk, known, fail
     let mut failures: Vec<String> = Vec::new();
+    let mut known_by_reason: BTreeMap<&str, std::collections::BTreeSet<(String, &str)>> =
+        BTreeMap::new();
     let mut failed_forms = std::collections::BTreeSet::new();
     for (i, msg) in stopped.lock().unwrap().iter() {
         failed_forms.insert(*i);
@@ -234,7 +322,11 @@ fn emulator_matches_native_cpl3() {
                         w[1] += 1;
                         worst = worst.max(1);
                     }
-                    Outcome::Known(_) => {
+                    Outcome::Known(why) => {
+                        known_by_reason
+                            .entry(*why)
+                            .or_default()
+                            .insert((f.text.clone(), way.label()));
                         w[2] += 1;
                         worst = worst.max(2);
                     }
@@ -314,7 +406,22 @@ fn emulator_matches_native_cpl3() {
             sk(Skip::Operands)
         );
     }
-    for f in failures.iter().take(SHOW) {
+    for (why, set) in &known_by_reason {
+        let mut forms: Vec<&str> = set.iter().map(|(t, _)| t.as_str()).collect();
+        forms.dedup();
+        println!(
+            "  known: {why}: {} forms, {} form-ways, e.g. {}",
+            forms.len(),
+            set.len(),
+            forms.iter().take(4).copied().collect::<Vec<_>>().join("; ")
+        );
+    }
+    // EMULATOR_DIFF_SHOW=N prints more mismatches.
+    let show = std::env::var("EMULATOR_DIFF_SHOW")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(SHOW);
+    for f in failures.iter().take(show) {
         println!("FAIL {f}");
     }
     assert!(
