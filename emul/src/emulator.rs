@@ -309,6 +309,17 @@ impl Emulator {
             OpAccess::ReadWrite | OpAccess::ReadCondWrite => (true, true, false),
             _ => return Err(Stop::Unsupported("memory operand without access")),
         };
+        // iced reports the VEX masked stores' memory operand as a plain
+        // write; only the mask-selected elements may reach memory.
+        let masked = masked
+            || (writes
+                && matches!(
+                    instr.mnemonic(),
+                    Mnemonic::Vmaskmovps
+                        | Mnemonic::Vmaskmovpd
+                        | Mnemonic::Vpmaskmovd
+                        | Mnemonic::Vpmaskmovq
+                ));
         if masked
             && instr.op_mask() == Register::None
             && !matches!(

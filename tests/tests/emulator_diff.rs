@@ -52,17 +52,6 @@ const KNOWN_FAILURES: &[(&str, &[&str], &str)] = &[
         &["a", "b1", "b2"],
         "KVM's emulator injects #UD for MOVBE: PVM's KVM leaves MOVBE out of its supported CPUID, which masks the guest's",
     ),
-    // The VMM's emulator.
-    (
-        "vmaskmovp",
-        &["a", "b1", "b2"],
-        "emul: VEX masked store writes masked-out elements",
-    ),
-    (
-        "vpmaskmov",
-        &["a", "b1", "b2"],
-        "emul: VEX masked store writes masked-out elements",
-    ),
 ];
 
 /// Forms where PVM's native result departs from the SDM and the VMM
