@@ -102,6 +102,32 @@ struct Operand {
     masked: bool,
 }
 
+/// The last instruction emulated, decoded, classified and re-encoded.
+/// Guests repeat instructions (a loop over MMIO); right after a VM exit the
+/// decoder's and encoder's code and tables are cold, so skipping them is
+/// most of the host-side cost. Keyed by RIP (RIP-relative operands depend on
+/// it), bitness and the instruction's bytes (self-modifying code misses).
+#[derive(Clone, Copy)]
+struct Decoded {
+    rip: u64,
+    bitness: u32,
+    bytes: [u8; MAX_INSN_LEN],
+    instr: Instruction,
+    class: Class,
+    used: Option<UsedMemory>,
+    /// The re-encoded instruction and the bounce offset it targets.
+    code: [u8; MAX_INSN_LEN],
+    code_len: usize,
+    code_for: Option<usize>,
+}
+
+impl Decoded {
+    fn matches(&self, rip: u64, bitness: u32, insn: &[u8]) -> bool {
+        let len = self.instr.len();
+        self.rip == rip && self.bitness == bitness && insn.get(..len) == self.bytes.get(..len)
+    }
+}
+
 /// One vCPU's instruction emulator. Not `Sync`; keep one per vCPU thread.
 pub struct Emulator {
     stub: StubBuf,
@@ -110,6 +136,7 @@ pub struct Emulator {
     layout: XsaveLayout,
     max_phys_bits: u8,
     last_mnemonic: Mnemonic,
+    cached: Option<Decoded>,
 }
 
 impl Emulator {
@@ -122,6 +149,7 @@ impl Emulator {
             layout: XsaveLayout::from_host(),
             max_phys_bits: 52,
             last_mnemonic: Mnemonic::INVALID,
+            cached: None,
         })
     }
 
@@ -159,12 +187,18 @@ impl Emulator {
     ) -> Outcome {
         self.last_mnemonic = Mnemonic::INVALID;
         let bitness = cpu.bitness();
-        let instr = match self.decode(cpu, bitness, insn, mem) {
-            Ok(i) => i,
-            Err(stop) => return self.outcome(stop, None),
+        let hit = self.cached.filter(|c| c.matches(cpu.rip, bitness, insn));
+        // Only instructions decoded from the reported bytes are cached: the
+        // key is those bytes.
+        let (instr, cacheable) = match hit {
+            Some(c) => (c.instr, true),
+            None => match self.decode(cpu, bitness, insn, mem) {
+                Ok(decoded) => decoded,
+                Err(stop) => return self.outcome(stop, None),
+            },
         };
         self.last_mnemonic = instr.mnemonic();
-        match self.execute(cpu, bitness, &instr, vec, mem) {
+        match self.execute(cpu, bitness, &instr, hit, cacheable, insn, vec, mem) {
             Ok(()) => Outcome::Done {
                 mnemonic: instr.mnemonic(),
             },
@@ -189,14 +223,15 @@ impl Emulator {
     }
 
     /// Decodes from the reported bytes, or from guest memory when they are
-    /// absent or end inside the instruction.
+    /// absent or end inside the instruction; the flag says whether the
+    /// reported bytes were used.
     fn decode(
         &mut self,
         cpu: &CpuState,
         bitness: u32,
         insn: &[u8],
         mem: &mut dyn Platform,
-    ) -> Result<Instruction, Stop> {
+    ) -> Result<(Instruction, bool), Stop> {
         let given = &insn[..insn.len().min(MAX_INSN_LEN)];
         if !given.is_empty() {
             let mut d = Decoder::with_ip(bitness, given, cpu.rip, DecoderOptions::NONE);
@@ -205,7 +240,7 @@ impl Emulator {
                 return if i.is_invalid() {
                     Err(Exception::ud().into())
                 } else {
-                    Ok(i)
+                    Ok((i, true))
                 };
             }
         }
@@ -216,30 +251,64 @@ impl Emulator {
         match (d.last_error(), pending) {
             (DecoderError::NoMoreBytes, Some(fault)) => Err(fault.into()),
             _ if i.is_invalid() => Err(Exception::ud().into()),
-            _ => Ok(i),
+            _ => Ok((i, false)),
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn execute(
         &mut self,
         cpu: &mut CpuState,
         bitness: u32,
         instr: &Instruction,
+        hit: Option<Decoded>,
+        cacheable: bool,
+        insn: &[u8],
         vec: &mut dyn VectorState,
         mem: &mut dyn Platform,
     ) -> Result<(), Stop> {
-        let class = classify(instr).map_err(Stop::Unsupported)?;
+        let (class, used) = match hit {
+            Some(c) => (c.class, c.used),
+            None => (
+                classify(instr).map_err(Stop::Unsupported)?,
+                self.used_memory(instr)?,
+            ),
+        };
         check_vector_enabled(cpu, instr, class)?;
-        let operand = self.operand(cpu, bitness, instr, mem)?;
+        let operand = self.operand(cpu, bitness, instr, used, mem)?;
 
         // Stage the operand and build the instruction for the stub.
         let bounce_off = operand.map_or(0, |o| BOUNCE_BASE + (o.lin & 63) as usize);
-        let target = operand.map(|_| self.stub.bounce_exec_addr() + bounce_off as u64);
+        let target_off = operand.map(|_| bounce_off);
         let mut code = [0u8; MAX_INSN_LEN];
-        let len = self
-            .reencoder
-            .encode(instr, self.stub.insn_exec_addr(), target, &mut code)
-            .map_err(Stop::Unsupported)?;
+        let len = match hit.filter(|c| c.code_for == target_off && c.code_len > 0) {
+            Some(c) => {
+                code = c.code;
+                c.code_len
+            }
+            None => {
+                let target = target_off.map(|off| self.stub.bounce_exec_addr() + off as u64);
+                self.reencoder
+                    .encode(instr, self.stub.insn_exec_addr(), target, &mut code)
+                    .map_err(Stop::Unsupported)?
+            }
+        };
+        if cacheable {
+            let mut bytes = [0u8; MAX_INSN_LEN];
+            let n = instr.len().min(MAX_INSN_LEN);
+            bytes[..n].copy_from_slice(&insn[..n]);
+            self.cached = Some(Decoded {
+                rip: cpu.rip,
+                bitness,
+                bytes,
+                instr: *instr,
+                class,
+                used,
+                code,
+                code_len: len,
+                code_for: target_off,
+            });
+        }
         if let Some(op) = operand {
             let staged = &mut self.stub.bounce_mut()[bounce_off..bounce_off + op.size];
             if op.reads {
@@ -285,6 +354,16 @@ impl Emulator {
         Ok(())
     }
 
+    /// The instruction's one memory access, if any.
+    fn used_memory(&mut self, instr: &Instruction) -> Result<Option<UsedMemory>, Stop> {
+        let info = self.info.info(instr);
+        match info.used_memory() {
+            [] => Ok(None),
+            [one] => Ok(Some(*one)),
+            _ => Err(Stop::Unsupported("several memory accesses")),
+        }
+    }
+
     /// Finds, checks and translates the memory operand (before anything
     /// runs, so a fault has no side effect).
     fn operand(
@@ -292,15 +371,11 @@ impl Emulator {
         cpu: &CpuState,
         bitness: u32,
         instr: &Instruction,
+        used: Option<UsedMemory>,
         mem: &mut dyn Platform,
     ) -> Result<Option<Operand>, Stop> {
-        let used: UsedMemory = {
-            let info = self.info.info(instr);
-            match info.used_memory() {
-                [] => return Ok(None),
-                [one] => *one,
-                _ => return Err(Stop::Unsupported("several memory accesses")),
-            }
+        let Some(used) = used else {
+            return Ok(None);
         };
         let (reads, writes, masked) = match used.access() {
             OpAccess::Read | OpAccess::CondRead => (true, false, false),

@@ -206,6 +206,7 @@ fn random_instructions_registers_and_page_tables() {
     let mut img = XsaveImage::new();
     let (mut done, mut exceptions, mut unsupported) = (0u64, 0u64, 0u64);
     let t0 = Instant::now();
+    let mut last: Option<(u64, [u8; 15], CpuState)> = None;
     for case in 0..cases {
         // Fresh random RAM (and so page tables) every 500 cases.
         if case % 500 == 0 {
@@ -219,9 +220,19 @@ fn random_instructions_registers_and_page_tables() {
             }
         }
         let mut cpu = random_cpu(&mut rng);
-        let before = cpu;
         let mut bytes = [0u8; 15];
         random_bytes(&mut rng, &mut bytes);
+        // Often repeat the previous instruction (same RIP, bytes and mode)
+        // with new registers: the emulator's decoded-instruction cache hits.
+        if let Some((rip, b, prev)) = last.filter(|_| rng.chance(3)) {
+            let gprs = cpu.gprs;
+            cpu = prev;
+            cpu.gprs = gprs;
+            cpu.rip = rip;
+            bytes = b;
+        }
+        last = Some((cpu.rip, bytes, cpu));
+        let before = cpu;
         // Sometimes give no bytes: the emulator fetches through the walk.
         let given = if rng.chance(4) {
             &bytes[..rng.below(15) as usize]
@@ -248,7 +259,8 @@ fn random_instructions_registers_and_page_tables() {
                 if given.len() == 15 {
                     assert!(
                         emul::classify::classify(&instr).is_ok(),
-                        "case {case}: completed a denied instruction {instr}"
+                        "case {case}: completed a denied instruction {instr} (bitness {}, emulator saw {:?}, bytes {:02x?}, given {})",
+                        before.bitness(), emu.last_mnemonic(), bytes, given.len()
                     );
                 }
                 assert_eq!(

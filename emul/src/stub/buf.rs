@@ -3,6 +3,7 @@
 use core::arch::asm;
 use std::ptr;
 
+use super::builder::MAX_INSN_LEN;
 use super::builder::{self, BuiltStub, STUB_BUF_SIZE};
 use super::cursor::INT3;
 use super::error::{StubError, StubRunError};
@@ -24,6 +25,19 @@ pub struct StubBuf {
     xcr0: u64,
     /// The XSAVE components a vector run switches (0: vector runs refused).
     vec_mask: u64,
+    /// The stub left built by the last run. Guests repeat instructions (a
+    /// loop over MMIO), and rewriting code that just ran costs a
+    /// self-modifying-code pipeline flush, so an identical request reuses it.
+    cached: Option<CachedStub>,
+}
+
+/// What the cached stub was built from, and where it is.
+#[derive(Clone, Copy)]
+struct CachedStub {
+    insn: [u8; MAX_INSN_LEN],
+    insn_len: usize,
+    with_vec: bool,
+    stub: BuiltStub,
 }
 
 /// XSAVE components a vector run switches between host and guest: x87,
@@ -106,6 +120,7 @@ impl StubBuf {
             policy,
             xcr0,
             vec_mask,
+            cached: None,
         })
     }
 
@@ -162,7 +177,47 @@ impl StubBuf {
     /// Builds a stub for `insn` at offset `start` of the buffer without
     /// running it.
     pub fn build_at(&mut self, start: usize, insn: &[u8]) -> Result<BuiltStub, StubError> {
+        self.forget_cached();
         self.build_stub(start, insn, false)
+    }
+
+    /// Fills the cached stub's bytes with INT3 again.
+    fn forget_cached(&mut self) {
+        if let Some(c) = self.cached.take() {
+            let buf = &mut self.region.stub_write()[..STUB_BUF_SIZE];
+            buf[c.stub.start..c.stub.start + c.stub.len].fill(INT3);
+        }
+    }
+
+    /// The stub for `insn` at `start`: the cached one when it was built from
+    /// the same request, else a fresh build (the old stub is erased first,
+    /// so only the stub about to run is ever executable).
+    fn stub_for(
+        &mut self,
+        start: usize,
+        insn: &[u8],
+        with_vec: bool,
+    ) -> Result<BuiltStub, StubError> {
+        if let Some(c) = &self.cached {
+            if c.stub.start == start
+                && c.with_vec == with_vec
+                && c.insn.get(..c.insn_len) == Some(insn)
+            {
+                return Ok(c.stub);
+            }
+        }
+        self.forget_cached();
+        let stub = self.build_stub(start, insn, with_vec)?;
+        let mut saved = [0u8; MAX_INSN_LEN];
+        // build_stub refused anything longer than MAX_INSN_LEN.
+        saved[..insn.len()].copy_from_slice(insn);
+        self.cached = Some(CachedStub {
+            insn: saved,
+            insn_len: insn.len(),
+            with_vec,
+            stub,
+        });
+        Ok(stub)
     }
 
     fn build_stub(
@@ -220,11 +275,8 @@ impl StubBuf {
             return Err(StubError::NoXsave.into());
         }
         self.check_guest_xsave()?;
-        let stub = self.build_stub(0, insn, true)?;
-        let outcome = self.invoke(&stub, gprs, true);
-        let buf = &mut self.region.stub_write()[..STUB_BUF_SIZE];
-        buf[stub.start..stub.start + stub.len].fill(INT3);
-        outcome.map_err(StubRunError::Fault)
+        let stub = self.stub_for(0, insn, true)?;
+        self.invoke(&stub, gprs, true).map_err(StubRunError::Fault)
     }
 
     /// Runs one instruction with the guest's GPRs and arithmetic flags.
@@ -242,12 +294,8 @@ impl StubBuf {
         insn: &[u8],
         gprs: &mut GuestGprs,
     ) -> Result<(), StubRunError> {
-        let stub = self.build_at(start, insn)?;
-        let outcome = self.invoke(&stub, gprs, false);
-        // Put the stub back: nothing stale stays executable.
-        let buf = &mut self.region.stub_write()[..STUB_BUF_SIZE];
-        buf[stub.start..stub.start + stub.len].fill(INT3);
-        outcome.map_err(StubRunError::Fault)
+        let stub = self.stub_for(start, insn, false)?;
+        self.invoke(&stub, gprs, false).map_err(StubRunError::Fault)
     }
 
     /// Calls a built stub and collects a recovered fault.
