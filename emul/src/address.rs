@@ -31,7 +31,7 @@ pub fn gpr_value(gprs: &GuestGprs, reg: Register) -> Option<u64> {
     })
 }
 
-fn segment_of(cpu: &CpuState, reg: Register) -> Option<&Segment> {
+pub(crate) fn segment_of(cpu: &CpuState, reg: Register) -> Option<&Segment> {
     Some(match reg {
         Register::ES => &cpu.es,
         Register::CS => &cpu.cs,

@@ -13,7 +13,9 @@ use crate::exception::{Exception, VEC_AC, VEC_GP, VEC_PF, VEC_SS, VEC_XM};
 use crate::paging::{is_canonical, translate, Access, WalkError};
 use crate::platform::{Platform, PlatformError, VectorState};
 use crate::reencode::Reencoder;
-use crate::stub::{StubBuf, StubError, StubRunError, MAX_INSN_LEN, XSAVE_AREA_SIZE};
+use crate::stub::{
+    StubBuf, StubError, StubRunError, BOUNCE_SIZE, MAX_INSN_LEN, STUB_BUF_SIZE, XSAVE_AREA_SIZE,
+};
 use crate::writeback::{masked_store, XsaveLayout};
 
 const PAGE_SIZE: u64 = 4096;
@@ -331,6 +333,7 @@ impl Emulator {
             area[n..].fill(0);
             let ran = self.stub.run_with_vector(&code[..len], &mut gprs);
             map_run(cpu, ran)?;
+            self.fix_x87_pointers(cpu, bitness, used, operand);
             let after = &self.stub.guest_xsave()[..n];
             let dirty = after != &image[..n];
             if dirty {
@@ -352,6 +355,47 @@ impl Emulator {
             _ => next & 0xffff,
         };
         Ok(())
+    }
+
+    /// A non-control x87 instruction records its own address (FIP) and its
+    /// operand's (FDP) in the x87 state. Run in the stub, those are the
+    /// stub's and the bounce buffer's; the guest must see its RIP and its
+    /// operand's effective address. (Control instructions leave both
+    /// alone, so they still hold the guest's earlier values.)
+    fn fix_x87_pointers(
+        &mut self,
+        cpu: &CpuState,
+        bitness: u32,
+        used: Option<UsedMemory>,
+        op: Option<Operand>,
+    ) {
+        // XSAVE64 layout: FIP at 8, FDP at 16.
+        const FIP: usize = 8;
+        const FDP: usize = 16;
+        let stub = self.stub.stub_exec_addr()..self.stub.stub_exec_addr() + STUB_BUF_SIZE as u64;
+        let bounce =
+            self.stub.bounce_exec_addr()..self.stub.bounce_exec_addr() + BOUNCE_SIZE as u64;
+        let area = self.stub.guest_xsave_mut();
+        let word = |a: &[u8], off: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&a[off..off + 8]);
+            u64::from_le_bytes(b)
+        };
+        if stub.contains(&word(area, FIP)) {
+            area[FIP..FIP + 8].copy_from_slice(&cpu.rip.to_le_bytes());
+        }
+        if let (Some(used), Some(op)) = (used, op) {
+            if bounce.contains(&word(area, FDP)) {
+                let base = match (bitness, used.segment()) {
+                    (64, Register::FS) => cpu.fs.base,
+                    (64, Register::GS) => cpu.gs.base,
+                    (64, _) => 0,
+                    (_, seg) => crate::address::segment_of(cpu, seg).map_or(0, |s| s.base),
+                };
+                let ea = op.lin.wrapping_sub(base);
+                area[FDP..FDP + 8].copy_from_slice(&ea.to_le_bytes());
+            }
+        }
     }
 
     /// The instruction's one memory access, if any.

@@ -286,12 +286,17 @@ fn assemble(forms: &[Form]) -> Result<Chunk, IcedError> {
     })
 }
 
-/// Runs every form once in `way`: sets the buffer address and the table.
-fn drive(a: &mut Asm, way: Way, n: usize, run_all: CodeLabel) -> AsmResult {
-    let buf = match way {
+/// The operand buffer a way uses: guest RAM or the MMIO window.
+pub fn buffer_of(way: Way) -> u64 {
+    match way {
         Way::Truth | Way::KernelRam => RAM_BUF,
         Way::UserMmio | Way::KernelMmio => MMIO_BASE,
-    };
+    }
+}
+
+/// Runs every form once in `way`: sets the buffer address and the table.
+fn drive(a: &mut Asm, way: Way, n: usize, run_all: CodeLabel) -> AsmResult {
+    let buf = buffer_of(way);
     a.mov(rax, buf)?;
     a.mov(qword_ptr(VAR_MEM_BASE), rax)?;
     a.mov(rax, table_addr(way.index(), n))?;
