@@ -28,7 +28,13 @@ macro_rules! program_tests {
 
 /// Programs whose tests need more than `check_program` (a module file, a
 /// signal) live in other test files.
-const TESTED_ELSEWHERE: &[&str] = &["spin", "multiboot-info", "testdev-ports"];
+const TESTED_ELSEWHERE: &[&str] = &[
+    "spin",
+    "multiboot-info",
+    "testdev-ports",
+    "unsupported-insn",
+    "emul-page-fault",
+];
 
 program_tests! {
     hello_real => "hello-real",

@@ -2,6 +2,7 @@
 
 mod basic;
 pub mod bench;
+pub mod emulation;
 mod mmio;
 mod pio;
 mod regonly;
@@ -38,6 +39,8 @@ const CATALOGUE: &[(&str, Builder)] = &[
     ("user-simd", user::user_simd),
     ("user-exception", user::user_exception),
     ("regonly-cpl0", regonly::regonly_cpl0),
+    ("unsupported-insn", emulation::unsupported_insn),
+    ("emul-page-fault", emulation::emul_page_fault),
     ("multiboot-info", testdev::multiboot_info),
     ("testdev-ports", testdev::testdev_ports),
     ("testdev-irq", testdev::testdev_irq),

@@ -1,0 +1,104 @@
+//! The VMM's emulator seen from the guest: what happens to an instruction
+//! outside the allow-list, and page faults raised by the emulator's own
+//! page walk, injected into the guest with the right error code and CR2.
+
+use super::{assemble, expect, LOAD_ADDR};
+use crate::rt::kernel64::Kernel64;
+use crate::rt::{exit, print, report_rax, status_of, EXIT_EXCEPTION, EXIT_PASS};
+use crate::{Mode, Program};
+use iced_x86::code_asm::*;
+use iced_x86::IcedError;
+
+/// `xgetbv` at CPL 0: KVM cannot emulate it and the VMM's allow-list
+/// refuses it. With `--on-unsupported stop` (default) the VMM stops with
+/// status 10; with `--on-unsupported ud` the guest's #UD handler runs.
+pub fn unsupported_insn() -> Result<Program, IcedError> {
+    let image = assemble(Mode::Long, LOAD_ADDR, |a| {
+        let k = Kernel64::new(a)?;
+        k.setup(a)?;
+        print(a, "running xgetbv\n")?;
+        a.xor(ecx, ecx)?;
+        a.xgetbv()?;
+        print(a, "xgetbv completed\n")?;
+        exit(a, EXIT_PASS)?;
+        k.finish(a)
+    })?;
+    Ok(Program {
+        name: "unsupported-insn",
+        description: "xgetbv at CPL 0: stops the VM (status 10), or #UD with --on-unsupported ud (status 0x7f)",
+        mode: Mode::Long,
+        load_addr: LOAD_ADDR,
+        mmio_ram: vec![],
+        mem: None,
+        extra_args: vec![],
+        image,
+        expect: expect(10, "running xgetbv", Some(vec![])),
+    })
+}
+
+/// The 2 MiB page the test unmaps, and the one it makes read-only.
+const UNMAPPED: u64 = 0x40_0000;
+const READ_ONLY: u64 = 0x60_0000;
+/// The VMM's first page directory (README memory map).
+const PD0: u64 = 0x4000;
+
+/// Vector instructions at CPL 0 (each completed by the VMM) touching a
+/// not-present page and, with CR0.WP set, writing a read-only one: the
+/// emulator's page walk raises #PF, the VMM injects it, and the guest's
+/// handler sees vector 14 with the error code; CR2 holds the address.
+pub fn emul_page_fault() -> Result<Program, IcedError> {
+    let image = assemble(Mode::Long, LOAD_ADDR, |a| {
+        let k = Kernel64::new(a)?;
+        k.setup(a)?;
+        // Not present: clear P of the 2 MiB page; read-only: clear R/W.
+        a.mov(rbx, PD0)?;
+        a.and(qword_ptr(rbx + (UNMAPPED >> 21) * 8), -2i32)?;
+        a.and(qword_ptr(rbx + (READ_ONLY >> 21) * 8), -3i32)?;
+        a.mov(rax, cr0)?;
+        a.or(eax, 1 << 16)?; // WP: supervisor writes honour R/W
+        a.mov(cr0, rax)?;
+        a.mov(rax, cr3)?;
+        a.mov(cr3, rax)?;
+        for (addr, store) in [(UNMAPPED + 0x123, false), (READ_ONLY + 0x40, true)] {
+            let mut resume = a.create_label();
+            a.lea(rax, ptr(resume))?;
+            a.mov(qword_ptr(k.resume_rip), rax)?;
+            a.mov(rsi, addr)?;
+            if store {
+                a.movups(xmmword_ptr(rsi), xmm0)?;
+            } else {
+                a.addps(xmm0, xmmword_ptr(rsi))?;
+            }
+            a.set_label(&mut resume)?;
+            a.mov(rax, qword_ptr(k.exc_vector))?;
+            report_rax(a)?;
+            a.mov(rax, qword_ptr(k.exc_error))?;
+            report_rax(a)?;
+            a.mov(rax, cr2)?;
+            report_rax(a)?;
+        }
+        print(a, "page faults injected\n")?;
+        exit(a, EXIT_PASS)?;
+        k.finish(a)
+    })?;
+    Ok(Program {
+        name: "emul-page-fault",
+        description: "CPL 0 addps from a not-present page and movups to a read-only one (WP=1): #PF injected with error code and CR2",
+        mode: Mode::Long,
+        load_addr: LOAD_ADDR,
+        mmio_ram: vec![],
+        mem: None,
+        extra_args: vec![],
+        image,
+        expect: expect(
+            status_of(EXIT_PASS),
+            "page faults injected",
+            // #PF, error 0 (not present, read, supervisor), CR2; then
+            // #PF, error 3 (present, write), CR2.
+            Some(vec![14, 0, UNMAPPED + 0x123, 14, 3, READ_ONLY + 0x40]),
+        ),
+    })
+}
+
+/// The exit code `unsupported-insn` ends with under `--on-unsupported ud`.
+pub const UD_STATUS: i32 = status_of(EXIT_EXCEPTION);

@@ -1,0 +1,67 @@
+//! The VMM's instruction completion seen end to end: refusals, injected
+//! page faults, per-mnemonic statistics.
+
+mod common;
+
+use common::{config_for, program, run_config};
+use vmm::vcpu::OnUnsupported;
+
+#[test]
+fn unsupported_instruction_stops_with_its_text() {
+    let (out, serial) = common::check_program("unsupported-insn");
+    assert_eq!(out.status, vmm::status::UNSUPPORTED_INSTRUCTION);
+    assert!(out.message.contains("xgetbv"), "{}", out.message);
+    assert!(out.message.contains("rip 0x"), "{}", out.message);
+    assert!(!serial.contains("xgetbv completed"));
+}
+
+#[test]
+fn unsupported_instruction_can_raise_ud() {
+    let p = program("unsupported-insn");
+    let mut cfg = config_for(&p);
+    cfg.on_unsupported = OnUnsupported::InjectUd;
+    let (out, serial) = run_config(&cfg);
+    assert_eq!(
+        out.status,
+        guest::programs::emulation::UD_STATUS,
+        "{}: {serial}",
+        out.message
+    );
+    assert!(
+        serial.contains("exception vector=0000000000000006"),
+        "{serial}"
+    );
+    assert_eq!(out.reports.first(), Some(&6), "the guest's handler saw #UD");
+}
+
+#[test]
+fn unsupported_ud_flag_through_the_binary() {
+    let o = common::vmm_program(&program("unsupported-insn"), &["--on-unsupported", "ud"]);
+    assert_eq!(common::status(&o), guest::programs::emulation::UD_STATUS);
+}
+
+#[test]
+fn page_faults_from_the_emulators_walk_reach_the_guest() {
+    common::check_program("emul-page-fault");
+}
+
+#[test]
+fn stats_count_emulated_instructions_per_mnemonic() {
+    let p = program("regonly-cpl0");
+    let mut cfg = config_for(&p);
+    cfg.stats = true;
+    let (out, _) = run_config(&cfg);
+    assert_eq!(out.status, p.expect.status);
+    let count = |m: iced_x86::Mnemonic| {
+        out.emulated
+            .iter()
+            .find(|(x, _)| *x == m)
+            .map_or(0, |e| e.1)
+    };
+    // Each case runs with two flag inputs, at CPL 0 only.
+    assert_eq!(count(iced_x86::Mnemonic::Adcx), 2, "{:?}", out.emulated);
+    assert_eq!(count(iced_x86::Mnemonic::Popcnt), 4, "{:?}", out.emulated);
+    assert_eq!(count(iced_x86::Mnemonic::Crc32), 4, "{:?}", out.emulated);
+    let stats = out.stats.expect("stats").report();
+    assert!(stats.contains("emulation"), "{stats}");
+}
