@@ -11,16 +11,12 @@ use crate::stats::ExitStats;
 use crate::status;
 use crate::trace::Tracer;
 use crate::vcpu::{Emulator, Vcpu};
-use kvm_bindings::{kvm_enable_cap, kvm_xcrs};
+use kvm_bindings::kvm_xcrs;
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
-
-/// KVM_CAP_EXIT_ON_EMULATION_FAILURE: every emulation failure exits to
-/// userspace instead of KVM queueing #UD at CPL > 0.
-const KVM_CAP_EXIT_ON_EMULATION_FAILURE: u32 = 204;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -162,7 +158,7 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
     }
     crate::signals::install_kick().map_err(|e| VmError::Signal(e.errno()))?;
     let vm = kvm.create_vm().map_err(ioctl_err("KVM_CREATE_VM"))?;
-    enable_exit_on_emulation_failure(&vm)?;
+    kvm::enable_exit_on_emulation_failure(&vm)?;
     let vm = Arc::new(vm);
     if cfg.irqchip() {
         create_irqchip(&vm)?;
@@ -198,7 +194,7 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
         // Application processors keep their reset state: with the in-kernel
         // irqchip they wait for the guest's INIT/SIPI.
         if id == 0 {
-            set_boot_state(&fd, &shared.mem, cfg, &boot, &cpuid)?;
+            set_boot_state(&fd, &shared.mem, cfg.mem_size, &boot, &cpuid)?;
         }
         let mut emulator =
             Emulator::new(its_on, cfg.on_unsupported, cfg.stats).map_err(VmError::Stub)?;
@@ -307,11 +303,11 @@ fn wait_for_end<T>(shared: &Shared, handles: &[std::thread::JoinHandle<T>]) {
 }
 
 /// What the boot vCPU needs from the loaded image.
-struct BootInfo {
-    mode: EntryMode,
-    entry: u64,
+pub(crate) struct BootInfo {
+    pub mode: EntryMode,
+    pub entry: u64,
     /// EAX and EBX for a Multiboot kernel.
-    multiboot: Option<(u32, u32)>,
+    pub multiboot: Option<(u32, u32)>,
 }
 
 fn load_guest(cfg: &VmConfig, mem: &GuestMemoryMmap, buses: &Buses) -> Result<BootInfo, VmError> {
@@ -404,14 +400,14 @@ fn load_guest(cfg: &VmConfig, mem: &GuestMemoryMmap, buses: &Buses) -> Result<Bo
 }
 
 /// Puts the boot vCPU in the entry state.
-fn set_boot_state(
+pub(crate) fn set_boot_state(
     fd: &VcpuFd,
     mem: &GuestMemoryMmap,
-    cfg: &VmConfig,
+    mem_size: u64,
     boot: &BootInfo,
     cpuid: &kvm_bindings::CpuId,
 ) -> Result<(), VmError> {
-    let low_ram_end = cfg.mem_size.min(layout::RAM_32BIT_END);
+    let low_ram_end = mem_size.min(layout::RAM_32BIT_END);
     let mut sregs = fd.get_sregs().map_err(ioctl_err("KVM_GET_SREGS"))?;
     let mut regs = fd.get_regs().map_err(ioctl_err("KVM_GET_REGS"))?;
     boot::setup_entry(
@@ -454,20 +450,6 @@ fn resolve_its(mode: emul::stub::ItsMode) -> Result<bool, VmError> {
     let decision = mode.resolve();
     log::info!("ITS mitigation for stubs: {decision}");
     Ok(decision.enabled)
-}
-
-fn enable_exit_on_emulation_failure(vm: &VmFd) -> Result<(), VmError> {
-    if vm.check_extension_raw(u64::from(KVM_CAP_EXIT_ON_EMULATION_FAILURE)) <= 0 {
-        return Err(KvmError::MissingCap("KVM_CAP_EXIT_ON_EMULATION_FAILURE").into());
-    }
-    let cap = kvm_enable_cap {
-        cap: KVM_CAP_EXIT_ON_EMULATION_FAILURE,
-        args: [1, 0, 0, 0],
-        ..Default::default()
-    };
-    vm.enable_cap(&cap)
-        .map_err(ioctl_err("KVM_ENABLE_CAP(EXIT_ON_EMULATION_FAILURE)"))?;
-    Ok(())
 }
 
 fn build_buses(

@@ -7,18 +7,14 @@ use super::BenchError;
 use crate::boot::{self, EntryMode};
 use crate::kvm::run_page::{self, Exit, ExitReason};
 use crate::kvm::{self, cpuid, ioctl_err};
-use crate::layout;
 use crate::loader::{self, ImageFormat, LoadRequest};
 use crate::stats::LatencyHistogram;
 use guest::Program;
 use iced_x86::{Decoder, DecoderOptions};
-use kvm_bindings::{kvm_enable_cap, kvm_xcrs};
 use kvm_ioctls::{Kvm, SyncReg, VcpuFd, VmFd};
 use std::time::Instant;
 use vm_memory::GuestMemoryMmap;
 
-/// KVM_CAP_EXIT_ON_EMULATION_FAILURE (as the VMM enables it).
-const KVM_CAP_EXIT_ON_EMULATION_FAILURE: u32 = 204;
 const DEBUG_EXIT_PORT: u16 = crate::devices::debug_exit::DEBUG_EXIT_PORT;
 const GUEST_RAM: u64 = 128 << 20;
 
@@ -46,13 +42,7 @@ impl FloorVm {
     pub fn new(program: &Program) -> Result<Self, BenchError> {
         let kvm = kvm::open()?;
         let vm = kvm.create_vm().map_err(ioctl_err("KVM_CREATE_VM"))?;
-        let cap = kvm_enable_cap {
-            cap: KVM_CAP_EXIT_ON_EMULATION_FAILURE,
-            args: [1, 0, 0, 0],
-            ..Default::default()
-        };
-        vm.enable_cap(&cap)
-            .map_err(ioctl_err("KVM_ENABLE_CAP(EXIT_ON_EMULATION_FAILURE)"))?;
+        kvm::enable_exit_on_emulation_failure(&vm)?;
         let mem = create_memory(&vm)?;
         let image = loader::load(
             &mem,
@@ -69,34 +59,14 @@ impl FloorVm {
         let cpuid = cpuid::for_vcpu(&base, 0);
         vcpu.set_cpuid2(&cpuid)
             .map_err(ioctl_err("KVM_SET_CPUID2"))?;
-        let mut sregs = vcpu.get_sregs().map_err(ioctl_err("KVM_GET_SREGS"))?;
-        let mut regs = vcpu.get_regs().map_err(ioctl_err("KVM_GET_REGS"))?;
-        let low_ram_end = GUEST_RAM.min(layout::RAM_32BIT_END);
-        boot::setup_entry(
-            &mem,
-            EntryMode::Long,
-            image.entry,
-            low_ram_end,
-            &mut sregs,
-            &mut regs,
-        )
-        .map_err(|e| BenchError::Setup(e.to_string()))?;
-        // The VMM's long-mode entry state: OSXSAVE and XCR0 from leaf 0xD.
-        let xcr0 = cpuid::xcr0_for(&cpuid);
-        if xcr0 == 0 {
-            sregs.cr4 &= !boot::CR4_OSXSAVE;
-        }
-        vcpu.set_sregs(&sregs).map_err(ioctl_err("KVM_SET_SREGS"))?;
-        vcpu.set_regs(&regs).map_err(ioctl_err("KVM_SET_REGS"))?;
-        if xcr0 != 0 {
-            let mut xcrs = kvm_xcrs {
-                nr_xcrs: 1,
-                ..Default::default()
-            };
-            xcrs.xcrs[0].xcr = 0;
-            xcrs.xcrs[0].value = xcr0;
-            vcpu.set_xcrs(&xcrs).map_err(ioctl_err("KVM_SET_XCRS"))?;
-        }
+        // The same entry state the VMM gives its boot vCPU.
+        let boot = crate::vm::BootInfo {
+            mode: EntryMode::Long,
+            entry: image.entry,
+            multiboot: None,
+        };
+        crate::vm::set_boot_state(&vcpu, &mem, GUEST_RAM, &boot, &cpuid)
+            .map_err(|e| BenchError::Setup(e.to_string()))?;
         Ok(FloorVm {
             vcpu,
             _vm: vm,

@@ -30,3 +30,21 @@ pub fn ioctl_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmError
 pub fn open() -> Result<Kvm, KvmError> {
     Kvm::new().map_err(KvmError::Open)
 }
+
+/// KVM_CAP_EXIT_ON_EMULATION_FAILURE: every emulation failure exits to
+/// userspace instead of KVM queueing #UD at CPL > 0.
+const KVM_CAP_EXIT_ON_EMULATION_FAILURE: u32 = 204;
+
+/// Makes every instruction KVM's emulator gives up on an exit to userspace.
+pub fn enable_exit_on_emulation_failure(vm: &kvm_ioctls::VmFd) -> Result<(), KvmError> {
+    if vm.check_extension_raw(u64::from(KVM_CAP_EXIT_ON_EMULATION_FAILURE)) <= 0 {
+        return Err(KvmError::MissingCap("KVM_CAP_EXIT_ON_EMULATION_FAILURE"));
+    }
+    let cap = kvm_bindings::kvm_enable_cap {
+        cap: KVM_CAP_EXIT_ON_EMULATION_FAILURE,
+        args: [1, 0, 0, 0],
+        ..Default::default()
+    };
+    vm.enable_cap(&cap)
+        .map_err(ioctl_err("KVM_ENABLE_CAP(EXIT_ON_EMULATION_FAILURE)"))
+}
