@@ -66,6 +66,46 @@ pub struct Program {
 }
 
 impl Program {
+    /// A program that needs no extra devices, RAM or flags.
+    pub fn new(
+        name: &'static str,
+        description: &'static str,
+        mode: Mode,
+        load_addr: u64,
+        image: Vec<u8>,
+        expect: Expect,
+    ) -> Self {
+        Program {
+            name,
+            description,
+            mode,
+            load_addr,
+            mmio_ram: Vec::new(),
+            mem: None,
+            extra_args: Vec::new(),
+            image,
+            expect,
+        }
+    }
+
+    /// Adds `--mmio-ram` windows (address, size).
+    pub fn with_mmio_ram(mut self, windows: Vec<(u64, u64)>) -> Self {
+        self.mmio_ram = windows;
+        self
+    }
+
+    /// Asks for `mem` bytes of guest RAM.
+    pub fn with_mem(mut self, mem: u64) -> Self {
+        self.mem = Some(mem);
+        self
+    }
+
+    /// Adds further `vmm run` flags.
+    pub fn with_args(mut self, args: Vec<&'static str>) -> Self {
+        self.extra_args = args;
+        self
+    }
+
     /// The `vmm run` arguments (without the image path) this program needs.
     pub fn vmm_args(&self) -> Vec<String> {
         let mut v = vec![

@@ -16,21 +16,18 @@ pub fn hello_real() -> Result<Program, IcedError> {
         report_imm(a, 0x1616)?;
         exit(a, EXIT_PASS)
     })?;
-    Ok(Program {
-        name: "hello-real",
-        description: "real mode: print on COM1, report CS and 0x1616, exit 0x10",
-        mode: Mode::Real,
-        load_addr: REAL_LOAD_ADDR,
-        mmio_ram: vec![],
-        mem: None,
-        extra_args: vec![],
+    Ok(Program::new(
+        "hello-real",
+        "real mode: print on COM1, report CS and 0x1616, exit 0x10",
+        Mode::Real,
+        REAL_LOAD_ADDR,
         image,
-        expect: expect(
+        expect(
             status_of(EXIT_PASS),
             "hello from real mode",
             Some(vec![0, 0x1616]),
         ),
-    })
+    ))
 }
 
 /// Flat 32-bit protected mode: reports CS (0x08), CR0.PE|PG bits, a marker.
@@ -46,21 +43,18 @@ pub fn hello_protected() -> Result<Program, IcedError> {
         report_imm(a, 0x3232)?;
         exit(a, EXIT_PASS)
     })?;
-    Ok(Program {
-        name: "hello-protected",
-        description: "32-bit protected mode: report CS, CR0.PG|PE, 0x3232, exit 0x10",
-        mode: Mode::Protected,
-        load_addr: LOAD_ADDR,
-        mmio_ram: vec![],
-        mem: None,
-        extra_args: vec![],
+    Ok(Program::new(
+        "hello-protected",
+        "32-bit protected mode: report CS, CR0.PG|PE, 0x3232, exit 0x10",
+        Mode::Protected,
+        LOAD_ADDR,
         image,
-        expect: expect(
+        expect(
             status_of(EXIT_PASS),
             "hello from protected mode",
             Some(vec![0x08, 1, 0x3232]),
         ),
-    })
+    ))
 }
 
 /// 64-bit mode: reports EFER.LMA|NXE, CR4.OSXSAVE, RSP alignment, a marker.
@@ -81,22 +75,18 @@ pub fn hello_long() -> Result<Program, IcedError> {
         report_rax(a)?;
         exit(a, EXIT_PASS)
     })?;
-    Ok(Program {
-        name: "hello-long",
-        description:
-            "64-bit mode: report EFER.LMA|NXE, CR4 bits, RSP%16, a 64-bit marker; exit 0x10",
-        mode: Mode::Long,
-        load_addr: LOAD_ADDR,
-        mmio_ram: vec![],
-        mem: None,
-        extra_args: vec![],
+    Ok(Program::new(
+        "hello-long",
+        "64-bit mode: report EFER.LMA|NXE, CR4 bits, RSP%16, a 64-bit marker; exit 0x10",
+        Mode::Long,
+        LOAD_ADDR,
         image,
-        expect: expect(
+        expect(
             status_of(EXIT_PASS),
             "hello from long mode",
             Some(vec![0xc00, 0x4_0620, 0, 0x0123_4567_89ab_cdef]),
         ),
-    })
+    ))
 }
 
 /// HLT with interrupts off: the VMM ends with status 0.
@@ -106,17 +96,14 @@ pub fn halt() -> Result<Program, IcedError> {
         a.cli()?;
         a.hlt()
     })?;
-    Ok(Program {
-        name: "halt",
-        description: "print, then HLT with interrupts off (status 0)",
-        mode: Mode::Long,
-        load_addr: LOAD_ADDR,
-        mmio_ram: vec![],
-        mem: None,
-        extra_args: vec![],
+    Ok(Program::new(
+        "halt",
+        "print, then HLT with interrupts off (status 0)",
+        Mode::Long,
+        LOAD_ADDR,
         image,
-        expect: expect(0, "halting", Some(vec![])),
-    })
+        expect(0, "halting", Some(vec![])),
+    ))
 }
 
 /// 0xFE to port 0x64: the i8042 resets the machine, the VMM ends with 0.
@@ -127,17 +114,14 @@ pub fn i8042_reset() -> Result<Program, IcedError> {
         a.out(0x64, al)?;
         exit(a, 0x3e)
     })?;
-    Ok(Program {
-        name: "i8042-reset",
-        description: "reset through the i8042 (status 0)",
-        mode: Mode::Long,
-        load_addr: LOAD_ADDR,
-        mmio_ram: vec![],
-        mem: None,
-        extra_args: vec![],
+    Ok(Program::new(
+        "i8042-reset",
+        "reset through the i8042 (status 0)",
+        Mode::Long,
+        LOAD_ADDR,
         image,
-        expect: expect(0, "resetting", Some(vec![])),
-    })
+        expect(0, "resetting", Some(vec![])),
+    ))
 }
 
 /// An exception with an empty IDT: #GP, #DF, then a triple fault.
@@ -151,17 +135,14 @@ pub fn triple_fault() -> Result<Program, IcedError> {
         a.dw(&[0])?;
         a.dq(&[0])
     })?;
-    Ok(Program {
-        name: "triple-fault",
-        description: "ud2 with a zero-length IDT: triple fault (status 4)",
-        mode: Mode::Long,
-        load_addr: LOAD_ADDR,
-        mmio_ram: vec![],
-        mem: None,
-        extra_args: vec![],
+    Ok(Program::new(
+        "triple-fault",
+        "ud2 with a zero-length IDT: triple fault (status 4)",
+        Mode::Long,
+        LOAD_ADDR,
         image,
-        expect: expect(4, "faulting", Some(vec![])),
-    })
+        expect(4, "faulting", Some(vec![])),
+    ))
 }
 
 /// Spins forever at CPL 0 after printing: for stopping a VM from outside
@@ -174,15 +155,12 @@ pub fn spin() -> Result<Program, IcedError> {
         a.pause()?;
         a.jmp(l)
     })?;
-    Ok(Program {
-        name: "spin",
-        description: "print, then spin forever (stop it with SIGINT/SIGTERM: status 14)",
-        mode: Mode::Long,
-        load_addr: LOAD_ADDR,
-        mmio_ram: vec![],
-        mem: None,
-        extra_args: vec![],
+    Ok(Program::new(
+        "spin",
+        "print, then spin forever (stop it with SIGINT/SIGTERM: status 14)",
+        Mode::Long,
+        LOAD_ADDR,
         image,
-        expect: expect(14, "spinning", Some(vec![])),
-    })
+        expect(14, "spinning", Some(vec![])),
+    ))
 }

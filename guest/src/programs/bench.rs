@@ -249,20 +249,18 @@ fn program(
     image: Vec<u8>,
     mmio_ram: bool,
 ) -> Program {
-    Program {
+    let p = Program::new(
         name,
         description,
-        mode: Mode::Long,
-        load_addr: LOAD_ADDR,
-        mmio_ram: if mmio_ram {
-            vec![(BENCH_MMIO, BENCH_MMIO_SIZE)]
-        } else {
-            vec![]
-        },
-        mem: None,
-        extra_args: vec![],
+        Mode::Long,
+        LOAD_ADDR,
         image,
-        expect: expect(BENCH_DONE_STATUS, "", None),
+        expect(BENCH_DONE_STATUS, "", None),
+    );
+    if mmio_ram {
+        p.with_mmio_ram(vec![(BENCH_MMIO, BENCH_MMIO_SIZE)])
+    } else {
+        p
     }
 }
 

@@ -23,17 +23,14 @@ pub fn unsupported_insn() -> Result<Program, IcedError> {
         exit(a, EXIT_PASS)?;
         k.finish(a)
     })?;
-    Ok(Program {
-        name: "unsupported-insn",
-        description: "xgetbv at CPL 0: stops the VM (status 10), or #UD with --on-unsupported ud (status 0x7f)",
-        mode: Mode::Long,
-        load_addr: LOAD_ADDR,
-        mmio_ram: vec![],
-        mem: None,
-        extra_args: vec![],
+    Ok(Program::new(
+        "unsupported-insn",
+        "xgetbv at CPL 0: stops the VM (status 10), or #UD with --on-unsupported ud (status 0x7f)",
+        Mode::Long,
+        LOAD_ADDR,
         image,
-        expect: expect(10, "running xgetbv", Some(vec![])),
-    })
+        expect(10, "running xgetbv", Some(vec![])),
+    ))
 }
 
 /// The 2 MiB page the test unmaps, and the one it makes read-only.
@@ -81,23 +78,13 @@ pub fn emul_page_fault() -> Result<Program, IcedError> {
         exit(a, EXIT_PASS)?;
         k.finish(a)
     })?;
-    Ok(Program {
-        name: "emul-page-fault",
-        description: "CPL 0 addps from a not-present page and movups to a read-only one (WP=1): #PF injected with error code and CR2",
-        mode: Mode::Long,
-        load_addr: LOAD_ADDR,
-        mmio_ram: vec![],
-        mem: None,
-        extra_args: vec![],
-        image,
-        expect: expect(
+    Ok(Program::new("emul-page-fault", "CPL 0 addps from a not-present page and movups to a read-only one (WP=1): #PF injected with error code and CR2", Mode::Long, LOAD_ADDR, image, expect(
             status_of(EXIT_PASS),
             "page faults injected",
             // #PF, error 0 (not present, read, supervisor), CR2; then
             // #PF, error 3 (present, write), CR2.
             Some(vec![14, 0, UNMAPPED + 0x123, 14, 3, READ_ONLY + 0x40]),
-        ),
-    })
+        )))
 }
 
 /// The exit code `unsupported-insn` ends with under `--on-unsupported ud`.

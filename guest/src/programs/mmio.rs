@@ -38,17 +38,13 @@ pub fn mmio_widths() -> Result<Program, IcedError> {
         print(a, "mmio ok\n")?;
         exit(a, EXIT_PASS)
     })?;
-    Ok(Program {
-        name: "mmio-widths",
-        description:
-            "MMIO stores and loads of 1, 2, 4 and 8 bytes at CPL 0; unbacked MMIO reads all-ones",
-        mode: Mode::Long,
-        load_addr: LOAD_ADDR,
-        mmio_ram: vec![(MMIO_BASE, MMIO_SIZE)],
-        mem: None,
-        extra_args: vec![],
+    Ok(Program::new(
+        "mmio-widths",
+        "MMIO stores and loads of 1, 2, 4 and 8 bytes at CPL 0; unbacked MMIO reads all-ones",
+        Mode::Long,
+        LOAD_ADDR,
         image,
-        expect: expect(
+        expect(
             status_of(EXIT_PASS),
             "mmio ok",
             Some(vec![
@@ -61,7 +57,8 @@ pub fn mmio_widths() -> Result<Program, IcedError> {
                 u64::MAX,
             ]),
         ),
-    })
+    )
+    .with_mmio_ram(vec![(MMIO_BASE, MMIO_SIZE)]))
 }
 
 /// A CPL 3 payload moves 16 bytes to and from MMIO with SSE.
@@ -89,16 +86,13 @@ pub fn mmio_user_sse() -> Result<Program, IcedError> {
         sys_exit(a, EXIT_PASS)?;
         k.finish(a)
     })?;
-    Ok(Program {
-        name: "mmio-user-sse",
-        description: "CPL 3: movdqu store and load of 16 bytes on MMIO",
-        mode: Mode::Long,
-        load_addr: LOAD_ADDR,
-        mmio_ram: vec![(MMIO_BASE, MMIO_SIZE)],
-        mem: None,
-        extra_args: vec![],
+    Ok(Program::new(
+        "mmio-user-sse",
+        "CPL 3: movdqu store and load of 16 bytes on MMIO",
+        Mode::Long,
+        LOAD_ADDR,
         image,
-        expect: expect(
+        expect(
             status_of(EXIT_PASS),
             "sse mmio ok",
             Some(vec![
@@ -107,7 +101,8 @@ pub fn mmio_user_sse() -> Result<Program, IcedError> {
                 0x0f0e_0d0c_0b0a_0908,
             ]),
         ),
-    })
+    )
+    .with_mmio_ram(vec![(MMIO_BASE, MMIO_SIZE)]))
 }
 
 /// RAM ends at 128 MiB and an MMIO window starts right there: an 8-byte
@@ -132,19 +127,18 @@ pub fn mmio_cross_page() -> Result<Program, IcedError> {
         sys_exit(a, EXIT_PASS)?;
         k.finish(a)
     })?;
-    Ok(Program {
-        name: "mmio-cross-page",
-        description: "CPL 3: an 8-byte store and load crossing from the last RAM page into MMIO",
-        mode: Mode::Long,
-        load_addr: LOAD_ADDR,
-        mmio_ram: vec![(RAM, 0x1000)],
-        mem: Some(RAM),
-        extra_args: vec![],
+    Ok(Program::new(
+        "mmio-cross-page",
+        "CPL 3: an 8-byte store and load crossing from the last RAM page into MMIO",
+        Mode::Long,
+        LOAD_ADDR,
         image,
-        expect: expect(
+        expect(
             status_of(EXIT_PASS),
             "cross-page ok",
             Some(vec![0x5566_7788, 0x1122_3344, 0x1122_3344_5566_7788]),
         ),
-    })
+    )
+    .with_mmio_ram(vec![(RAM, 0x1000)])
+    .with_mem(RAM))
 }

@@ -44,16 +44,13 @@ pub fn pio_widths() -> Result<Program, IcedError> {
         print(a, "pio ok\n")?;
         exit(a, EXIT_PASS)
     })?;
-    Ok(Program {
-        name: "pio-widths",
-        description: "out/in of 1, 2 and 4 bytes on the test-report latch",
-        mode: Mode::Long,
-        load_addr: LOAD_ADDR,
-        mmio_ram: vec![],
-        mem: None,
-        extra_args: vec![],
+    Ok(Program::new(
+        "pio-widths",
+        "out/in of 1, 2 and 4 bytes on the test-report latch",
+        Mode::Long,
+        LOAD_ADDR,
         image,
-        expect: expect(
+        expect(
             status_of(EXIT_PASS),
             "pio ok",
             Some(vec![
@@ -64,7 +61,7 @@ pub fn pio_widths() -> Result<Program, IcedError> {
                 0x8877_6655,
             ]),
         ),
-    })
+    ))
 }
 
 /// `rep outsb` to COM1 and `rep insb` from the latch.
@@ -100,19 +97,16 @@ pub fn rep_string_io() -> Result<Program, IcedError> {
         report_rax(a)?;
         exit(a, EXIT_PASS)
     })?;
-    Ok(Program {
-        name: "rep-string-io",
-        description: "rep outsb of a string to COM1, rep insb of 8 bytes from the latch",
-        mode: Mode::Long,
-        load_addr: LOAD_ADDR,
-        mmio_ram: vec![],
-        mem: None,
-        extra_args: vec![],
+    Ok(Program::new(
+        "rep-string-io",
+        "rep outsb of a string to COM1, rep insb of 8 bytes from the latch",
+        Mode::Long,
+        LOAD_ADDR,
         image,
-        expect: expect(
+        expect(
             status_of(EXIT_PASS),
             "string io via rep outsb",
             Some(vec![0, 0xabab_abab_abab_abab, 0]),
         ),
-    })
+    ))
 }

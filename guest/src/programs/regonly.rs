@@ -145,19 +145,9 @@ pub fn regonly_cpl0() -> Result<Program, IcedError> {
     })?;
     // adcx with CF set: A + B + 1.
     let adcx = INPUTS[0].wrapping_add(INPUTS[1]).wrapping_add(1);
-    Ok(Program {
-        name: "regonly-cpl0",
-        description: "ADX/BMI1/BMI2/CRC32/POPCNT on registers at CPL 0 (completed by the VMM) vs natively at CPL 3",
-        mode: Mode::Long,
-        load_addr: LOAD_ADDR,
-        mmio_ram: vec![],
-        mem: None,
-        extra_args: vec![],
-        image,
-        expect: expect(
+    Ok(Program::new("regonly-cpl0", "ADX/BMI1/BMI2/CRC32/POPCNT on registers at CPL 0 (completed by the VMM) vs natively at CPL 3", Mode::Long, LOAD_ADDR, image, expect(
             status_of(EXIT_PASS),
             "cpl0 and cpl3 agree",
             Some(vec![CASES.len() as u64, 0, 0, adcx]),
-        ),
-    })
+        )))
 }

@@ -30,17 +30,7 @@ fn program(
     extra_args: Vec<&'static str>,
     expect: crate::Expect,
 ) -> Program {
-    Program {
-        name,
-        description,
-        mode: Mode::Protected,
-        load_addr: LOAD_ADDR,
-        mmio_ram: vec![],
-        mem: None,
-        extra_args,
-        image,
-        expect,
-    }
+    Program::new(name, description, Mode::Protected, LOAD_ADDR, image, expect).with_args(extra_args)
 }
 
 /// Reports the Multiboot magic and information fields.
@@ -255,21 +245,19 @@ pub fn testdev_irq() -> Result<Program, IcedError> {
         a.set_label(&mut idt)?;
         a.dq(&[0; 2 * (VECTOR as usize + 1)])
     })?;
-    Ok(Program {
-        name: "testdev-irq",
-        description: "pc-testdev IRQ line 10 -> IOAPIC -> vector 0x40 handler (--testdev)",
-        mode: Mode::Long,
-        load_addr: LOAD_ADDR,
-        mmio_ram: vec![],
-        mem: None,
-        extra_args: vec!["--testdev"],
+    Ok(Program::new(
+        "testdev-irq",
+        "pc-testdev IRQ line 10 -> IOAPIC -> vector 0x40 handler (--testdev)",
+        Mode::Long,
+        LOAD_ADDR,
         image,
-        expect: expect(
+        expect(
             status_of(EXIT_PASS),
             "irq line done",
             Some(vec![u64::from(VECTOR), 1]),
         ),
-    })
+    )
+    .with_args(vec!["--testdev"]))
 }
 
 /// Real-mode trampoline for the application processors, copied to 0x7000

@@ -41,21 +41,18 @@ pub fn user_simd() -> Result<Program, IcedError> {
         k.finish(a)
     })?;
     let bits = |lo: f32, hi: f32| u64::from(lo.to_bits()) | (u64::from(hi.to_bits()) << 32);
-    Ok(Program {
-        name: "user-simd",
-        description: "CPL 3 payload: SSE addps and AVX vaddps natively; reports CPL and results",
-        mode: Mode::Long,
-        load_addr: LOAD_ADDR,
-        mmio_ram: vec![],
-        mem: None,
-        extra_args: vec![],
+    Ok(Program::new(
+        "user-simd",
+        "CPL 3 payload: SSE addps and AVX vaddps natively; reports CPL and results",
+        Mode::Long,
+        LOAD_ADDR,
         image,
-        expect: expect(
+        expect(
             status_of(EXIT_PASS),
             "simd at cpl3 ok",
             Some(vec![3, bits(11.0, 22.0), bits(77.0, 88.0)]),
         ),
-    })
+    ))
 }
 
 /// ud2 at CPL 3: the kernel's handler reports vector 6, error 0 and the RIP.
@@ -69,19 +66,16 @@ pub fn user_exception() -> Result<Program, IcedError> {
         a.ud2()?;
         k.finish(a)
     })?;
-    Ok(Program {
-        name: "user-exception",
-        description: "CPL 3 ud2: the kernel reports #UD (vector, error code, RIP) and exits 0x3f",
-        mode: Mode::Long,
-        load_addr: LOAD_ADDR,
-        mmio_ram: vec![],
-        mem: None,
-        extra_args: vec![],
+    Ok(Program::new(
+        "user-exception",
+        "CPL 3 ud2: the kernel reports #UD (vector, error code, RIP) and exits 0x3f",
+        Mode::Long,
+        LOAD_ADDR,
         image,
-        expect: expect(
+        expect(
             status_of(EXIT_EXCEPTION),
             "exception vector=0000000000000006",
             None,
         ),
-    })
+    ))
 }
