@@ -95,7 +95,7 @@ const RSDT_REVISION: u8 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AcpiError {
-    #[error("{0} CPUs do not fit the MADT's 8-bit APIC IDs (IOAPIC takes ID nb_cpus)")]
+    #[error("{0} CPUs do not fit the MADT's 8-bit APIC IDs")]
     TooManyCpus(u16),
     #[error("a VM needs at least one CPU")]
     NoCpus,
@@ -120,7 +120,7 @@ pub fn write_tables(mem: &GuestMemoryMmap, cfg: &AcpiConfig) -> Result<(), AcpiE
 
 /// The byte image that belongs at [`ACPI_AREA`].
 fn build_tables(cfg: &AcpiConfig) -> Result<Vec<u8>, AcpiError> {
-    // APIC IDs 0..n-1 for the CPUs and n for the IOAPIC, all 8-bit.
+    // APIC IDs 0..n-1 for the CPUs, all 8-bit.
     if cfg.nb_cpus == 0 {
         return Err(AcpiError::NoCpus);
     }
@@ -231,6 +231,9 @@ fn fadt(facs: u32, dsdt: u32) -> Vec<u8> {
     sdt(b"FACP", FADT_REVISION, &b)
 }
 
+/// The in-kernel IOAPIC's ID.
+const IOAPIC_ID: u8 = 0;
+
 fn madt(nb_cpus: u16) -> Vec<u8> {
     let mut b = Vec::new();
     b.extend_from_slice(&(LAPIC_ADDR as u32).to_le_bytes());
@@ -240,7 +243,9 @@ fn madt(nb_cpus: u16) -> Vec<u8> {
         b.extend_from_slice(&[MADT_TYPE_LOCAL_APIC, 8, id, id]);
         b.extend_from_slice(&MADT_LAPIC_ENABLED.to_le_bytes());
     }
-    b.extend_from_slice(&[MADT_TYPE_IO_APIC, 12, nb_cpus as u8, 0]);
+    // ID 0: what KVM's in-kernel IOAPIC reports in its ID register after
+    // reset (QEMU's tables say 0 too).
+    b.extend_from_slice(&[MADT_TYPE_IO_APIC, 12, IOAPIC_ID, 0]);
     b.extend_from_slice(&(IOAPIC_ADDR as u32).to_le_bytes());
     // GSI base: the IOAPIC's pin 0 is GSI 0.
     b.extend_from_slice(&0u32.to_le_bytes());
@@ -366,7 +371,7 @@ mod tests {
                 .map(|i| (i, i, MADT_LAPIC_ENABLED))
                 .collect::<Vec<_>>()
         );
-        assert_eq!(ioapics, vec![(4, IOAPIC_ADDR as u32, 0)]);
+        assert_eq!(ioapics, vec![(IOAPIC_ID, IOAPIC_ADDR as u32, 0)]);
         assert!(isos.contains(&(0, 0, 2, 0)), "{isos:?}");
         assert!(isos.contains(&(0, 9, 9, MPS_INTI_LEVEL_HIGH)), "{isos:?}");
         assert_eq!(nmis, 1);
