@@ -34,6 +34,7 @@ const TESTED_ELSEWHERE: &[&str] = &[
     "testdev-ports",
     "unsupported-insn",
     "emul-page-fault",
+    "cpuid-leaves",
 ];
 
 program_tests! {
@@ -88,4 +89,69 @@ fn mmio_traffic_is_really_exits() {
     };
     assert_eq!(count("mmio-write"), 2, "{stats}");
     assert_eq!(count("mmio-read"), 3, "{stats}");
+}
+
+/// `--cpu kvm` shows KVM's supported list plus the hypervisor bit; `--cpu
+/// host` shows the host's own leaves 1 and 7 (minus VMX/SMX, OSXSAVE from
+/// CR4), so the guest sees everything CPL 3 code can run natively.
+#[test]
+fn cpu_host_exposes_the_hosts_leaves() {
+    use core::arch::x86_64::__cpuid_count;
+    let p = common::program("cpuid-leaves");
+    let run = |model: vmm::kvm::cpuid::CpuModel| {
+        let mut cfg = common::config_for(&p);
+        cfg.cpu = model;
+        let (out, serial) = common::run_config(&cfg);
+        assert_eq!(out.status, p.expect.status, "{serial}");
+        out.reports
+    };
+    let host1 = __cpuid_count(1, 0);
+    let host7 = __cpuid_count(7, 0);
+    const HYPERVISOR: u64 = 1 << 31;
+    const VMX_SMX_OSXSAVE_X2APIC_TSCDL: u32 =
+        (1 << 5) | (1 << 6) | (1 << 27) | (1 << 21) | (1 << 24);
+    let host = run(vmm::kvm::cpuid::CpuModel::Host);
+    assert_eq!(host.len(), 4);
+    assert_ne!(host[0] & HYPERVISOR, 0, "hypervisor bit");
+    // The features the README promises `--cpu host` passes through (KVM
+    // may still filter a few others, e.g. INVPCID under PVM).
+    let leaf1_ecx = [
+        (12, "FMA"),
+        (19, "SSE4.1"),
+        (20, "SSE4.2"),
+        (23, "POPCNT"),
+        (26, "XSAVE"),
+        (28, "AVX"),
+    ];
+    for (bit, name) in leaf1_ecx {
+        assert_eq!(
+            host[0] >> bit & 1,
+            u64::from(host1.ecx >> bit & 1),
+            "{name}"
+        );
+    }
+    let leaf7_ebx = [
+        (3, "BMI1"),
+        (5, "AVX2"),
+        (8, "BMI2"),
+        (16, "AVX512F"),
+        (19, "ADX"),
+        (30, "AVX512BW"),
+    ];
+    for (bit, name) in leaf7_ebx {
+        assert_eq!(
+            host[2] >> bit & 1,
+            u64::from(host7.ebx >> bit & 1),
+            "{name}"
+        );
+    }
+    assert_eq!(host[1] as u32, host1.edx, "leaf 1 EDX");
+    let kvm = run(vmm::kvm::cpuid::CpuModel::Kvm);
+    assert_ne!(kvm[0] & HYPERVISOR, 0, "hypervisor bit");
+    // KVM's list is a subset of the host's features.
+    assert_eq!(
+        kvm[2] as u32 & !host7.ebx,
+        0,
+        "leaf 7 EBX within the host's"
+    );
 }

@@ -164,3 +164,30 @@ pub fn spin() -> Result<Program, IcedError> {
         expect(14, "spinning", Some(vec![])),
     ))
 }
+
+/// Reports CPUID leaf 1 ECX/EDX and leaf 7 EBX/ECX as the guest sees them
+/// (`--cpu kvm` vs `--cpu host`).
+pub fn cpuid_leaves() -> Result<Program, IcedError> {
+    let image = assemble(Mode::Long, LOAD_ADDR, |a| {
+        for (leaf, regs) in [(1u32, [ecx, edx]), (7, [ebx, ecx])] {
+            for r in regs {
+                a.mov(eax, leaf)?;
+                a.xor(ecx, ecx)?;
+                a.cpuid()?;
+                a.mov(eax, r)?;
+                report_eax(a)?;
+            }
+        }
+        print(a, "cpuid read\n")?;
+        exit(a, EXIT_PASS)
+    })?;
+    Ok(Program::new(
+        "cpuid-leaves",
+        "reports CPUID.1:ECX, CPUID.1:EDX, CPUID.7.0:EBX, CPUID.7.0:ECX (compare --cpu kvm and --cpu host)",
+        Mode::Long,
+        LOAD_ADDR,
+        image,
+        // The values depend on the host; the test compares them with it.
+        expect(status_of(EXIT_PASS), "cpuid read", None),
+    ))
+}

@@ -31,6 +31,7 @@ const CATALOGUE: &[(&str, Builder)] = &[
     ("i8042-reset", basic::i8042_reset),
     ("triple-fault", basic::triple_fault),
     ("spin", basic::spin),
+    ("cpuid-leaves", basic::cpuid_leaves),
     ("pio-widths", pio::pio_widths),
     ("rep-string-io", pio::rep_string_io),
     ("mmio-widths", mmio::mmio_widths),
