@@ -7,6 +7,7 @@
 
 mod common;
 
+use emul::stub::ItsMode;
 use guest::diff::program::{self, Chunk, LOAD_ADDR};
 use guest::diff::record::{self, Field, NO_EXCEPTION, RECORD};
 use guest::diff::{self, Form, Skip, Way};
@@ -75,7 +76,9 @@ struct ChunkRun {
     vreg_bytes: usize,
 }
 
-fn run_chunk(forms: &[Form]) -> Result<ChunkRun, (String, Option<usize>)> {
+/// `its`: whether the VMM's stubs use the ITS-safe return thunk; chunks
+/// alternate so both stub shapes complete every kind of instruction.
+fn run_chunk(forms: &[Form], its: ItsMode) -> Result<ChunkRun, (String, Option<usize>)> {
     let chunk: Chunk = program::build(forms).map_err(|e| (e, None))?;
     let mut cfg = VmConfig::new(chunk.image.clone());
     cfg.image_name = "emulator-diff".into();
@@ -84,6 +87,7 @@ fn run_chunk(forms: &[Form]) -> Result<ChunkRun, (String, Option<usize>)> {
     cfg.load_addr = LOAD_ADDR;
     cfg.mode = EntryMode::Long;
     cfg.cpu = CpuModel::Host;
+    cfg.its = its;
     cfg.mmio_ram = vec![(record::MMIO_BASE, record::MMIO_SIZE)];
     let n = forms.len();
     cfg.dump_ranges = (0..4)
@@ -269,7 +273,12 @@ fn emulator_matches_native_cpl3() {
                 let mut idx = idx.clone();
                 loop {
                     let fs: Vec<Form> = idx.iter().map(|i| forms[*i].clone()).collect();
-                    match run_chunk(&fs) {
+                    let its = if c % 2 == 0 {
+                        ItsMode::On
+                    } else {
+                        ItsMode::Off
+                    };
+                    match run_chunk(&fs, its) {
                         Ok(run) => {
                             results.lock().unwrap().push((idx, run));
                             break;
