@@ -273,7 +273,7 @@ fn emulator_matches_native_cpl3() {
                 let mut idx = idx.clone();
                 loop {
                     let fs: Vec<Form> = idx.iter().map(|i| forms[*i].clone()).collect();
-                    let its = if c % 2 == 0 {
+                    let its = if c.is_multiple_of(2) {
                         ItsMode::On
                     } else {
                         ItsMode::Off
