@@ -108,8 +108,6 @@ fn cpu_host_exposes_the_hosts_leaves() {
     let host1 = __cpuid_count(1, 0);
     let host7 = __cpuid_count(7, 0);
     const HYPERVISOR: u64 = 1 << 31;
-    const VMX_SMX_OSXSAVE_X2APIC_TSCDL: u32 =
-        (1 << 5) | (1 << 6) | (1 << 27) | (1 << 21) | (1 << 24);
     let host = run(vmm::kvm::cpuid::CpuModel::Host);
     assert_eq!(host.len(), 4);
     assert_ne!(host[0] & HYPERVISOR, 0, "hypervisor bit");
