@@ -26,6 +26,12 @@ pub const CR4_OSXMMEXCPT: u64 = 1 << 10;
 pub const CR4_LA57: u64 = 1 << 12;
 /// CR4.OSXSAVE
 pub const CR4_OSXSAVE: u64 = 1 << 18;
+/// CR4.SMEP: supervisor fetches from user pages fault.
+pub const CR4_SMEP: u64 = 1 << 20;
+/// CR4.SMAP: supervisor data accesses to user pages fault unless RFLAGS.AC.
+pub const CR4_SMAP: u64 = 1 << 21;
+/// RFLAGS.AC (lifts SMAP for explicit supervisor accesses).
+pub const RFLAGS_AC: u64 = 1 << 18;
 /// EFER.LMA
 pub const EFER_LMA: u64 = 1 << 10;
 /// EFER.NXE

@@ -3,7 +3,10 @@
 //! accessed/dirty updates hardware makes. SMAP, SMEP, PKU and CET shadow
 //! stacks are not modelled.
 
-use crate::cpu::{CpuState, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PSE, EFER_LMA, EFER_NXE};
+use crate::cpu::{
+    CpuState, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PSE, CR4_SMAP, CR4_SMEP, EFER_LMA, EFER_NXE,
+    RFLAGS_AC,
+};
 use crate::exception::Exception;
 use crate::platform::{Platform, PlatformError};
 
@@ -128,10 +131,11 @@ pub fn translate(
     // Bits MAXPHYADDR..51 of a 64-bit entry, and NX without EFER.NXE.
     let rsvd_hi = (((1u64 << 52) - 1) & !((1u64 << phys_bits) - 1)) | if nxe { 0 } else { PTE_NX };
 
+    let smep = cpu.cr4 & CR4_SMEP != 0;
     let bit = |on: bool, b: u32| if on { b } else { 0 };
     let base_code = bit(access.write, PFEC_W)
         | bit(access.user, PFEC_U)
-        | bit(access.fetch && nxe && entry_size == 8, PFEC_ID);
+        | bit(access.fetch && ((nxe && entry_size == 8) || smep), PFEC_ID);
     let fault = |bits: u32| WalkError::Fault(Exception::page_fault(base_code | bits, lin));
 
     let mut used = [(0u64, 0u64, false); MAX_LEVELS];
@@ -194,9 +198,15 @@ pub fn translate(
     };
 
     let wp = cpu.cr0 & CR0_WP != 0;
+    // A supervisor access to a user page: SMEP forbids fetching from it,
+    // SMAP forbids touching its data unless RFLAGS.AC is set.
+    let supervisor_on_user = !access.user && user_ok;
+    let smap = cpu.cr4 & CR4_SMAP != 0 && cpu.gprs.rflags & RFLAGS_AC == 0;
     if (access.user && !user_ok)
         || (access.write && !write_ok && (access.user || wp))
         || (access.fetch && nx)
+        || (supervisor_on_user && access.fetch && smep)
+        || (supervisor_on_user && !access.fetch && smap)
     {
         return Err(fault(PFEC_P));
     }

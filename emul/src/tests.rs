@@ -223,6 +223,43 @@ fn walk_faults_and_permissions() {
         pf(translate(&cpu, user_nx, fetch, 52, &mut mem)),
         (VEC_PF, PFEC_P | PFEC_ID, user_nx)
     );
+    // SMAP: a supervisor read of a user page faults unless RFLAGS.AC.
+    let user_page = 0x72_0000;
+    mem.map(CR3, 4, user_page, user_page, 0x7);
+    assert_eq!(
+        translate(&cpu, user_page, Access::default(), 52, &mut mem),
+        Ok(user_page)
+    );
+    cpu.cr4 |= CR4_SMAP;
+    assert_eq!(
+        pf(translate(
+            &cpu,
+            user_page + 4,
+            Access::default(),
+            52,
+            &mut mem
+        )),
+        (VEC_PF, PFEC_P, user_page + 4)
+    );
+    cpu.gprs.rflags |= RFLAGS_AC;
+    assert_eq!(
+        translate(&cpu, user_page, Access::default(), 52, &mut mem),
+        Ok(user_page)
+    );
+    // ... and never applies to user-mode accesses.
+    cpu.gprs.rflags &= !RFLAGS_AC;
+    assert_eq!(
+        translate(&cpu, user_page, user, 52, &mut mem),
+        Ok(user_page)
+    );
+    cpu.cr4 &= !CR4_SMAP;
+    // SMEP: a supervisor fetch from a user page faults, with I/D set.
+    cpu.cr4 |= CR4_SMEP;
+    assert_eq!(
+        pf(translate(&cpu, user_page, fetch, 52, &mut mem)),
+        (VEC_PF, PFEC_P | PFEC_ID, user_page)
+    );
+    cpu.cr4 &= !CR4_SMEP;
     // NX without EFER.NXE is a reserved bit.
     cpu.efer &= !EFER_NXE;
     assert_eq!(

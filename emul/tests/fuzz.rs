@@ -131,6 +131,9 @@ fn random_cpu(rng: &mut Rng) -> CpuState {
     if rng.chance(4) {
         cpu.efer &= !EFER_NXE;
     }
+    if rng.chance(4) {
+        cpu.cr4 |= CR4_SMAP | CR4_SMEP;
+    }
     if rng.chance(8) {
         // Odd segments: limits, bases, unusable.
         let seg: &mut Segment = match rng.below(3) {
