@@ -12,6 +12,8 @@ pub const CR0_EM: u64 = 1 << 2;
 pub const CR0_TS: u64 = 1 << 3;
 /// CR0.WP
 pub const CR0_WP: u64 = 1 << 16;
+/// CR0.AM: alignment checking at CPL 3 when RFLAGS.AC is set.
+pub const CR0_AM: u64 = 1 << 18;
 /// CR0.PG
 pub const CR0_PG: u64 = 1 << 31;
 /// CR4.PSE

@@ -8,7 +8,9 @@ use iced_x86::{
 
 use crate::address::linear_address;
 use crate::classify::{classify, Class};
-use crate::cpu::{CpuState, CR0_EM, CR0_TS, CR4_OSFXSR, CR4_OSXMMEXCPT, CR4_OSXSAVE};
+use crate::cpu::{
+    CpuState, CR0_AM, CR0_EM, CR0_TS, CR4_OSFXSR, CR4_OSXMMEXCPT, CR4_OSXSAVE, RFLAGS_AC,
+};
 use crate::exception::{Exception, VEC_AC, VEC_GP, VEC_PF, VEC_SS, VEC_XM};
 use crate::paging::{is_canonical, translate, Access, WalkError};
 use crate::platform::{Platform, PlatformError, VectorState};
@@ -325,6 +327,14 @@ impl Emulator {
         }
 
         let mut gprs = cpu.gprs;
+        // The stub loads RFLAGS.AC: keep it only where hardware would check
+        // alignment (CPL 3, CR0.AM, RFLAGS.AC), so a misaligned operand in
+        // the bounce buffer (same offset mod 64) raises #AC natively.
+        let alignment_check =
+            cpu.cpl == 3 && cpu.cr0 & CR0_AM != 0 && cpu.gprs.rflags & RFLAGS_AC != 0;
+        if !alignment_check {
+            gprs.rflags &= !RFLAGS_AC;
+        }
         if class.vector {
             let image = vec.image()?;
             let n = image.len().min(XSAVE_AREA_SIZE);
@@ -347,6 +357,7 @@ impl Emulator {
         if let Some(op) = operand.filter(|o| o.writes) {
             self.write_back(instr, &op, bounce_off, mem)?;
         }
+        gprs.rflags = (gprs.rflags & !RFLAGS_AC) | (cpu.gprs.rflags & RFLAGS_AC);
         cpu.gprs = gprs;
         let next = cpu.rip.wrapping_add(instr.len() as u64);
         cpu.rip = match bitness {

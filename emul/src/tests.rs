@@ -680,3 +680,35 @@ fn bench_add_to_memory() {
         samples[samples.len() / 2]
     );
 }
+
+/// At CPL 3 with CR0.AM and RFLAGS.AC, a misaligned operand raises #AC(0)
+/// natively in the stub (the bounce buffer keeps the offset mod 64); the
+/// guest's AC bit survives a completed instruction.
+#[test]
+fn alignment_check_at_cpl3() {
+    let (mut cpu, mut mem) = setup();
+    let user = DATA + 0x3000;
+    mem.map(CR3, 4, user, user, 0x7);
+    cpu.cpl = 3;
+    cpu.cr0 |= CR0_AM;
+    cpu.gprs.rflags = 0x2 | RFLAGS_AC;
+    let code = asm64(|a| a.add(dword_ptr(rax), ebx));
+    let mut e = emul();
+    cpu.gprs.rax = user + 1;
+    assert_eq!(
+        exc(&e.emulate(&mut cpu, &code, &mut NoVectorState, &mut mem)),
+        (VEC_AC, Some(0))
+    );
+    assert_eq!(cpu.rip, CODE, "no RIP advance on a fault");
+    cpu.gprs.rax = user + 4;
+    done(&e.emulate(&mut cpu, &code, &mut NoVectorState, &mut mem));
+    assert_ne!(cpu.gprs.rflags & RFLAGS_AC, 0, "guest AC kept");
+    // Without AC (or at CPL 0) the same misaligned access completes.
+    for (cpl, ac) in [(3, false), (0, true)] {
+        cpu.rip = CODE;
+        cpu.cpl = cpl;
+        cpu.gprs.rflags = 0x2 | if ac { RFLAGS_AC } else { 0 };
+        cpu.gprs.rax = user + 1;
+        done(&e.emulate(&mut cpu, &code, &mut NoVectorState, &mut mem));
+    }
+}

@@ -134,6 +134,9 @@ fn random_cpu(rng: &mut Rng) -> CpuState {
     if rng.chance(4) {
         cpu.cr4 |= CR4_SMAP | CR4_SMEP;
     }
+    if rng.chance(2) {
+        cpu.cr0 |= CR0_AM;
+    }
     if rng.chance(8) {
         // Odd segments: limits, bases, unusable.
         let seg: &mut Segment = match rng.below(3) {
@@ -168,7 +171,8 @@ fn random_cpu(rng: &mut Rng) -> CpuState {
         r13: reg(rng),
         r14: reg(rng),
         r15: reg(rng),
-        rflags: 0x2 | (rng.next() & 0x8d5),
+        // Arithmetic flags, sometimes AC (alignment checking with CR0.AM).
+        rflags: 0x2 | (rng.next() & 0x8d5) | if rng.chance(3) { 1 << 18 } else { 0 },
     };
     cpu.rip = rng.below(RAM as u64);
     cpu

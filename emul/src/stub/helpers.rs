@@ -13,7 +13,9 @@
 use super::cursor::{CodeCursor, INT3};
 use super::error::StubError;
 use super::fault::{CTL_GPRS_OFFSET, CTL_SAVED_RSP_OFFSET};
-use super::regs::{gpr_offset, ARITH_FLAGS_MASK, RDI_NUM, RFLAGS_OFFSET, RSP_NUM};
+use super::regs::{
+    gpr_offset, ARITH_FLAGS_MASK, LOADED_FLAGS_MASK, RDI_NUM, RFLAGS_AC, RFLAGS_OFFSET, RSP_NUM,
+};
 use super::ret::{emit_ret, RetPolicy, ITS_SAFE_BIT, RET};
 
 const RAX: u8 = 0;
@@ -132,28 +134,28 @@ fn emit_xsave_op(cur: &mut CodeCursor<'_>, v: VecSwitch, reg: u8) -> Result<(), 
     cur.emit_rel(&[0x48, 0x0f, 0xae, (reg << 3) | 0b101], v.image, &[])
 }
 
-/// `and eax, imm32`: keeps only the arithmetic flags of a popped RFLAGS.
-fn and_eax_arith(cur: &mut CodeCursor<'_>) -> Result<(), StubError> {
+/// `and eax, imm32`: keeps only the `mask` flags of a popped RFLAGS.
+fn and_eax(cur: &mut CodeCursor<'_>, mask: u64) -> Result<(), StubError> {
     let mut insn = [0x25, 0, 0, 0, 0];
-    insn[1..].copy_from_slice(&(ARITH_FLAGS_MASK as u32).to_le_bytes());
+    insn[1..].copy_from_slice(&(mask as u32).to_le_bytes());
     cur.emit(&insn)
 }
 
-/// The complement of the arithmetic flags as a sign-extended imm32.
-fn not_arith_imm32() -> [u8; 4] {
-    (!(ARITH_FLAGS_MASK as i32)).to_le_bytes()
+/// The complement of `mask` as a sign-extended imm32.
+fn not_imm32(mask: u64) -> [u8; 4] {
+    (!(mask as i32)).to_le_bytes()
 }
 
 /// Loads the guest's arithmetic flags and GPRs (all but RSP, RDI last).
 fn emit_load(cur: &mut CodeCursor<'_>, control: u64, policy: RetPolicy) -> Result<(), StubError> {
     cur.store_rip(control + CTL_GPRS_OFFSET, RDI_NUM)?;
     cur.store_rip(control + CTL_SAVED_RSP_OFFSET, RSP_NUM)?;
-    // Merge the guest's arithmetic flags into the host's RFLAGS on the
-    // stack, so DF/AC/TF/IF stay the host's.
+    // Merge the guest's arithmetic flags (and AC, see RFLAGS_AC) into the
+    // host's RFLAGS on the stack, so DF/TF/IF stay the host's.
     cur.emit(&[0x9c])?; // pushfq
     cur.load_base(RAX, RDI_NUM, RFLAGS_OFFSET)?;
-    and_eax_arith(cur)?;
-    let m = not_arith_imm32();
+    and_eax(cur, LOADED_FLAGS_MASK)?;
+    let m = not_imm32(LOADED_FLAGS_MASK);
     cur.emit(&[0x48, 0x81, 0x24, 0x24, m[0], m[1], m[2], m[3]])?; // and qword [rsp], !mask
     cur.emit(&[0x48, 0x09, 0x04, 0x24])?; // or [rsp], rax
     cur.emit(&[0x9d])?; // popfq
@@ -180,13 +182,18 @@ fn emit_save(cur: &mut CodeCursor<'_>, control: u64, policy: RetPolicy) -> Resul
     cur.pop(RAX)?; // the guest's RDI
     cur.store_base(RDI_NUM, gpr_offset(RDI_NUM), RAX)?;
     cur.pop(RAX)?; // the flags
-    and_eax_arith(cur)?;
+    and_eax(cur, ARITH_FLAGS_MASK)?;
     cur.load_base(RCX, RDI_NUM, RFLAGS_OFFSET)?;
-    let m = not_arith_imm32();
+    let m = not_imm32(ARITH_FLAGS_MASK);
     cur.emit(&[0x48, 0x81, 0xe1, m[0], m[1], m[2], m[3]])?; // and rcx, !mask
     cur.emit(&[0x48, 0x09, 0xc1])?; // or rcx, rax
     cur.store_base(RDI_NUM, RFLAGS_OFFSET, RCX)?;
     cur.emit(&[0xfc])?; // cld: the instruction may have set DF
+                        // AC may have been loaded for the instruction: the host runs without it.
+    let m = not_imm32(RFLAGS_AC);
+    cur.emit(&[0x9c])?; // pushfq
+    cur.emit(&[0x48, 0x81, 0x24, 0x24, m[0], m[1], m[2], m[3]])?; // and qword [rsp], !AC
+    cur.emit(&[0x9d])?; // popfq
     emit_ret(cur, policy)
 }
 

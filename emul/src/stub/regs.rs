@@ -4,10 +4,19 @@
 use core::mem::offset_of;
 
 /// The arithmetic flags (CF, PF, AF, ZF, SF, OF) a stub carries between the
-/// guest register file and the real RFLAGS. Every other RFLAGS bit stays the
-/// host's while the stub runs (so DF, AC and TF are clear) and keeps its guest
-/// value in [`GuestGprs::rflags`].
+/// guest register file and the real RFLAGS. Every other RFLAGS bit but AC
+/// (see [`RFLAGS_AC`]) stays the host's while the stub runs (so DF and TF
+/// are clear) and keeps its guest value in [`GuestGprs::rflags`].
 pub const ARITH_FLAGS_MASK: u64 = 0x8d5;
+
+/// RFLAGS.AC. Unlike the other non-arithmetic bits, the stub loads it from
+/// the register file, so a caller can have the instruction alignment-checked
+/// natively (a guest at CPL 3 with CR0.AM and RFLAGS.AC set); callers that
+/// do not want that clear it. It is cleared again before the host resumes.
+pub const RFLAGS_AC: u64 = 1 << 18;
+
+/// What `load_guest_gprs` takes from the register file's RFLAGS.
+pub const LOADED_FLAGS_MASK: u64 = ARITH_FLAGS_MASK | RFLAGS_AC;
 
 /// RFLAGS.CF
 pub const RFLAGS_CF: u64 = 1 << 0;
