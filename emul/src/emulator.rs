@@ -18,7 +18,7 @@ use crate::reencode::Reencoder;
 use crate::stub::{
     StubBuf, StubError, StubRunError, BOUNCE_SIZE, MAX_INSN_LEN, STUB_BUF_SIZE, XSAVE_AREA_SIZE,
 };
-use crate::writeback::{masked_store, XsaveLayout};
+use crate::writeback::{element_mask, masked_store, ElementMask, XsaveLayout};
 
 const PAGE_SIZE: u64 = 4096;
 /// Where staged operands start in the bounce buffer; the operand sits at
@@ -104,6 +104,10 @@ struct Operand {
     writes: bool,
     /// Only some elements are written (masked store).
     masked: bool,
+    /// Page pieces holding no mask-selected element: never translated nor
+    /// accessed (AVX-512 and VMASKMOV suppress faults on masked-out
+    /// elements).
+    skip: [bool; 2],
 }
 
 /// The last instruction emulated, decoded, classified and re-encoded.
@@ -279,7 +283,15 @@ impl Emulator {
             ),
         };
         check_vector_enabled(cpu, instr, class)?;
-        let operand = self.operand(cpu, bitness, instr, used, mem)?;
+        // A masked access only touches its selected elements: the mask
+        // (from the vector state) decides which pages it may fault on.
+        let selected = match used {
+            Some(_) if class.vector && is_masked_access(instr) => {
+                element_mask(instr, vec.image()?, self.layout)
+            }
+            _ => None,
+        };
+        let operand = self.operand(cpu, bitness, instr, used, selected, mem)?;
 
         // Stage the operand and build the instruction for the stub.
         let bounce_off = operand.map_or(0, |o| BOUNCE_BASE + (o.lin & 63) as usize);
@@ -317,8 +329,12 @@ impl Emulator {
             let staged = &mut self.stub.bounce_mut()[bounce_off..bounce_off + op.size];
             if op.reads {
                 let mut at = 0;
-                for &(gpa, n) in op.pieces.iter().filter(|p| p.1 != 0) {
-                    mem.read_phys(gpa, &mut staged[at..at + n])?;
+                for (&(gpa, n), skip) in op.pieces.iter().zip(op.skip).filter(|p| p.0 .1 != 0) {
+                    if skip {
+                        staged[at..at + n].fill(0);
+                    } else {
+                        mem.read_phys(gpa, &mut staged[at..at + n])?;
+                    }
                     at += n;
                 }
             } else {
@@ -427,6 +443,7 @@ impl Emulator {
         bitness: u32,
         instr: &Instruction,
         used: Option<UsedMemory>,
+        selected: Option<ElementMask>,
         mem: &mut dyn Platform,
     ) -> Result<Option<Operand>, Stop> {
         let Some(used) = used else {
@@ -467,9 +484,6 @@ impl Emulator {
             return Err(Stop::Unsupported("memory operand size"));
         }
         let lin = linear_address(cpu, bitness, &used, size as u64, writes)?;
-        // Masked-out elements are translated too: an access whose masked
-        // elements lie on an unmapped page faults here, where hardware
-        // would suppress the fault.
         let access = Access {
             write: writes,
             fetch: false,
@@ -477,16 +491,30 @@ impl Emulator {
         };
         let first = size.min((PAGE_SIZE - (lin & (PAGE_SIZE - 1))) as usize);
         let mut pieces = [(0u64, 0usize); 2];
-        pieces[0] = (translate(cpu, lin, access, self.max_phys_bits, mem)?, first);
+        let mut skip = [false; 2];
+        // Only pages holding a selected element are walked: a masked-out
+        // element on an unmapped page does not fault, as on hardware.
+        let wanted = |from: usize, to: usize| selected.is_none_or(|m| m.selects_any(from, to));
+        if wanted(0, first) {
+            pieces[0] = (translate(cpu, lin, access, self.max_phys_bits, mem)?, first);
+        } else {
+            pieces[0] = (0, first);
+            skip[0] = true;
+        }
         if first < size {
             let mut next = lin.wrapping_add(first as u64);
             if bitness != 64 {
                 next &= 0xffff_ffff;
             }
-            pieces[1] = (
-                translate(cpu, next, access, self.max_phys_bits, mem)?,
-                size - first,
-            );
+            if wanted(first, size) {
+                pieces[1] = (
+                    translate(cpu, next, access, self.max_phys_bits, mem)?,
+                    size - first,
+                );
+            } else {
+                pieces[1] = (0, size - first);
+                skip[1] = true;
+            }
         }
         Ok(Some(Operand {
             lin,
@@ -495,6 +523,7 @@ impl Emulator {
             reads,
             writes,
             masked,
+            skip,
         }))
     }
 
@@ -532,6 +561,36 @@ impl Emulator {
     }
 }
 
+/// A masked move (EVEX-masked load or store, or VMASKMOV): each mask bit
+/// selects the memory element at the same position, and masked-out
+/// elements never fault. Other masked instructions (broadcasts, inserts,
+/// shifts by a memory count, mixed element sizes) do not map mask bits to
+/// memory elements one to one, so their whole operand is translated.
+fn is_masked_access(instr: &Instruction) -> bool {
+    use Mnemonic as M;
+    let evex_move = matches!(
+        instr.mnemonic(),
+        M::Vmovdqu8
+            | M::Vmovdqu16
+            | M::Vmovdqu32
+            | M::Vmovdqu64
+            | M::Vmovdqa32
+            | M::Vmovdqa64
+            | M::Vmovups
+            | M::Vmovupd
+            | M::Vmovaps
+            | M::Vmovapd
+            | M::Vmovss
+            | M::Vmovsd
+            | M::Vmovsh
+    );
+    (evex_move && instr.op_mask() != Register::None && !instr.is_broadcast())
+        || matches!(
+            instr.mnemonic(),
+            M::Vmaskmovps | M::Vmaskmovpd | M::Vpmaskmovd | M::Vpmaskmovq
+        )
+}
+
 /// Writes operand bytes `from..to` to the pieces they fall in.
 fn write_range(
     op: &Operand,
@@ -541,9 +600,9 @@ fn write_range(
     mem: &mut dyn Platform,
 ) -> Result<(), Stop> {
     let mut piece_start = 0;
-    for &(gpa, n) in &op.pieces {
+    for (&(gpa, n), skip) in op.pieces.iter().zip(op.skip) {
         let (lo, hi) = (from.max(piece_start), to.min(piece_start + n));
-        if lo < hi {
+        if lo < hi && !skip {
             mem.write_phys(gpa + (lo - piece_start) as u64, &bytes[lo..hi])?;
         }
         piece_start += n;

@@ -28,8 +28,9 @@ pub trait Platform {
 pub trait VectorState {
     /// The guest's XSAVE image in standard (non-compacted) format, as
     /// `KVM_GET_XSAVE` returns it (4096 bytes; offsets of the extended
-    /// components are the host's CPUID leaf 0xD offsets). Called at most
-    /// once per emulated instruction.
+    /// components are the host's CPUID leaf 0xD offsets). May be called
+    /// twice for one instruction (a masked access reads its mask first):
+    /// fetch once and hand out the same image.
     fn image(&mut self) -> Result<&mut [u8], PlatformError>;
     /// Called after the instruction changed the image (the VMM then owes a
     /// `KVM_SET_XSAVE` before the vCPU runs again).

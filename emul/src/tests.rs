@@ -712,3 +712,91 @@ fn alignment_check_at_cpl3() {
         done(&e.emulate(&mut cpu, &code, &mut NoVectorState, &mut mem));
     }
 }
+
+/// AVX-512 and VMASKMOV suppress faults on masked-out elements: a masked
+/// access whose selected elements all lie on a mapped page completes even
+/// though the operand runs onto an unmapped one; selecting an element there
+/// faults with that page's address.
+#[test]
+fn masked_out_elements_do_not_fault() {
+    if !is_x86_feature_detected!("avx512f") {
+        eprintln!("skipped: host has no AVX-512F");
+        return;
+    }
+    let (mut cpu, mut mem) = setup();
+    let mut e = emul();
+    let off = |sub| core::arch::x86_64::__cpuid_count(0xd, sub).ebx as usize;
+    // The last data page is mapped; the page after it is not.
+    let end = DATA + 4 * 0x1000;
+    cpu.gprs.rax = end - 32; // 8 dwords on the mapped page, 8 beyond
+    for (mask, store) in [
+        (0x00ffu64, false),
+        (0x00ff, true),
+        (0x0100, false),
+        (0x0100, true),
+    ] {
+        let mut img = XsaveImage::new();
+        img.bytes[off(5) + 8..off(5) + 16].copy_from_slice(&mask.to_le_bytes());
+        img.bytes[512] = 0xe7;
+        cpu.rip = CODE;
+        let code = if store {
+            asm64(|a| a.vmovdqu32(ptr(rax).k1(), zmm0))
+        } else {
+            asm64(|a| a.vmovdqu32(zmm0.k1(), ptr(rax)))
+        };
+        let o = e.emulate(&mut cpu, &code, &mut img, &mut mem);
+        if mask == 0x00ff {
+            done(&o);
+        } else {
+            assert_eq!(
+                o,
+                Outcome::Exception {
+                    vector: VEC_PF,
+                    error_code: Some(if store { PFEC_W } else { 0 }),
+                    cr2: Some(end)
+                },
+                "store {store}"
+            );
+        }
+    }
+}
+
+/// A compress store writes popcount(k) elements contiguously at the start
+/// of its operand, not at the mask-selected positions.
+#[test]
+fn compress_store_writes_contiguous_elements() {
+    if !is_x86_feature_detected!("avx512f") {
+        eprintln!("skipped: host has no AVX-512F");
+        return;
+    }
+    let (mut cpu, mut mem) = setup();
+    let mut e = emul();
+    let mut img = XsaveImage::new();
+    let off = |sub| core::arch::x86_64::__cpuid_count(0xd, sub).ebx as usize;
+    // zmm0 dword i = i + 1; k1 selects elements 1, 5 and 9.
+    for i in 0..16usize {
+        let v = (i as u32 + 1).to_le_bytes();
+        let at = match i {
+            0..4 => 160 + 4 * i,
+            4..8 => off(2) + 4 * (i - 4),
+            _ => off(6) + 4 * (i - 8),
+        };
+        img.bytes[at..at + 4].copy_from_slice(&v);
+    }
+    img.bytes[off(5) + 8..off(5) + 16].copy_from_slice(&0b10_0010_0010u64.to_le_bytes());
+    img.bytes[512] = 0xe7;
+    mem.ram[DATA as usize..DATA as usize + 64].fill(0x11);
+    cpu.gprs.rax = DATA;
+    let code = asm64(|a| a.vpcompressd(ptr(rax).k1(), zmm0));
+    done(&e.emulate(&mut cpu, &code, &mut img, &mut mem));
+    let m = &mem.ram[DATA as usize..DATA as usize + 64];
+    let dword = |i: usize| u32::from_le_bytes(m[i * 4..i * 4 + 4].try_into().unwrap());
+    assert_eq!(
+        [dword(0), dword(1), dword(2)],
+        [2, 6, 10],
+        "compressed elements"
+    );
+    for i in 3..16 {
+        assert_eq!(dword(i), 0x1111_1111, "element {i} untouched");
+    }
+}

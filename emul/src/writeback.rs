@@ -48,9 +48,44 @@ pub struct ElementMask {
 /// For a conditionally writing store, the elements it wrote; `None` when
 /// the instruction is not a known masked store.
 pub fn masked_store(instr: &Instruction, image: &[u8], layout: XsaveLayout) -> Option<ElementMask> {
+    let mask = element_mask(instr, image, layout)?;
+    // A compress store writes popcount(k) elements contiguously from the
+    // start of the operand, not the selected positions.
+    let compress = matches!(
+        instr.mnemonic(),
+        Mnemonic::Vpcompressb
+            | Mnemonic::Vpcompressw
+            | Mnemonic::Vpcompressd
+            | Mnemonic::Vpcompressq
+            | Mnemonic::Vcompressps
+            | Mnemonic::Vcompresspd
+    );
+    if compress {
+        // Only the mask bits of the vector's elements count.
+        let count = instr.memory_size().size() / mask.element_size.max(1);
+        let selected = if count >= 64 {
+            mask.bits
+        } else {
+            mask.bits & ((1u64 << count) - 1)
+        };
+        let n = selected.count_ones();
+        let bits = if n >= 64 { u64::MAX } else { (1u64 << n) - 1 };
+        return Some(ElementMask { bits, ..mask });
+    }
+    Some(mask)
+}
+
+/// The memory elements a masked instruction accesses: an EVEX opmask
+/// (without broadcast, where the mask selects destination elements, not
+/// memory ones), or the sign bits of VMASKMOV's mask register (operand 1 in
+/// both its load and store forms). `None` for anything else.
+pub fn element_mask(instr: &Instruction, image: &[u8], layout: XsaveLayout) -> Option<ElementMask> {
     let element_size = instr.memory_size().element_size().max(1);
     let opmask = instr.op_mask();
     if opmask != Register::None {
+        if instr.is_broadcast() {
+            return None;
+        }
         let k = (opmask as usize).checked_sub(Register::K0 as usize)?;
         // Opmask component (bit 5) in its init state: all k registers zero.
         let bits = if xstate_bv(image) & (1 << 5) != 0 {
@@ -65,8 +100,7 @@ pub fn masked_store(instr: &Instruction, image: &[u8], layout: XsaveLayout) -> O
         Mnemonic::Vmaskmovpd | Mnemonic::Vpmaskmovq => 8,
         _ => return None,
     };
-    // Store form: [mem], mask register, source register.
-    if instr.op_kind(0) != OpKind::Memory || instr.op_kind(1) != OpKind::Register {
+    if instr.op_kind(1) != OpKind::Register {
         return None;
     }
     let reg = instr.op_register(1);
@@ -82,4 +116,14 @@ pub fn masked_store(instr: &Instruction, image: &[u8], layout: XsaveLayout) -> O
         .filter(|&i| value[(i + 1) * element_size - 1] & 0x80 != 0)
         .fold(0u64, |acc, i| acc | 1 << i);
     Some(ElementMask { element_size, bits })
+}
+
+impl ElementMask {
+    /// Whether a selected element overlaps operand bytes `from..to`.
+    pub fn selects_any(&self, from: usize, to: usize) -> bool {
+        let es = self.element_size;
+        (0..64usize)
+            .filter(|j| self.bits >> j & 1 != 0)
+            .any(|j| j * es < to && (j + 1) * es > from)
+    }
 }

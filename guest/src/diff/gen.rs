@@ -299,7 +299,12 @@ fn evex_variants(op: &iced_x86::OpCodeInfo, has_mem: bool) -> Vec<(bool, bool, b
         v.push((false, false, false));
     }
     if op.can_use_op_mask_register() {
-        v.push((true, op.can_use_zeroing_masking(), false));
+        // Merge-masking always; zeroing too where the form allows it (not
+        // for a memory destination: masked stores merge).
+        v.push((true, false, false));
+        if op.can_use_zeroing_masking() {
+            v.push((true, true, false));
+        }
     }
     if has_mem && op.can_broadcast() {
         v.push((op.can_use_op_mask_register(), false, true));
@@ -377,8 +382,11 @@ pub fn generate(allow: &dyn Fn(&Instruction) -> Result<bool, &'static str>) -> G
                         *out.skipped
                             .entry((class.clone(), Skip::Operands))
                             .or_default() += 1;
+                        break;
                     }
-                    break;
+                    // A variant this operand choice cannot take (zeroing
+                    // with a memory destination): the others still run.
+                    continue;
                 };
                 match allow(&dec) {
                     Err(_) => {
