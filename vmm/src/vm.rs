@@ -92,15 +92,14 @@ impl Shared {
         self.stop.load(Ordering::Relaxed)
     }
 
-    /// Records how the VM ended (the first end wins; a kicked vCPU's does
-    /// not count) and tells every vCPU to stop.
+    /// Records how the VM ended (the first end wins) and tells every vCPU
+    /// to stop.
     fn finish(&self, end: VmEnd) {
-        if end != VmEnd::kicked() {
-            let mut slot = self.end.lock().unwrap_or_else(|p| p.into_inner());
-            if slot.is_none() {
-                *slot = Some(end);
-            }
+        let mut slot = self.end.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(end);
         }
+        drop(slot);
         self.stop.store(true, Ordering::SeqCst);
     }
 }
@@ -117,10 +116,6 @@ impl VmEnd {
         VmEnd { status, message }
     }
 
-    /// A vCPU that stopped because another one ended the VM.
-    pub fn kicked() -> Self {
-        VmEnd::new(status::INTERRUPTED, "stopped".into())
-    }
 }
 
 /// The result of running a VM to its end.
@@ -215,8 +210,9 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
         let h = std::thread::Builder::new()
             .name(format!("vcpu{}", vcpu.id))
             .spawn(move || {
-                let end = vcpu.run();
-                shared.finish(end);
+                if let Some(end) = vcpu.run() {
+                    shared.finish(end);
+                }
                 vcpu.take_stats()
             })
             .map_err(VmError::Thread)?;

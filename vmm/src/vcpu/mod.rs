@@ -68,23 +68,24 @@ impl Vcpu {
         &self.fd.sync_regs_mut().regs
     }
 
-    /// Runs until the VM ends (this vCPU's exit or another's).
-    pub fn run(&mut self) -> VmEnd {
+    /// Runs until the VM ends: `Some` when this vCPU ended it, `None` when
+    /// another one did (or SIGINT/SIGTERM) and this one was told to stop.
+    pub fn run(&mut self) -> Option<VmEnd> {
         let timing = self.stats.is_some() || self.shared.tracer.is_some();
         let id = self.id;
         loop {
             if self.shared.stopping() {
-                return VmEnd::kicked();
+                return None;
             }
             let t0 = timing.then(Instant::now);
             if let Err(e) = self.fd.run() {
                 if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN {
                     continue;
                 }
-                return VmEnd::new(
+                return Some(VmEnd::new(
                     status::KVM_FAILURE,
                     format!("vcpu {}: KVM_RUN failed at rip {:#x}: {e}", id, self.rip()),
-                );
+                ));
             }
             let exit = run_page::decode(self.fd.get_kvm_run());
             let reason = exit.reason();
@@ -131,7 +132,7 @@ impl Vcpu {
                     s.record(reason, ns);
                 }
             }
-            if let Some(end) = end {
+            if end.is_some() {
                 return end;
             }
         }
