@@ -164,7 +164,7 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
     let buses = build_buses(cfg, &vm, &mem, serial_out, reports.clone())?;
     let boot = load_guest(cfg, &mem, &buses)?;
 
-    let its_on = resolve_its(cfg.its)?;
+    let its_on = resolve_its(cfg.its);
     let base_cpuid = cpuid::build(&kvm, cfg.cpu)?;
     let tracer = match &cfg.trace {
         Some(p) => Some(Tracer::create(p).map_err(VmError::Trace)?),
@@ -442,10 +442,11 @@ fn create_irqchip(vm: &VmFd) -> Result<(), VmError> {
     Ok(())
 }
 
-fn resolve_its(mode: emul::stub::ItsMode) -> Result<bool, VmError> {
+/// Decides whether stubs use ITS-safe returns, and logs why.
+fn resolve_its(mode: emul::stub::ItsMode) -> bool {
     let decision = mode.resolve();
     log::info!("ITS mitigation for stubs: {decision}");
-    Ok(decision.enabled)
+    decision.enabled
 }
 
 fn build_buses(
