@@ -115,7 +115,6 @@ impl VmEnd {
     pub fn new(status: i32, message: String) -> Self {
         VmEnd { status, message }
     }
-
 }
 
 /// The result of running a VM to its end.
