@@ -480,22 +480,31 @@ fn vmovdqu_ymm_lands_in_the_xsave_image() {
     assert!(!img.dirty);
 }
 
-#[test]
-fn masked_avx512_store_writes_only_selected_elements() {
+/// An XSAVE image with every vector component present, zmm0 = `zmm0` and
+/// k1 = `k1` (offsets from the host's CPUID leaf 0xD). `None` without
+/// AVX-512F on the host (the test is skipped).
+fn avx512_image(zmm0_bytes: [u8; 64], k1_value: u64) -> Option<XsaveImage> {
     if !is_x86_feature_detected!("avx512f") {
         eprintln!("skipped: host has no AVX-512F");
-        return;
+        return None;
     }
+    let off = |sub| core::arch::x86_64::__cpuid_count(0xd, sub).ebx as usize;
+    let mut img = XsaveImage::new();
+    img.bytes[160..176].copy_from_slice(&zmm0_bytes[..16]);
+    img.bytes[off(2)..off(2) + 16].copy_from_slice(&zmm0_bytes[16..32]);
+    img.bytes[off(6)..off(6) + 32].copy_from_slice(&zmm0_bytes[32..]);
+    img.bytes[off(5) + 8..off(5) + 16].copy_from_slice(&k1_value.to_le_bytes());
+    img.bytes[512] = 0xe7;
+    Some(img)
+}
+
+#[test]
+fn masked_avx512_store_writes_only_selected_elements() {
+    let Some(mut img) = avx512_image([0xee; 64], 0b1000_0000_0000_0101) else {
+        return;
+    };
     let (mut cpu, mut mem) = setup();
     let mut e = emul();
-    let mut img = XsaveImage::new();
-    // zmm0 = all 0xee via the image: XMM0, YMM_Hi128 and ZMM_Hi256.
-    let off = |sub| core::arch::x86_64::__cpuid_count(0xd, sub).ebx as usize;
-    img.bytes[160..176].fill(0xee);
-    img.bytes[off(2)..off(2) + 16].fill(0xee);
-    img.bytes[off(6)..off(6) + 32].fill(0xee);
-    img.bytes[off(5) + 8..off(5) + 16].copy_from_slice(&0b1000_0000_0000_0101u64.to_le_bytes());
-    img.bytes[512] = 0xe7;
     mem.ram[DATA as usize..DATA as usize + 64].fill(0x11);
     cpu.gprs.rax = DATA;
     let code = asm64(|a| a.vmovdqu32(ptr(rax).k1(), zmm0));
@@ -719,13 +728,8 @@ fn alignment_check_at_cpl3() {
 /// faults with that page's address.
 #[test]
 fn masked_out_elements_do_not_fault() {
-    if !is_x86_feature_detected!("avx512f") {
-        eprintln!("skipped: host has no AVX-512F");
-        return;
-    }
     let (mut cpu, mut mem) = setup();
     let mut e = emul();
-    let off = |sub| core::arch::x86_64::__cpuid_count(0xd, sub).ebx as usize;
     // The last data page is mapped; the page after it is not.
     let end = DATA + 4 * 0x1000;
     cpu.gprs.rax = end - 32; // 8 dwords on the mapped page, 8 beyond
@@ -735,9 +739,9 @@ fn masked_out_elements_do_not_fault() {
         (0x0100, false),
         (0x0100, true),
     ] {
-        let mut img = XsaveImage::new();
-        img.bytes[off(5) + 8..off(5) + 16].copy_from_slice(&mask.to_le_bytes());
-        img.bytes[512] = 0xe7;
+        let Some(mut img) = avx512_image([0; 64], mask) else {
+            return;
+        };
         cpu.rip = CODE;
         let code = if store {
             asm64(|a| a.vmovdqu32(ptr(rax).k1(), zmm0))
@@ -765,26 +769,16 @@ fn masked_out_elements_do_not_fault() {
 /// of its operand, not at the mask-selected positions.
 #[test]
 fn compress_store_writes_contiguous_elements() {
-    if !is_x86_feature_detected!("avx512f") {
-        eprintln!("skipped: host has no AVX-512F");
-        return;
+    // zmm0 dword i = i + 1; k1 selects elements 1, 5 and 9.
+    let mut value = [0u8; 64];
+    for (i, d) in value.chunks_exact_mut(4).enumerate() {
+        d.copy_from_slice(&(i as u32 + 1).to_le_bytes());
     }
+    let Some(mut img) = avx512_image(value, 0b10_0010_0010) else {
+        return;
+    };
     let (mut cpu, mut mem) = setup();
     let mut e = emul();
-    let mut img = XsaveImage::new();
-    let off = |sub| core::arch::x86_64::__cpuid_count(0xd, sub).ebx as usize;
-    // zmm0 dword i = i + 1; k1 selects elements 1, 5 and 9.
-    for i in 0..16usize {
-        let v = (i as u32 + 1).to_le_bytes();
-        let at = match i {
-            0..4 => 160 + 4 * i,
-            4..8 => off(2) + 4 * (i - 4),
-            _ => off(6) + 4 * (i - 8),
-        };
-        img.bytes[at..at + 4].copy_from_slice(&v);
-    }
-    img.bytes[off(5) + 8..off(5) + 16].copy_from_slice(&0b10_0010_0010u64.to_le_bytes());
-    img.bytes[512] = 0xe7;
     mem.ram[DATA as usize..DATA as usize + 64].fill(0x11);
     cpu.gprs.rax = DATA;
     let code = asm64(|a| a.vpcompressd(ptr(rax).k1(), zmm0));
