@@ -92,14 +92,8 @@ impl FloorVm {
         let mut insn_len: Option<(u64, u64)> = None;
         loop {
             let t0 = Instant::now();
-            if let Err(e) = self.vcpu.run() {
-                if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN {
-                    continue;
-                }
-                return Err(BenchError::Kvm(kvm::KvmError::Ioctl {
-                    op: "KVM_RUN",
-                    err: e,
-                }));
+            if !self.enter()? {
+                continue;
             }
             let exit = run_page::decode(self.vcpu.get_kvm_run());
             let reason = exit.reason();
@@ -136,20 +130,24 @@ impl FloorVm {
         }
     }
 
+    /// One KVM_RUN: `Ok(true)` with an exit to serve, `Ok(false)` when a
+    /// signal interrupted it.
+    fn enter(&mut self) -> Result<bool, BenchError> {
+        match self.vcpu.run() {
+            Ok(_) => Ok(true),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(false),
+            Err(err) => Err(BenchError::Kvm(kvm::KvmError::Ioctl { op: "KVM_RUN", err })),
+        }
+    }
+
     /// Runs the guest for `runs` KVM_RUNs and returns each one's duration
     /// (for guests that do their work inside KVM between two exits).
     pub fn time_runs(&mut self, runs: usize) -> Result<Vec<u64>, BenchError> {
         let mut out = Vec::with_capacity(runs);
         while out.len() < runs {
             let t0 = Instant::now();
-            if let Err(e) = self.vcpu.run() {
-                if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN {
-                    continue;
-                }
-                return Err(BenchError::Kvm(kvm::KvmError::Ioctl {
-                    op: "KVM_RUN",
-                    err: e,
-                }));
+            if !self.enter()? {
+                continue;
             }
             let ns = t0.elapsed().as_nanos() as u64;
             match run_page::decode(self.vcpu.get_kvm_run()) {
