@@ -191,6 +191,34 @@ fn bad_flags_are_rejected_with_a_message() {
 }
 
 #[test]
+fn mmio_window_over_ram_or_the_irqchip_is_rejected() {
+    let img = program("hello-long").image;
+    expect_bad(
+        "window-over-ram",
+        &img,
+        &["--mmio-ram", "0x1000:0x1000"],
+        "overlaps guest RAM",
+    );
+    expect_bad(
+        "window-over-lapic",
+        &img,
+        &["--testdev", "--mmio-ram", "0xfee00000:0x1000"],
+        "LAPIC",
+    );
+    expect_bad(
+        "window-over-window",
+        &img,
+        &[
+            "--mmio-ram",
+            "0xd0000000:0x1000",
+            "--mmio-ram",
+            "0xd0000800:0x1000",
+        ],
+        "overlaps",
+    );
+}
+
+#[test]
 fn missing_image_file_is_a_setup_error() {
     let o = vmm(&["run", "/nonexistent/image.bin"]);
     assert_eq!(status(&o), vmm::status::SETUP_ERROR);

@@ -32,6 +32,8 @@ pub enum VmError {
     Bus(#[from] BusError),
     #[error("--mmio-ram {addr:#x}+{size:#x} overlaps guest RAM")]
     WindowOverRam { addr: u64, size: u64 },
+    #[error("--mmio-ram {addr:#x}+{size:#x} overlaps the in-kernel IOAPIC or LAPIC page")]
+    WindowOverIrqchip { addr: u64, size: u64 },
     #[error("--cpus must be between 1 and 255, not {0}")]
     Cpus(u8),
     #[error("cannot install the vCPU kick signal handler (errno {0})")]
@@ -542,6 +544,16 @@ fn build_buses(
         });
         if over_ram {
             return Err(VmError::WindowOverRam { addr, size });
+        }
+        // The in-kernel IOAPIC and LAPIC claim their pages before any exit
+        // could reach the window.
+        let irqchip_pages = [(layout::IOAPIC_ADDR, 0x1000), (layout::LAPIC_ADDR, 0x1000)];
+        if cfg.irqchip()
+            && irqchip_pages
+                .iter()
+                .any(|&(a, l)| addr < a + l && a < addr + size)
+        {
+            return Err(VmError::WindowOverIrqchip { addr, size });
         }
         b.mmio.register(
             addr,
