@@ -104,3 +104,24 @@ fn sigterm_stops_the_vm_cleanly() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("SIGINT/SIGTERM"));
     assert!(String::from_utf8_lossy(&o.stdout).contains("spinning"));
 }
+
+/// With the in-kernel irqchip HLT never exits to userspace; the VMM's halt
+/// probe still ends a VM whose vCPUs are all halted with interrupts off
+/// (here the BSP) or were never started (the AP).
+#[test]
+fn halt_with_irqchip_ends_the_vm() {
+    let p = program("halt");
+    let mut cfg = config_for(&p);
+    cfg.test_devices = vmm::config::TestDevice::ALL.to_vec();
+    cfg.cpus = 2;
+    let t = Instant::now();
+    let (out, serial) = run_config(&cfg);
+    assert_eq!(out.status, 0, "{}", out.message);
+    assert!(
+        out.message.contains("halted with interrupts off"),
+        "{}",
+        out.message
+    );
+    assert!(serial.contains("halting"));
+    assert!(t.elapsed() < Duration::from_secs(10));
+}

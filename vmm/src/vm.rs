@@ -13,7 +13,7 @@ use crate::trace::Tracer;
 use crate::vcpu::{Emulator, Vcpu};
 use kvm_bindings::kvm_xcrs;
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -86,6 +86,60 @@ pub struct Shared {
     stop: AtomicBool,
     /// The first vCPU to end the VM records why.
     end: Mutex<Option<VmEnd>>,
+    /// Halt probes (VMs with an in-kernel irqchip, where HLT never exits):
+    /// the current probe round, and per vCPU the last round it answered
+    /// and whether it was parked for good then.
+    pub probe: HaltProbe,
+}
+
+/// With an in-kernel LAPIC, HLT is handled inside KVM and never exits, so
+/// the VMM asks periodically: every vCPU, kicked out of KVM_RUN, reports
+/// whether it is halted with interrupts off (or never started). When all
+/// are, nothing can wake any of them and the VM has ended.
+#[derive(Default)]
+pub struct HaltProbe {
+    round: AtomicU64,
+    /// Per vCPU: round << 1 | parked.
+    answers: Vec<AtomicU64>,
+}
+
+impl HaltProbe {
+    fn new(cpus: usize) -> Self {
+        HaltProbe {
+            round: AtomicU64::new(0),
+            answers: (0..cpus).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// The round a kicked vCPU answers (0: no probe yet).
+    pub fn round(&self) -> u64 {
+        self.round.load(Ordering::Acquire)
+    }
+
+    /// A vCPU's answer for `round`.
+    pub fn answer(&self, vcpu: u8, round: u64, parked: bool) {
+        if let Some(a) = self.answers.get(usize::from(vcpu)) {
+            a.store(round << 1 | u64::from(parked), Ordering::Release);
+        }
+    }
+
+    /// Starts a new round.
+    fn start(&self) -> u64 {
+        self.round.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// `Some(all parked)` once every vCPU answered `round`.
+    fn result(&self, round: u64) -> Option<bool> {
+        let mut all = true;
+        for a in &self.answers {
+            let v = a.load(Ordering::Acquire);
+            if v >> 1 != round {
+                return None;
+            }
+            all &= v & 1 == 1;
+        }
+        Some(all)
+    }
 }
 
 impl Shared {
@@ -178,6 +232,7 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
         stats: cfg.stats,
         stop: AtomicBool::new(false),
         end: Mutex::new(None),
+        probe: HaltProbe::new(usize::from(cfg.cpus)),
     });
 
     let mut vcpus = Vec::with_capacity(usize::from(cfg.cpus));
@@ -219,7 +274,7 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
             .map_err(VmError::Thread)?;
         handles.push(h);
     }
-    wait_for_end(&shared, &handles);
+    wait_for_end(&shared, &handles, cfg.irqchip());
 
     let mut stats = cfg.stats.then(ExitStats::new);
     let mut emulated: Vec<(iced_x86::Mnemonic, u64)> = Vec::new();
@@ -276,15 +331,51 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
 
 /// Waits until some vCPU ended the VM (or SIGINT/SIGTERM asked for it), then
 /// kicks every vCPU thread out of KVM_RUN until all have returned.
-fn wait_for_end<T>(shared: &Shared, handles: &[std::thread::JoinHandle<T>]) {
+///
+/// With an in-kernel irqchip it also probes every `HALT_PROBE_PERIOD` for
+/// vCPUs halted with interrupts off (see [`HaltProbe`]).
+fn wait_for_end<T>(shared: &Shared, handles: &[std::thread::JoinHandle<T>], irqchip: bool) {
     use vmm_sys_util::signal::Killable;
+    const HALT_PROBE_PERIOD: std::time::Duration = std::time::Duration::from_millis(100);
     let tick = std::time::Duration::from_millis(2);
+    let mut last_probe = std::time::Instant::now();
+    let mut probing: Option<u64> = None;
     while !shared.stopping() && !handles.iter().all(|h| h.is_finished()) {
         if crate::signals::stop_requested() {
             shared.finish(VmEnd::new(
                 status::INTERRUPTED,
                 "stopped by SIGINT/SIGTERM".into(),
             ));
+        }
+        if irqchip {
+            match probing {
+                None if last_probe.elapsed() >= HALT_PROBE_PERIOD => {
+                    probing = Some(shared.probe.start());
+                    for h in handles {
+                        let _ = h.kill(crate::signals::kick_signal());
+                    }
+                }
+                Some(round) => match shared.probe.result(round) {
+                    Some(true) => shared.finish(VmEnd::new(
+                        status::GUEST_DONE,
+                        "every vCPU halted with interrupts off (or never started)".into(),
+                    )),
+                    Some(false) => {
+                        probing = None;
+                        last_probe = std::time::Instant::now();
+                    }
+                    // A vCPU that has not answered yet missed the kick
+                    // (it was between exits): kick it again.
+                    None if last_probe.elapsed() >= 2 * HALT_PROBE_PERIOD => {
+                        for h in handles {
+                            let _ = h.kill(crate::signals::kick_signal());
+                        }
+                        last_probe = std::time::Instant::now() - HALT_PROBE_PERIOD;
+                    }
+                    None => {}
+                },
+                None => {}
+            }
         }
         std::thread::park_timeout(tick);
     }

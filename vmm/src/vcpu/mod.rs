@@ -13,7 +13,9 @@ use crate::status;
 use crate::trace::TraceRecord;
 use crate::vm::{Shared, VmEnd};
 use exit::{handle_exit, ExitAction};
-use kvm_bindings::kvm_regs;
+use kvm_bindings::{
+    kvm_regs, KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_UNINITIALIZED,
+};
 use kvm_ioctls::{SyncReg, VcpuFd};
 use std::sync::Arc;
 use std::time::Instant;
@@ -80,6 +82,7 @@ impl Vcpu {
             let t0 = timing.then(Instant::now);
             if let Err(e) = self.fd.run() {
                 if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN {
+                    self.answer_halt_probe();
                     continue;
                 }
                 return Some(VmEnd::new(
@@ -136,6 +139,25 @@ impl Vcpu {
                 return end;
             }
         }
+    }
+
+    /// After a kick: tells the VM whether this vCPU is parked for good
+    /// (halted with interrupts off, or an application processor that was
+    /// never started), if a halt probe is running.
+    fn answer_halt_probe(&mut self) {
+        let round = self.shared.probe.round();
+        if round == 0 {
+            return;
+        }
+        let parked = match self.fd.get_mp_state() {
+            Ok(s) if s.mp_state == KVM_MP_STATE_HALTED => self.regs().rflags & RFLAGS_IF == 0,
+            Ok(s) => matches!(
+                s.mp_state,
+                KVM_MP_STATE_UNINITIALIZED | KVM_MP_STATE_INIT_RECEIVED
+            ),
+            Err(_) => false,
+        };
+        self.shared.probe.answer(self.id, round, parked);
     }
 
     fn halt(&mut self) -> Option<VmEnd> {
