@@ -9,6 +9,7 @@ pub mod bus;
 pub mod cli;
 pub mod config;
 pub mod devices;
+pub mod halt_probe;
 pub mod kvm;
 pub mod layout;
 pub mod loader;

@@ -4,6 +4,7 @@ use crate::boot::{self, EntryMode};
 use crate::bus::{BusError, MmioBus, PioBus};
 use crate::config::{TestDevice, VmConfig};
 use crate::devices::{debug_exit, i8042, mmio_ram::MmioRam, serial, test_report};
+use crate::halt_probe::HaltProbe;
 use crate::kvm::{self, cpuid, ioctl_err, KvmError};
 use crate::layout;
 use crate::loader::{self, ImageFormat, LoadError, LoadRequest};
@@ -13,7 +14,7 @@ use crate::trace::Tracer;
 use crate::vcpu::{Emulator, Vcpu};
 use kvm_bindings::kvm_xcrs;
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -90,56 +91,6 @@ pub struct Shared {
     /// the current probe round, and per vCPU the last round it answered
     /// and whether it was parked for good then.
     pub probe: HaltProbe,
-}
-
-/// With an in-kernel LAPIC, HLT is handled inside KVM and never exits, so
-/// the VMM asks periodically: every vCPU, kicked out of KVM_RUN, reports
-/// whether it is halted with interrupts off (or never started). When all
-/// are, nothing can wake any of them and the VM has ended.
-#[derive(Default)]
-pub struct HaltProbe {
-    round: AtomicU64,
-    /// Per vCPU: round << 1 | parked.
-    answers: Vec<AtomicU64>,
-}
-
-impl HaltProbe {
-    fn new(cpus: usize) -> Self {
-        HaltProbe {
-            round: AtomicU64::new(0),
-            answers: (0..cpus).map(|_| AtomicU64::new(0)).collect(),
-        }
-    }
-
-    /// The round a kicked vCPU answers (0: no probe yet).
-    pub fn round(&self) -> u64 {
-        self.round.load(Ordering::Acquire)
-    }
-
-    /// A vCPU's answer for `round`.
-    pub fn answer(&self, vcpu: u8, round: u64, parked: bool) {
-        if let Some(a) = self.answers.get(usize::from(vcpu)) {
-            a.store(round << 1 | u64::from(parked), Ordering::Release);
-        }
-    }
-
-    /// Starts a new round.
-    fn start(&self) -> u64 {
-        self.round.fetch_add(1, Ordering::AcqRel) + 1
-    }
-
-    /// `Some(all parked)` once every vCPU answered `round`.
-    fn result(&self, round: u64) -> Option<bool> {
-        let mut all = true;
-        for a in &self.answers {
-            let v = a.load(Ordering::Acquire);
-            if v >> 1 != round {
-                return None;
-            }
-            all &= v & 1 == 1;
-        }
-        Some(all)
-    }
 }
 
 impl Shared {
