@@ -321,8 +321,9 @@ impl StubBuf {
         if with_vec {
             self.invoke_with_vec(stub, gprs);
         } else {
-            // SAFETY: `stub.entry` is a stub just built by `builder::build`
-            // (checked to fit its buffer) in this buffer's executable alias,
+            // SAFETY: `stub.entry` is a stub built by `builder::build` (just
+            // now, or for an identical earlier request and left in place;
+            // checked to fit its buffer) in this buffer's executable alias,
             // with helpers generated for this buffer. The stub saves and
             // restores rbx, rbp and r12-r15 itself (also on the fault path, via
             // the landing pad) and only runs on the stack below the current
