@@ -65,3 +65,15 @@ fn stats_count_emulated_instructions_per_mnemonic() {
     let stats = out.stats.expect("stats").report();
     assert!(stats.contains("emulation"), "{stats}");
 }
+
+/// AVX-512 masked moves and VMASKMOV across an unmapped page: the VMM
+/// faults exactly where the CPU does natively (only on selected elements),
+/// and loads and stores the same bytes.
+#[test]
+fn masked_accesses_fault_like_the_cpu() {
+    if !std::arch::is_x86_feature_detected!("avx512bw") {
+        eprintln!("skipped: the host has no AVX-512BW, the program's payload needs it");
+        return;
+    }
+    common::check_program("masked-fault-suppression");
+}

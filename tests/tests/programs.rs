@@ -35,6 +35,7 @@ const TESTED_ELSEWHERE: &[&str] = &[
     "unsupported-insn",
     "emul-page-fault",
     "cpuid-leaves",
+    "masked-fault-suppression",
 ];
 
 program_tests! {

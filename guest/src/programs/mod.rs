@@ -3,6 +3,7 @@
 mod basic;
 pub mod bench;
 pub mod emulation;
+mod masked;
 mod mmio;
 mod pio;
 mod regonly;
@@ -40,6 +41,7 @@ const CATALOGUE: &[(&str, Builder)] = &[
     ("user-simd", user::user_simd),
     ("user-exception", user::user_exception),
     ("regonly-cpl0", regonly::regonly_cpl0),
+    ("masked-fault-suppression", masked::masked_fault_suppression),
     ("unsupported-insn", emulation::unsupported_insn),
     ("emul-page-fault", emulation::emul_page_fault),
     ("multiboot-info", testdev::multiboot_info),
