@@ -3,7 +3,7 @@
 
 use iced_x86::{
     CpuidFeature, Decoder, DecoderError, DecoderOptions, Formatter, Instruction,
-    InstructionInfoFactory, IntelFormatter, Mnemonic, OpAccess, Register, UsedMemory,
+    InstructionInfoFactory, IntelFormatter, Mnemonic, OpAccess, OpKind, Register, UsedMemory,
 };
 
 use crate::address::linear_address;
@@ -561,13 +561,25 @@ impl Emulator {
     }
 }
 
-/// A masked move (EVEX-masked load or store, or VMASKMOV): each mask bit
-/// selects the memory element at the same position, and masked-out
-/// elements never fault. Other masked instructions (broadcasts, inserts,
-/// shifts by a memory count, mixed element sizes) do not map mask bits to
-/// memory elements one to one, so their whole operand is translated.
+/// A masked access whose mask bits select memory elements one to one, so
+/// masked-out elements never fault: EVEX-masked moves, VMASKMOV, and
+/// element-wise EVEX arithmetic whose memory operand is a full vector of
+/// the destination's element type. Other masked instructions (broadcasts,
+/// inserts, shifts by a memory count, conversions, mixed element sizes such
+/// as VPMULTISHIFTQB or VPDPBUSD) do not map mask bits to memory elements
+/// that way, so their whole operand is translated (`masked-fault-suppression`
+/// checks the listed forms against the CPU).
 fn is_masked_access(instr: &Instruction) -> bool {
     use Mnemonic as M;
+    if matches!(
+        instr.mnemonic(),
+        M::Vmaskmovps | M::Vmaskmovpd | M::Vpmaskmovd | M::Vpmaskmovq
+    ) {
+        return true;
+    }
+    if instr.op_mask() == Register::None || instr.is_broadcast() {
+        return false;
+    }
     let evex_move = matches!(
         instr.mnemonic(),
         M::Vmovdqu8
@@ -584,11 +596,43 @@ fn is_masked_access(instr: &Instruction) -> bool {
             | M::Vmovsd
             | M::Vmovsh
     );
-    (evex_move && instr.op_mask() != Register::None && !instr.is_broadcast())
-        || matches!(
-            instr.mnemonic(),
-            M::Vmaskmovps | M::Vmaskmovpd | M::Vpmaskmovd | M::Vpmaskmovq
-        )
+    // Same-type element-wise arithmetic: destination, sources and memory
+    // share one element type.
+    let elementwise = matches!(
+        instr.mnemonic(),
+        M::Vaddps
+            | M::Vaddpd
+            | M::Vsubps
+            | M::Vsubpd
+            | M::Vmulps
+            | M::Vmulpd
+            | M::Vdivps
+            | M::Vdivpd
+            | M::Vminps
+            | M::Vminpd
+            | M::Vmaxps
+            | M::Vmaxpd
+            | M::Vpaddb
+            | M::Vpaddw
+            | M::Vpaddd
+            | M::Vpaddq
+            | M::Vpsubb
+            | M::Vpsubw
+            | M::Vpsubd
+            | M::Vpsubq
+            | M::Vpandd
+            | M::Vpandq
+            | M::Vpord
+            | M::Vporq
+            | M::Vpxord
+            | M::Vpxorq
+            | M::Vpmulld
+            | M::Vpmullq
+    );
+    let full_vector = instr.op_count() > 0
+        && instr.op_kind(0) == OpKind::Register
+        && instr.op_register(0).size() == instr.memory_size().size();
+    evex_move || (elementwise && full_vector)
 }
 
 /// Writes operand bytes `from..to` to the pieces they fall in.

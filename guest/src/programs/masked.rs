@@ -1,6 +1,7 @@
 //! Fault suppression for masked vector accesses, natively vs through the
-//! VMM: an AVX-512 masked move or a VMASKMOV whose operand runs onto an
-//! unmapped page must fault only when a selected element lies there. Every
+//! VMM: an AVX-512 masked move, a VMASKMOV or element-wise EVEX arithmetic
+//! whose memory operand runs onto an unmapped page must fault only when a
+//! selected element lies there. Every
 //! case runs first at CPL 0 (each instruction completed by the VMM's
 //! emulator on PVM) and then natively at CPL 3; the payload compares the
 //! exception, the loaded register and the stored memory of both runs.
@@ -83,6 +84,37 @@ const CASES: &[Case] = &[
         below: 16,
         k1: 0,
         body: |a| a.vmaskmovps(ymmword_ptr(rbx), ymm3, ymm2),
+    },
+    // Element-wise arithmetic with a masked memory source.
+    Case {
+        below: 32,
+        k1: 0x00ff,
+        body: |a| a.vaddps(zmm1.k1(), zmm2, zmmword_ptr(rbx)),
+    },
+    Case {
+        below: 32,
+        k1: 0x0100,
+        body: |a| a.vaddps(zmm1.k1(), zmm2, zmmword_ptr(rbx)),
+    },
+    Case {
+        below: 32,
+        k1: 0x000f,
+        body: |a| a.vmulpd(zmm1.k1().z(), zmm2, zmmword_ptr(rbx)),
+    },
+    Case {
+        below: 32,
+        k1: 0xffff_ffff,
+        body: |a| a.vpaddb(zmm1.k1(), zmm2, zmmword_ptr(rbx)),
+    },
+    Case {
+        below: 32,
+        k1: 0x1_ffff_ffff,
+        body: |a| a.vpaddb(zmm1.k1(), zmm2, zmmword_ptr(rbx)),
+    },
+    Case {
+        below: 16,
+        k1: 0x3,
+        body: |a| a.vpandq(ymm1.k1(), ymm2, ymmword_ptr(rbx)),
     },
 ];
 
@@ -198,7 +230,9 @@ pub fn masked_fault_suppression() -> Result<Program, IcedError> {
     // Native outcome per case: no fault (0xff) where every selected
     // element is mapped, #PF (14) otherwise.
     let mut reports = vec![CASES.len() as u64, 0];
-    reports.extend([NONE, 14, NONE, 14, NONE, 14, NONE, NONE, 14, NONE]);
+    reports.extend([
+        NONE, 14, NONE, 14, NONE, 14, NONE, NONE, 14, NONE, NONE, 14, NONE, NONE, 14, NONE,
+    ]);
     Ok(Program::new(
         "masked-fault-suppression",
         "AVX-512 masked moves and VMASKMOV across an unmapped page: CPL 0 (VMM) vs native CPL 3",
