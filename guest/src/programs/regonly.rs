@@ -4,8 +4,8 @@
 //! result register and the arithmetic flags of both runs.
 
 use super::{assemble, expect, LOAD_ADDR};
-use crate::rt::kernel64::{sys_exit, sys_print, sys_report, Kernel64};
-use crate::rt::{status_of, Asm, AsmResult, EXIT_CHECK_FAILED, EXIT_PASS};
+use crate::rt::kernel64::{sys_report, sys_verdict, Kernel64};
+use crate::rt::{status_of, Asm, AsmResult, EXIT_PASS};
 use crate::{Mode, Program};
 use iced_x86::code_asm::*;
 use iced_x86::IcedError;
@@ -129,14 +129,7 @@ pub fn regonly_cpl0() -> Result<Program, IcedError> {
         a.lea(rsi, ptr(kernel_table))?;
         a.mov(rax, qword_ptr(rsi))?;
         sys_report(a, rax)?;
-        let mut fail = a.create_label();
-        a.test(r12, r12)?;
-        a.jnz(fail)?;
-        sys_print(a, "cpl0 and cpl3 agree\n")?;
-        sys_exit(a, EXIT_PASS)?;
-        a.set_label(&mut fail)?;
-        sys_print(a, "cpl0 and cpl3 differ\n")?;
-        sys_exit(a, EXIT_CHECK_FAILED)?;
+        sys_verdict(a, r12, "cpl0 and cpl3 agree\n", "cpl0 and cpl3 differ\n")?;
         k.finish(a)?;
         a.set_label(&mut kernel_table)?;
         a.dq(&vec![0; n])?;

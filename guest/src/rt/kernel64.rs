@@ -443,3 +443,17 @@ pub fn sys_print(a: &mut Asm, s: &str) -> AsmResult {
     a.mov(eax, SYS_WRITE)?;
     a.syscall()
 }
+
+/// Ends a self-checking payload: prints `pass` and exits with EXIT_PASS
+/// when `mismatches` is zero, else prints `fail` and exits with
+/// EXIT_CHECK_FAILED.
+pub fn sys_verdict(a: &mut Asm, mismatches: AsmRegister64, pass: &str, fail: &str) -> AsmResult {
+    let mut failed = a.create_label();
+    a.test(mismatches, mismatches)?;
+    a.jnz(failed)?;
+    sys_print(a, pass)?;
+    sys_exit(a, super::EXIT_PASS)?;
+    a.set_label(&mut failed)?;
+    sys_print(a, fail)?;
+    sys_exit(a, super::EXIT_CHECK_FAILED)
+}
