@@ -115,17 +115,7 @@ fn fill(ins: &mut Instruction, i: u32, kind: K, mem: bool, s: &mut Slots) -> boo
         r
     };
     let r = match kind {
-        K::r8_or_mem
-        | K::r16_or_mem
-        | K::r32_or_mem
-        | K::r64_or_mem
-        | K::mm_or_mem
-        | K::xmm_or_mem
-        | K::ymm_or_mem
-        | K::zmm_or_mem
-        | K::k_or_mem
-            if mem =>
-        {
+        k if mem && is_or_mem(k) => {
             ins.set_op_kind(i, OpKind::Memory);
             ins.set_memory_base(Register::RBP);
             ins.set_memory_displ_size(1);
