@@ -10,7 +10,7 @@
 # Environment:
 #   HWKVM_CACHE  where the kernel and built images are kept between runs
 #                (default ${XDG_CACHE_HOME:-$HOME/.cache}/vmm-hwkvm)
-#   HWKVM_TIMEOUT  seconds the VM may run (default 540)
+#   HWKVM_TIMEOUT  seconds the VM may run (default 600)
 #   HWKVM_TESTS  space-separated test binary names to run (default: all)
 #   KUT_DIR      optional directory of kvm-unit-tests .flat kernels; the lane
 #                then also runs emulator.flat and reports its PASS/FAIL counts
@@ -19,7 +19,7 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 cache="${HWKVM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vmm-hwkvm}"
-timeout_s="${HWKVM_TIMEOUT:-540}"
+timeout_s="${HWKVM_TIMEOUT:-600}"
 mkdir -p "$cache"
 
 say() { echo "hwkvm: $*" >&2; }
@@ -27,8 +27,8 @@ say() { echo "hwkvm: $*" >&2; }
 # --- tools from the package registry ---------------------------------------
 need_pkgs=()
 command -v qemu-system-x86_64 >/dev/null || need_pkgs+=(qemu-system-x86)
-[ -x /bin/busybox ] && file_static=$(ldd /bin/busybox 2>&1 || true) || file_static=""
-case "$file_static" in *"not a dynamic"*) ;; *) need_pkgs+=(busybox-static) ;; esac
+# The initramfs needs a static busybox (busybox-static replaces busybox).
+case "$(ldd /bin/busybox 2>&1 || true)" in *"not a dynamic"*) ;; *) need_pkgs+=(busybox-static) ;; esac
 command -v cpio >/dev/null || need_pkgs+=(cpio)
 command -v xz >/dev/null || need_pkgs+=(xz-utils)
 command -v depmod >/dev/null || need_pkgs+=(kmod)
@@ -76,7 +76,9 @@ cd "$root"
 say "building the release vmm and the test binaries"
 cargo build --release -q -p vmm --bin vmm
 cargo build --release -q -p guest --bin guest
-tests_json=$(cargo test --workspace --no-run --message-format=json 2>/dev/null)
+# Release test binaries: under TCG debug code is what would dominate the
+# run (emulator_diff took 234 s as a debug build).
+tests_json=$(cargo test --workspace --release --no-run --message-format=json 2>/dev/null)
 mapfile -t test_bins < <(printf '%s\n' "$tests_json" | grep '"test":true' |
     sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | sort -u)
 [ ${#test_bins[@]} -gt 0 ] || { say "cargo listed no test binaries"; exit 2; }

@@ -122,6 +122,11 @@ fn selftest_is_fast_after_init() {
         .min()
         .unwrap();
     println!("selftest (7 cases, 6 faults): {best:?}");
+    if probe::probe().expect("CPU probes run").is_tcg() {
+        // Every fault is a signal through an emulated CPU: time means nothing.
+        println!("time not checked: the CPU is QEMU's TCG");
+        return;
+    }
     assert!(best < Duration::from_millis(1), "selftest took {best:?}");
 }
 

@@ -63,7 +63,10 @@ pub fn emul_page_fault() -> Result<Program, IcedError> {
         a.mov(cr0, rax)?;
         a.mov(rax, cr3)?;
         a.mov(cr3, rax)?;
-        for (addr, store) in [(UNMAPPED + 0x123, false), (READ_ONLY + 0x40, true)] {
+        // 16-byte aligned: addps needs an aligned operand, and the alignment
+        // check (#GP(0)) comes before the page walk on hardware (seen under
+        // hardware KVM, where this runs natively).
+        for (addr, store) in [(UNMAPPED + 0x120, false), (READ_ONLY + 0x40, true)] {
             let mut resume = a.create_label();
             a.lea(rax, ptr(resume))?;
             a.mov(qword_ptr(k.resume_rip), rax)?;
@@ -90,7 +93,7 @@ pub fn emul_page_fault() -> Result<Program, IcedError> {
             "page faults injected",
             // #PF, error 0 (not present, read, supervisor), CR2; then
             // #PF, error 3 (present, write), CR2.
-            Some(vec![14, 0, UNMAPPED + 0x123, 14, 3, READ_ONLY + 0x40]),
+            Some(vec![14, 0, UNMAPPED + 0x120, 14, 3, READ_ONLY + 0x40]),
         )))
 }
 
