@@ -122,7 +122,8 @@ if [ -f /kut/emulator.flat ]; then
     st=$?
     say "kvm-unit-tests emulator.flat: exit $st, $(grep -c '^PASS' /tmp/kut.log) PASS," \
         "$(grep -c '^FAIL' /tmp/kut.log) FAIL, $(grep -c '^SKIP' /tmp/kut.log) SKIP;" \
-        "last: $(grep -E '^(PASS|FAIL|SKIP)' /tmp/kut.log | tail -n1)"
+        "$(grep -a '^SUMMARY' /tmp/kut.log || echo 'no SUMMARY line')"
+    grep -a '^FAIL' /tmp/kut.log | while IFS= read -r l; do say "kvm-unit-tests emulator.flat $l"; done
     echo "===== kvm-unit-tests emulator.flat (exit $st)"
     cat /tmp/kut.log
 fi
