@@ -804,3 +804,162 @@ fn reserved_bits_follow_the_guests_maxphyaddr() {
         "a 46-bit guest must not fault: {o:?}"
     );
 }
+
+fn mxcsr(img: &XsaveImage) -> u32 {
+    u32::from_le_bytes(img.bytes[24..28].try_into().unwrap())
+}
+
+/// An unmasked SIMD exception raises #XM with its flag set in MXCSR, as the
+/// CPU leaves it (SDM vol. 1, 11.5.1: flags are set before the exception
+/// is taken); the guest image carries the new MXCSR, RIP stays.
+#[test]
+fn xm_keeps_the_mxcsr_flags_the_exception_left() {
+    let (mut cpu, mut mem) = setup();
+    let mut e = emul();
+    let mut img = XsaveImage::new();
+    img.bytes[24..28].copy_from_slice(&0x1d80u32.to_le_bytes()); // ZM clear
+    img.bytes[160..164].copy_from_slice(&1.0f32.to_bits().to_le_bytes());
+    img.bytes[512] = 0b11;
+    cpu.gprs.rsi = DATA;
+    // One element, 1.0 / 0.0: only ZE (divps would add IE for 0/0 lanes).
+    let code = asm64(|a| a.divss(xmm0, dword_ptr(rsi)));
+    assert_eq!(
+        exc(&e.emulate(&mut cpu, &code, &mut img, &mut mem)),
+        (VEC_XM, None)
+    );
+    assert_eq!(cpu.rip, CODE);
+    assert_eq!(mxcsr(&img), 0x1d80 | 0x4, "ZE set by the faulting divide");
+    assert!(img.dirty);
+    assert_eq!(
+        img.bytes[160..164],
+        1.0f32.to_bits().to_le_bytes(),
+        "xmm0 kept"
+    );
+}
+
+/// An unmasked x87 exception is left pending by the instruction that
+/// caused it: FSW shows it, and FOP/FIP/FDP describe the guest's own
+/// instruction (its ModRM, not the re-encoded `[rip+disp32]` one).
+#[test]
+fn pending_x87_exception_keeps_the_guests_fop_fip_fdp() {
+    let (mut cpu, mut mem) = setup();
+    let mut e = emul();
+    let mut img = XsaveImage::new();
+    img.bytes[0..2].copy_from_slice(&0x37bu16.to_le_bytes()); // ZM clear
+    img.bytes[512] = 0b1; // x87 state present, or XRSTOR loads its init FCW
+    cpu.gprs.rsi = DATA;
+    for code in [
+        asm64(|a| a.fld1()),
+        // fdiv dword [rsi+0x10]: D8 76 10 -> FOP 0x076.
+        asm64(|a| a.fdiv(dword_ptr(rsi + 0x10))),
+    ] {
+        cpu.rip = CODE;
+        done(&e.emulate(&mut cpu, &code, &mut img, &mut mem));
+    }
+    let u16_at = |o: usize| u16::from_le_bytes(img.bytes[o..o + 2].try_into().unwrap());
+    let u64_at = |o: usize| u64::from_le_bytes(img.bytes[o..o + 8].try_into().unwrap());
+    let fsw = u16_at(2);
+    assert_eq!(fsw & 0x84, 0x84, "ZE and ES pending: {fsw:#x}");
+    assert_eq!(u16_at(6), 0x076, "FOP");
+    assert_eq!(u64_at(8), CODE, "FIP");
+    assert_eq!(u64_at(16), DATA + 0x10, "FDP");
+}
+
+/// The CPU stops at 15 bytes: a longer instruction (redundant prefixes)
+/// raises #GP(0), a 15-byte one runs, and an unknown opcode is #UD.
+#[test]
+fn instructions_longer_than_15_bytes_raise_gp() {
+    let (mut cpu, mut mem) = setup();
+    let mut e = emul();
+    cpu.gprs.rax = DATA;
+    let add = [0x01u8, 0x08]; // add [rax], ecx
+    let with_prefixes = |n: usize| [vec![0x66u8; n], add.to_vec()].concat();
+    // KVM reports at most 15 bytes; the emulator reads on from guest memory.
+    let mut run = |bytes: &[u8]| {
+        mem.ram[CODE as usize..CODE as usize + 32].fill(0x90);
+        mem.ram[CODE as usize..CODE as usize + bytes.len()].copy_from_slice(bytes);
+        cpu.rip = CODE;
+        e.emulate(
+            &mut cpu,
+            &bytes[..bytes.len().min(15)],
+            &mut NoVectorState,
+            &mut mem,
+        )
+    };
+    assert_eq!(exc(&run(&with_prefixes(14))), (VEC_GP, Some(0)), "16 bytes");
+    assert_eq!(exc(&run(&[0x66; 16])), (VEC_GP, Some(0)), "prefixes only");
+    let o = run(&with_prefixes(13));
+    assert!(matches!(o, Outcome::Done { .. }), "15 bytes: {o:?}");
+    assert_eq!(
+        exc(&run(&[0x66, 0x0f, 0x04])),
+        (VEC_UD, None),
+        "invalid opcode"
+    );
+}
+
+/// A VEX instruction whose state components are off in the guest's XCR0
+/// raises #UD (before any memory access), whatever the host's XCR0.
+#[test]
+fn guest_xcr0_decides_vex_ud() {
+    if !avx_ok() {
+        eprintln!("skipped: host has no AVX");
+        return;
+    }
+    let (mut cpu, mut mem) = setup();
+    let mut e = emul();
+    cpu.gprs.rax = DATA;
+    let code = asm64(|a| a.vmovups(ymm1, ptr(rax)));
+    let mut img = XsaveImage::new();
+    img.xcr0 = 0b11;
+    mem.log.clear();
+    assert_eq!(
+        exc(&e.emulate(&mut cpu, &code, &mut img, &mut mem)),
+        (VEC_UD, None)
+    );
+    assert!(mem.log.is_empty(), "no memory access before #UD");
+    img.xcr0 = 0b111;
+    done(&e.emulate(&mut cpu, &code, &mut img, &mut mem));
+}
+
+/// Alignment is checked before the page walk: a misaligned aligned-only
+/// operand on a not-present page raises #GP(0), an aligned one #PF (the
+/// host CPU does the same: `stub::tests::alignment_comes_before_the_walk`).
+#[test]
+fn misaligned_operand_on_a_missing_page_is_gp_not_pf() {
+    let (mut cpu, mut mem) = setup();
+    let mut e = emul();
+    let missing = 0x7f_0000u64;
+    let mut img = XsaveImage::new();
+    for (addr, want) in [
+        (missing + 8, (VEC_GP, Some(0))),
+        (missing, (VEC_PF, Some(0))),
+        // Split operand, second page missing, start misaligned.
+        (missing - 8, (VEC_GP, Some(0))),
+    ] {
+        mem.map(CR3, 4, missing - 0x1000, missing - 0x1000, RW);
+        cpu.gprs.rsi = addr;
+        cpu.rip = CODE;
+        let code = asm64(|a| a.movaps(xmm0, xmmword_ptr(rsi)));
+        assert_eq!(
+            exc(&e.emulate(&mut cpu, &code, &mut img, &mut mem)),
+            want,
+            "{addr:#x}"
+        );
+        cpu.rip = CODE;
+        let code = asm64(|a| a.addps(xmm0, xmmword_ptr(rsi)));
+        assert_eq!(
+            exc(&e.emulate(&mut cpu, &code, &mut img, &mut mem)),
+            want,
+            "{addr:#x}"
+        );
+    }
+    // An unaligned-access form faults on the walk.
+    cpu.rip = CODE;
+    cpu.gprs.rsi = missing + 8;
+    let code = asm64(|a| a.movups(xmm0, xmmword_ptr(rsi)));
+    assert_eq!(
+        exc(&e.emulate(&mut cpu, &code, &mut img, &mut mem)).0,
+        VEC_PF
+    );
+    assert!(!img.dirty);
+}

@@ -6,6 +6,7 @@ use iced_x86::{
     IntelFormatter, Mnemonic, UsedMemory,
 };
 
+use crate::address::linear_address;
 use crate::classify::{classify, Class};
 use crate::cpu::{CpuState, CR0_AM, CR4_OSXMMEXCPT, RFLAGS_AC};
 use crate::exception::{Exception, VEC_AC, VEC_GP, VEC_PF, VEC_SS, VEC_XM};
@@ -19,7 +20,7 @@ mod fetch;
 mod operand;
 mod vector;
 
-use fetch::fetch;
+use fetch::{fetch, undecodable};
 use vector::{check_vector_enabled, is_masked_access};
 
 const PAGE_SIZE: u64 = 4096;
@@ -175,15 +176,19 @@ impl Emulator {
         let hit = self.cached.filter(|c| c.matches(cpu.rip, bitness, insn));
         // Only instructions decoded from the reported bytes are cached: the
         // key is those bytes.
+        let mut raw = [0u8; MAX_INSN_LEN];
         let (instr, cacheable) = match hit {
-            Some(c) => (c.instr, true),
-            None => match self.decode(cpu, bitness, insn, mem) {
+            Some(c) => {
+                raw = c.bytes;
+                (c.instr, true)
+            }
+            None => match self.decode(cpu, bitness, insn, &mut raw, mem) {
                 Ok(decoded) => decoded,
                 Err(stop) => return self.outcome(stop, None),
             },
         };
         self.last_mnemonic = instr.mnemonic();
-        match self.execute(cpu, bitness, &instr, hit, cacheable, insn, vec, mem) {
+        match self.execute(cpu, bitness, &instr, hit, cacheable, &raw, vec, mem) {
             Ok(()) => Outcome::Done {
                 mnemonic: instr.mnemonic(),
             },
@@ -209,12 +214,13 @@ impl Emulator {
 
     /// Decodes from the reported bytes, or from guest memory when they are
     /// absent or end inside the instruction; the flag says whether the
-    /// reported bytes were used.
+    /// reported bytes were used. `bytes` receives the instruction's bytes.
     fn decode(
         &mut self,
         cpu: &CpuState,
         bitness: u32,
         insn: &[u8],
+        bytes: &mut [u8; MAX_INSN_LEN],
         mem: &mut dyn Platform,
     ) -> Result<(Instruction, bool), Stop> {
         let given = &insn[..insn.len().min(MAX_INSN_LEN)];
@@ -223,19 +229,19 @@ impl Emulator {
             let i = d.decode();
             if d.last_error() != DecoderError::NoMoreBytes {
                 return if i.is_invalid() {
-                    Err(Exception::ud().into())
+                    Err(undecodable(given, bitness).into())
                 } else {
+                    bytes[..given.len()].copy_from_slice(given);
                     Ok((i, true))
                 };
             }
         }
-        let mut bytes = [0u8; MAX_INSN_LEN];
-        let (len, pending) = fetch(cpu, bitness, &mut bytes, mem)?;
+        let (len, pending) = fetch(cpu, bitness, bytes, mem)?;
         let mut d = Decoder::with_ip(bitness, &bytes[..len], cpu.rip, DecoderOptions::NONE);
         let i = d.decode();
         match (d.last_error(), pending) {
             (DecoderError::NoMoreBytes, Some(fault)) => Err(fault.into()),
-            _ if i.is_invalid() => Err(Exception::ud().into()),
+            _ if i.is_invalid() => Err(undecodable(&bytes[..len], bitness).into()),
             _ => Ok((i, false)),
         }
     }
@@ -248,7 +254,7 @@ impl Emulator {
         instr: &Instruction,
         hit: Option<Decoded>,
         cacheable: bool,
-        insn: &[u8],
+        raw: &[u8; MAX_INSN_LEN],
         vec: &mut dyn VectorState,
         mem: &mut dyn Platform,
     ) -> Result<(), Stop> {
@@ -259,7 +265,7 @@ impl Emulator {
                 self.used_memory(instr)?,
             ),
         };
-        check_vector_enabled(cpu, instr, class)?;
+        check_vector_enabled(cpu, instr, class, vec)?;
         // A masked access only touches its selected elements: the mask
         // (from the vector state) decides which pages it may fault on.
         let selected = match used {
@@ -268,7 +274,14 @@ impl Emulator {
             }
             _ => None,
         };
-        let operand = self.operand(cpu, bitness, instr, used, selected, mem)?;
+        let operand = match self.operand(cpu, bitness, instr, used, selected, mem) {
+            Err(Stop::Exception(pf)) if pf.vector == VEC_PF => {
+                return Err(self
+                    .fault_before_walk(cpu, bitness, instr, class, used, pf, vec)
+                    .into());
+            }
+            other => other?,
+        };
 
         // Stage the operand and build the instruction for the stub.
         let bounce_off = operand.map_or(0, |o| BOUNCE_BASE + (o.lin & 63) as usize);
@@ -289,7 +302,7 @@ impl Emulator {
         if cacheable {
             let mut bytes = [0u8; MAX_INSN_LEN];
             let n = instr.len().min(MAX_INSN_LEN);
-            bytes[..n].copy_from_slice(&insn[..n]);
+            bytes[..n].copy_from_slice(&raw[..n]);
             self.cached = Some(Decoded {
                 rip: cpu.rip,
                 bitness,
@@ -335,14 +348,17 @@ impl Emulator {
             area[..n].copy_from_slice(&image[..n]);
             area[n..].fill(0);
             let ran = self.stub.run_with_vector(&code[..len], &mut gprs);
-            map_run(cpu, ran)?;
-            self.fix_x87_pointers(cpu, bitness, used, operand);
+            // After #XM or #MF the image holds the state the exception left
+            // (MXCSR's flags, a pending x87 exception), which the guest sees
+            // too; other faults leave it as it was.
+            self.fix_x87_pointers(cpu, bitness, used, operand, raw);
             let after = &self.stub.guest_xsave()[..n];
             let dirty = after != &image[..n];
             if dirty {
                 image[..n].copy_from_slice(after);
                 vec.mark_dirty();
             }
+            map_run(cpu, ran)?;
         } else {
             map_run(cpu, self.stub.run(&code[..len], &mut gprs))?;
         }
@@ -359,6 +375,69 @@ impl Emulator {
             _ => next & 0xffff,
         };
         Ok(())
+    }
+}
+
+impl Emulator {
+    /// The exception for an operand whose page walk failed with `pf`.
+    ///
+    /// Hardware checks alignment before it walks the page tables: a
+    /// misaligned operand of an aligned-only form (MOVAPS, ADDPS m128,
+    /// CMPXCHG16B, FXSAVE...) on a not-present page raises #GP(0), not #PF
+    /// (measured on the host: see `stub::tests`). Rather than keep a table
+    /// of aligned-only forms, run the instruction once on a zeroed operand
+    /// at the same offset modulo 64 and keep its #GP; its results are
+    /// discarded. Zeros pass every data-dependent check (LDMXCSR's reserved
+    /// bits, XRSTOR's header), so only the alignment check can fire.
+    #[allow(clippy::too_many_arguments)]
+    fn fault_before_walk(
+        &mut self,
+        cpu: &CpuState,
+        bitness: u32,
+        instr: &Instruction,
+        class: Class,
+        used: Option<UsedMemory>,
+        pf: Exception,
+        vec: &mut dyn VectorState,
+    ) -> Exception {
+        // The operand's start (the fault may be on its second page).
+        let Some(lin) = used.and_then(|u| {
+            let size = u.memory_size().size() as u64;
+            linear_address(cpu, bitness, &u, size, false).ok()
+        }) else {
+            return pf;
+        };
+        if lin & 63 == 0 {
+            return pf;
+        }
+        let off = BOUNCE_BASE + (lin & 63) as usize;
+        let mut code = [0u8; MAX_INSN_LEN];
+        let target = self.stub.bounce_exec_addr() + off as u64;
+        let Ok(len) =
+            self.reencoder
+                .encode(instr, self.stub.insn_exec_addr(), Some(target), &mut code)
+        else {
+            return pf;
+        };
+        self.stub.bounce_mut().fill(0);
+        let mut gprs = cpu.gprs;
+        gprs.rflags &= !RFLAGS_AC;
+        let ran = if class.vector {
+            let Ok(image) = vec.image() else {
+                return pf;
+            };
+            let n = image.len().min(XSAVE_AREA_SIZE);
+            let area = self.stub.guest_xsave_mut();
+            area[..n].copy_from_slice(&image[..n]);
+            area[n..].fill(0);
+            self.stub.run_with_vector(&code[..len], &mut gprs)
+        } else {
+            self.stub.run(&code[..len], &mut gprs)
+        };
+        match ran {
+            Err(StubRunError::Fault(f)) if f.vector == VEC_GP => Exception::gp0(),
+            _ => pf,
+        }
     }
 }
 
