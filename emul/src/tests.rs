@@ -963,3 +963,51 @@ fn misaligned_operand_on_a_missing_page_is_gp_not_pf() {
     );
     assert!(!img.dirty);
 }
+
+/// Cache-line instructions check and translate their address like a read
+/// and touch nothing; hints never fault. (The host CPU: a CLFLUSH of a
+/// PROT_NONE page faults with SEGV_MAPERR-like #PF, a PREFETCH does not;
+/// `stub::tests::cache_instructions_on_the_host`.)
+#[test]
+fn cache_lines_walk_and_hints_never_fault() {
+    let (mut cpu, mut mem) = setup();
+    let mut e = emul();
+    let missing = 0x7f_0000u64;
+    let run = |e: &mut Emulator, cpu: &mut CpuState, mem: &mut MockPlatform, code: &[u8]| {
+        cpu.rip = CODE;
+        mem.log.retain(|_| false);
+        e.emulate(cpu, code, &mut NoVectorState, mem)
+    };
+    let line: [(&str, Vec<u8>); 3] = [
+        ("clflush", asm64(|a| a.clflush(byte_ptr(rsi)))),
+        ("clflushopt", asm64(|a| a.clflushopt(byte_ptr(rsi)))),
+        ("clwb", asm64(|a| a.clwb(byte_ptr(rsi)))),
+    ];
+    for (name, code) in &line {
+        cpu.gprs.rsi = MMIO_BASE + 0x40;
+        let o = run(&mut e, &mut cpu, &mut mem, code);
+        assert!(matches!(o, Outcome::Done { .. }), "{name}: {o:?}");
+        assert_eq!(cpu.rip, CODE + code.len() as u64, "{name}");
+        let data: Vec<_> = mem.log.iter().filter(|l| l.1 >= MMIO_BASE).collect();
+        assert!(data.is_empty(), "{name} touched the device: {data:?}");
+        cpu.gprs.rsi = missing + 0x40;
+        let o = run(&mut e, &mut cpu, &mut mem, code);
+        assert_eq!(exc(&o), (VEC_PF, Some(0)), "{name}");
+        cpu.gprs.rsi = 0x8000_0000_0000_0000;
+        let o = run(&mut e, &mut cpu, &mut mem, code);
+        assert_eq!(exc(&o), (VEC_GP, Some(0)), "{name} non-canonical");
+    }
+    let hints: [(&str, Vec<u8>); 3] = [
+        ("prefetcht0", asm64(|a| a.prefetcht0(byte_ptr(rsi)))),
+        ("prefetchnta", asm64(|a| a.prefetchnta(byte_ptr(rsi)))),
+        ("prefetchw", asm64(|a| a.prefetchw(byte_ptr(rsi)))),
+    ];
+    for (name, code) in &hints {
+        for addr in [missing, 0x8000_0000_0000_0000] {
+            cpu.gprs.rsi = addr;
+            let o = run(&mut e, &mut cpu, &mut mem, code);
+            assert!(matches!(o, Outcome::Done { .. }), "{name} {addr:#x}: {o:?}");
+            assert!(mem.log.is_empty(), "{name}: no walk, no access");
+        }
+    }
+}

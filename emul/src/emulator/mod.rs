@@ -7,7 +7,7 @@ use iced_x86::{
 };
 
 use crate::address::linear_address;
-use crate::classify::{classify, Class};
+use crate::classify::{classify, Class, Kind};
 use crate::cpu::{CpuState, CR0_AM, CR4_OSXMMEXCPT, RFLAGS_AC};
 use crate::exception::{Exception, VEC_AC, VEC_GP, VEC_PF, VEC_SS, VEC_XM};
 use crate::paging::WalkError;
@@ -16,6 +16,7 @@ use crate::reencode::Reencoder;
 use crate::stub::{StubBuf, StubError, StubRunError, MAX_INSN_LEN, XSAVE_AREA_SIZE};
 use crate::writeback::{element_mask, XsaveLayout};
 
+mod cache;
 mod fetch;
 mod operand;
 mod vector;
@@ -260,10 +261,15 @@ impl Emulator {
     ) -> Result<(), Stop> {
         let (class, used) = match hit {
             Some(c) => (c.class, c.used),
-            None => (
-                classify(instr).map_err(Stop::Unsupported)?,
-                self.used_memory(instr)?,
-            ),
+            None => {
+                let class = classify(instr).map_err(Stop::Unsupported)?;
+                if matches!(class.kind, Kind::CacheLine | Kind::CacheHint) {
+                    self.cache_line(cpu, bitness, instr, class.kind, mem)?;
+                    advance_rip(cpu, bitness, instr);
+                    return Ok(());
+                }
+                (class, self.used_memory(instr)?)
+            }
         };
         check_vector_enabled(cpu, instr, class, vec)?;
         // A masked access only touches its selected elements: the mask
@@ -368,12 +374,7 @@ impl Emulator {
         }
         gprs.rflags = (gprs.rflags & !RFLAGS_AC) | (cpu.gprs.rflags & RFLAGS_AC);
         cpu.gprs = gprs;
-        let next = cpu.rip.wrapping_add(instr.len() as u64);
-        cpu.rip = match bitness {
-            64 => next,
-            32 => next & 0xffff_ffff,
-            _ => next & 0xffff,
-        };
+        advance_rip(cpu, bitness, instr);
         Ok(())
     }
 }
@@ -439,6 +440,16 @@ impl Emulator {
             _ => pf,
         }
     }
+}
+
+/// Moves RIP past `instr`, wrapping at the code size.
+fn advance_rip(cpu: &mut CpuState, bitness: u32, instr: &Instruction) {
+    let next = cpu.rip.wrapping_add(instr.len() as u64);
+    cpu.rip = match bitness {
+        64 => next,
+        32 => next & 0xffff_ffff,
+        _ => next & 0xffff,
+    };
 }
 
 /// Turns a stub result into the guest's view.

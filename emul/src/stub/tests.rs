@@ -688,3 +688,40 @@ fn alignment_comes_before_the_walk() {
     // SAFETY: the mapping made above, no longer used.
     unsafe { libc::munmap(page, 4096) };
 }
+
+/// What the host CPU does with cache instructions on an inaccessible page
+/// (the emulator's model in `tests::cache_lines_walk_and_hints_never_fault`):
+/// CLFLUSH faults with #PF like a read, PREFETCHT0 never faults.
+#[test]
+fn cache_instructions_on_the_host() {
+    let mut buf = StubBuf::new(false).unwrap();
+    // SAFETY: a fresh anonymous mapping with no access, unmapped below.
+    let page = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(page, libc::MAP_FAILED);
+    let mut g = GuestGprs {
+        rax: page as u64 + 0x40,
+        ..Default::default()
+    };
+    match buf.run(&encode(|a| a.clflush(byte_ptr(rax))), &mut g) {
+        Err(StubRunError::Fault(f)) => assert_eq!(f.vector, EXC_PF, "{f}"),
+        other => panic!("clflush: {other:?}"),
+    }
+    assert!(buf
+        .run(&encode(|a| a.prefetcht0(byte_ptr(rax))), &mut g)
+        .is_ok());
+    g.rax = 0x8000_0000_0000_0000;
+    assert!(buf
+        .run(&encode(|a| a.prefetcht0(byte_ptr(rax))), &mut g)
+        .is_ok());
+    // SAFETY: the mapping made above, no longer used.
+    unsafe { libc::munmap(page, 4096) };
+}
