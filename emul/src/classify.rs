@@ -35,6 +35,40 @@ pub enum Kind {
     /// PREFETCHh, PREFETCHW(T1), PREFETCH, CLDEMOTE: hints that never
     /// fault.
     CacheHint,
+    /// FXSAVE/FXRSTOR, the XSAVE family and the x87 environment
+    /// instructions: operands of 14 bytes to a few KiB whose extent depends
+    /// on state.
+    WholeState,
+}
+
+/// The whole-state family (XSAVES/XRSTORS are privileged and refused
+/// before this is asked).
+fn whole_state(mnemonic: Mnemonic) -> Option<Class> {
+    let x87_env = matches!(
+        mnemonic,
+        M::Fnstenv | M::Fstenv | M::Fldenv | M::Fnsave | M::Fsave | M::Frstor
+    );
+    let other = matches!(
+        mnemonic,
+        M::Fxsave
+            | M::Fxsave64
+            | M::Fxrstor
+            | M::Fxrstor64
+            | M::Xsave
+            | M::Xsave64
+            | M::Xsaveopt
+            | M::Xsaveopt64
+            | M::Xsavec
+            | M::Xsavec64
+            | M::Xrstor
+            | M::Xrstor64
+    );
+    (x87_env || other).then_some(Class {
+        vector: true,
+        x87_mmx: x87_env,
+        vex: false,
+        kind: Kind::WholeState,
+    })
 }
 
 /// The cache-control family, allowed whatever the feature lists say.
@@ -170,19 +204,9 @@ const INTEGER: &[Mnemonic] = &[
     M::Wait,
 ];
 
-/// x87 instructions that are refused: they load or store the environment
-/// (FPU pointers, tag word) in a layout the re-encoding does not model.
+/// x87 instructions that are refused: the 287's protected-mode and
+/// 8087 interrupt controls, which a 64-bit stub cannot model.
 const X87_DENIED: &[Mnemonic] = &[
-    M::Fsave,
-    M::Fnsave,
-    M::Frstor,
-    M::Fldenv,
-    M::Fstenv,
-    M::Fnstenv,
-    M::Fxsave,
-    M::Fxsave64,
-    M::Fxrstor,
-    M::Fxrstor64,
     M::Fsetpm,
     M::Fnsetpm,
     M::Frstpm,
@@ -294,6 +318,9 @@ pub fn classify(instr: &Instruction) -> Result<Class, Deny> {
     }
     if instr.is_vsib() {
         return Err("gather/scatter (VSIB)");
+    }
+    if let Some(class) = whole_state(instr.mnemonic()) {
+        return Ok(class);
     }
     if let Some(kind) = cache_kind(instr.mnemonic()) {
         return Ok(Class {

@@ -379,7 +379,11 @@ fn allow_list_decisions() {
     assert!(decide(&|a| a.jmp(0x1000u64)).is_err());
     assert!(decide(&|a| a.in_(al, dx)).is_err());
     assert!(decide(&|a| a.syscall()).is_err());
-    assert!(decide(&|a| a.xsave(ptr(rax))).is_err());
+    assert_eq!(
+        decide(&|a| a.xsave(ptr(rax))).unwrap().kind,
+        crate::classify::Kind::WholeState
+    );
+    assert!(decide(&|a| a.xsaves(ptr(rax))).is_err(), "privileged");
     assert!(decide(&|a| a.wrfsbase(rax)).is_err());
     // vpgatherdd xmm0, [rax+xmm1*1], xmm2
     let gather = [0xc4, 0xe2, 0x69, 0x90, 0x04, 0x08];
@@ -387,7 +391,7 @@ fn allow_list_decisions() {
     assert!(decide(&|a| a.mov(rsp, rax)).is_err());
     assert!(decide(&|a| a.cpuid()).is_err());
     assert!(decide(&|a| a.rdrand(eax)).is_err());
-    assert!(decide(&|a| a.fxsave(ptr(rax))).is_err());
+    assert!(decide(&|a| a.fnstenv(ptr(rax))).unwrap().x87_mmx);
     assert!(decide(&|a| a.movsb()).is_err());
     assert!(decide(&|a| a.vaddps(ymm0, ymm1, ptr(rax))).unwrap().vector);
     assert!(!decide(&|a| a.cmpxchg16b(ptr(rax))).unwrap().vector);
@@ -1010,4 +1014,188 @@ fn cache_lines_walk_and_hints_never_fault() {
             assert!(mem.log.is_empty(), "{name}: no walk, no access");
         }
     }
+}
+
+fn xsave_ok() -> bool {
+    is_x86_feature_detected!("xsave") && Emulator::new(true).is_ok()
+}
+
+/// An image with x87, SSE (xmm1 = 0x11.., MXCSR 0x1f80 | DAZ) present.
+fn state_image() -> XsaveImage {
+    let mut img = XsaveImage::new();
+    img.bytes[0..2].copy_from_slice(&0x27fu16.to_le_bytes()); // FCW: precision 53
+    img.bytes[24..28].copy_from_slice(&0x1fc0u32.to_le_bytes());
+    img.bytes[176..192].fill(0x11);
+    img.bytes[512] = 0b11;
+    img
+}
+
+/// FXSAVE writes the legacy region from the guest's state, and not the
+/// bytes the CPU leaves alone (found by the emulator's two-fill runs);
+/// FXRSTOR loads it back into the guest's image.
+#[test]
+fn fxsave_fxrstor_move_the_guests_state() {
+    if !xsave_ok() {
+        eprintln!("skipped: host has no XSAVE");
+        return;
+    }
+    let (mut cpu, mut mem) = setup();
+    let mut e = emul();
+    let mut img = state_image();
+    let area = DATA as usize + 0x200;
+    mem.ram[area..area + 512].fill(0xaa);
+    cpu.gprs.rsi = DATA + 0x200;
+    done(&e.emulate(
+        &mut cpu,
+        &asm64(|a| a.fxsave64(ptr(rsi))),
+        &mut img,
+        &mut mem,
+    ));
+    let saved = mem.ram[area..area + 512].to_vec();
+    assert_eq!(saved[0..2], 0x27fu16.to_le_bytes(), "FCW");
+    assert_eq!(saved[24..28], 0x1fc0u32.to_le_bytes(), "MXCSR");
+    assert!(saved[176..192].iter().all(|&b| b == 0x11), "xmm1");
+    assert!(saved[160..176].iter().all(|&b| b == 0), "xmm0");
+    // What the host CPU itself writes with FXSAVE64 (bytes 464..511 are
+    // left alone by both vendors: the software-available area).
+    let mut native = [0xaau8; 512 + 16];
+    let off = native.as_ptr().align_offset(16);
+    // SAFETY: a 16-byte aligned 512-byte region inside `native`.
+    unsafe { core::arch::asm!("fxsave64 [{}]", in(reg) native.as_mut_ptr().add(off)) };
+    assert_eq!(
+        saved[464..512],
+        native[off + 464..off + 512],
+        "reserved bytes as the CPU leaves them"
+    );
+
+    // Change the saved XMM1 and MXCSR, then FXRSTOR.
+    mem.ram[area + 176..area + 192].fill(0x22);
+    mem.ram[area + 24..area + 28].copy_from_slice(&0x1f80u32.to_le_bytes());
+    cpu.rip = CODE;
+    done(&e.emulate(
+        &mut cpu,
+        &asm64(|a| a.fxrstor64(ptr(rsi))),
+        &mut img,
+        &mut mem,
+    ));
+    assert!(img.dirty);
+    assert!(img.bytes[176..192].iter().all(|&b| b == 0x22));
+    assert_eq!(mxcsr(&img), 0x1f80);
+
+    // Misaligned: #GP(0), also on a missing page (alignment first).
+    cpu.rip = CODE;
+    cpu.gprs.rsi = 0x7f_0008;
+    let o = e.emulate(
+        &mut cpu,
+        &asm64(|a| a.fxsave64(ptr(rsi))),
+        &mut img,
+        &mut mem,
+    );
+    assert_eq!(exc(&o), (VEC_GP, Some(0)));
+}
+
+/// XSAVE requests EDX:EAX & the guest's XCR0: with XCR0 = x87|SSE the AVX
+/// area stays untouched and XSTATE_BV holds no AVX bit, whatever the host
+/// enables; XRSTOR of a header naming a component outside the guest's
+/// XCR0 is #GP(0).
+#[test]
+fn xsave_family_honours_the_guests_xcr0() {
+    if !xsave_ok() || !avx_ok() {
+        eprintln!("skipped: host has no XSAVE/AVX");
+        return;
+    }
+    let (mut cpu, mut mem) = setup();
+    let mut e = emul();
+    let mut img = state_image();
+    img.xcr0 = 0b11;
+    let ymm_hi = core::arch::x86_64::__cpuid_count(0xd, 2).ebx as usize;
+    let area = DATA as usize + 0x1000;
+    mem.ram[area..area + 0x1000].fill(0xaa);
+    mem.ram[area + 512..area + 576].fill(0); // a valid header
+    cpu.gprs.rsi = DATA + 0x1000;
+    cpu.gprs.rax = u64::from(u32::MAX);
+    cpu.gprs.rdx = u64::from(u32::MAX);
+    done(&e.emulate(
+        &mut cpu,
+        &asm64(|a| a.xsave64(ptr(rsi))),
+        &mut img,
+        &mut mem,
+    ));
+    let xstate_bv = mem.u64_at(DATA + 0x1000 + 512);
+    assert_eq!(xstate_bv & !0b11, 0, "XSTATE_BV {xstate_bv:#x}");
+    assert!(mem.ram[area + ymm_hi..area + ymm_hi + 16]
+        .iter()
+        .all(|&b| b == 0xaa));
+    assert!(mem.ram[area + 176..area + 192].iter().all(|&b| b == 0x11));
+    assert_eq!(
+        cpu.gprs.rax,
+        u64::from(u32::MAX),
+        "EDX:EAX as the guest had them"
+    );
+
+    // XRSTOR naming AVX state while the guest's XCR0 lacks it.
+    cpu.rip = CODE;
+    mem.set_u64(DATA + 0x1000 + 512, 0b111);
+    let o = e.emulate(
+        &mut cpu,
+        &asm64(|a| a.xrstor64(ptr(rsi))),
+        &mut img,
+        &mut mem,
+    );
+    assert_eq!(exc(&o), (VEC_GP, Some(0)));
+    // Within XCR0 it loads.
+    img.xcr0 = 0b111;
+    cpu.rip = CODE;
+    mem.ram[area + 176..area + 192].fill(0x33);
+    mem.set_u64(DATA + 0x1000 + 512, 0b11);
+    done(&e.emulate(
+        &mut cpu,
+        &asm64(|a| a.xrstor64(ptr(rsi))),
+        &mut img,
+        &mut mem,
+    ));
+    assert!(img.bytes[176..192].iter().all(|&b| b == 0x33));
+}
+
+/// FNSTENV stores the 28-byte protected-mode environment with the guest's
+/// FCW and FIP (not the stub's); FLDENV loads a new control word.
+#[test]
+fn x87_environment_round_trip() {
+    let (mut cpu, mut mem) = setup();
+    let mut e = emul();
+    let mut img = state_image();
+    cpu.gprs.rsi = DATA + 0x300;
+    // An x87 instruction first, so FIP/FDP name the guest's.
+    done(&e.emulate(
+        &mut cpu,
+        &asm64(|a| a.fld(qword_ptr(rsi + 0x40))),
+        &mut img,
+        &mut mem,
+    ));
+    cpu.rip = CODE + 0x10;
+    mem.ram[DATA as usize + 0x300..DATA as usize + 0x320].fill(0xaa);
+    done(&e.emulate(
+        &mut cpu,
+        &asm64(|a| a.fnstenv(ptr(rsi))),
+        &mut img,
+        &mut mem,
+    ));
+    let env = &mem.ram[DATA as usize + 0x300..DATA as usize + 0x320];
+    assert_eq!(env[0..2], 0x27fu16.to_le_bytes(), "FCW");
+    assert_eq!(
+        u32::from_le_bytes(env[12..16].try_into().unwrap()),
+        CODE as u32,
+        "FIP"
+    );
+    assert_eq!(
+        u32::from_le_bytes(env[20..24].try_into().unwrap()),
+        (DATA + 0x340) as u32,
+        "FDP"
+    );
+    assert!(env[28..32].iter().all(|&b| b == 0xaa), "28 bytes only");
+    // FLDENV of a new control word.
+    mem.ram[DATA as usize + 0x300..DATA as usize + 0x302].copy_from_slice(&0x37fu16.to_le_bytes());
+    cpu.rip = CODE;
+    done(&e.emulate(&mut cpu, &asm64(|a| a.fldenv(ptr(rsi))), &mut img, &mut mem));
+    assert_eq!(img.bytes[0..2], 0x37fu16.to_le_bytes());
 }
