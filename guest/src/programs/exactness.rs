@@ -172,7 +172,7 @@ pub fn exactness() -> Result<Program, IcedError> {
         a.set_label(&mut scratch)?;
         a.dq(&[0; 32])?;
         a.set_label(&mut table)?;
-        a.dq(&vec![0; 3 * EXACTNESS_VALUES + 1])
+        a.dq(&[0; 3 * EXACTNESS_VALUES + 1])
     })?;
     Ok(Program::new(
         "exactness",
@@ -258,7 +258,7 @@ pub fn kvm_defects() -> Result<Program, IcedError> {
         a.set_label(&mut data)?;
         a.dd(&[0x1122_3344])?;
         a.set_label(&mut table)?;
-        a.dq(&vec![0; 2 * DEFECT_NAMES.len()])
+        a.dq(&[0; 2 * DEFECT_NAMES.len()])
     })?;
     Ok(Program::new(
         "kvm-defects",
