@@ -39,6 +39,8 @@ pub enum Kind {
     /// instructions: operands of 14 bytes to a few KiB whose extent depends
     /// on state.
     WholeState,
+    /// Gathers and scatters: one access per mask-selected element.
+    Vsib,
 }
 
 /// The whole-state family (XSAVES/XRSTORS are privileged and refused
@@ -317,7 +319,15 @@ pub fn classify(instr: &Instruction) -> Result<Class, Deny> {
         return Err("string instruction (implicit memory)");
     }
     if instr.is_vsib() {
-        return Err("gather/scatter (VSIB)");
+        if !crate::emulator::is_vsib_move(instr.mnemonic()) {
+            return Err("prefetch gather/scatter (Xeon Phi)");
+        }
+        return Ok(Class {
+            vector: true,
+            x87_mmx: false,
+            vex: true,
+            kind: Kind::Vsib,
+        });
     }
     if let Some(class) = whole_state(instr.mnemonic()) {
         return Ok(class);
