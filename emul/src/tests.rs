@@ -1329,3 +1329,117 @@ fn gather_fault_is_partial_and_restartable() {
         (VEC_UD, None)
     );
 }
+
+/// SSE4A's scalar non-temporal stores (AMD hosts): MOVNTSS/MOVNTSD store
+/// the low element, as the CPU (same bytes natively from the stub).
+#[test]
+fn sse4a_movnt_scalar_stores() {
+    if !std::is_x86_feature_detected!("sse4a") {
+        eprintln!("skipped: host has no SSE4A (Intel)");
+        return;
+    }
+    let (mut cpu, mut mem) = setup();
+    let mut e = emul();
+    let mut img = XsaveImage::new();
+    for (i, b) in img.bytes[176..192].iter_mut().enumerate() {
+        *b = 0x40 + i as u8; // xmm1
+    }
+    img.bytes[512] = 0b11;
+    cpu.gprs.rsi = MMIO_BASE + 0x10;
+    mem.mmio[0x10..0x20].fill(0xee);
+    done(&e.emulate(
+        &mut cpu,
+        &asm64(|a| a.movntss(dword_ptr(rsi), xmm1)),
+        &mut img,
+        &mut mem,
+    ));
+    assert_eq!(
+        mem.mmio[0x10..0x18],
+        [0x40, 0x41, 0x42, 0x43, 0xee, 0xee, 0xee, 0xee]
+    );
+    cpu.rip = CODE;
+    done(&e.emulate(
+        &mut cpu,
+        &asm64(|a| a.movntsd(qword_ptr(rsi), xmm1)),
+        &mut img,
+        &mut mem,
+    ));
+    assert_eq!(
+        mem.mmio[0x10..0x19],
+        [0x40, 0x41, 0x42, 0x43, 0x44, 0x45, 0x46, 0x47, 0xee]
+    );
+}
+
+/// MASKMOVDQU and MASKMOVQ store the bytes whose mask byte has its top bit
+/// set at DS:rDI, the same bytes the CPU stores (checked natively on host
+/// memory), and touch no page that holds no selected byte.
+#[test]
+fn masked_implicit_stores_match_the_cpu() {
+    let data: [u8; 16] = core::array::from_fn(|i| 0xa0 + i as u8);
+    let mask: [u8; 16] = [
+        0x80, 0, 0xff, 0x7f, 0, 0, 0x81, 0, 0, 0, 0, 0, 0, 0, 0, 0x80,
+    ];
+    let mut native = [0x11u8; 16];
+    let mut native_q = [0x11u8; 8];
+    // SAFETY: MASKMOVDQU/MASKMOVQ store into `native`/`native_q` (16 and
+    // 8 bytes at RDI); xmm1, xmm2, mm1, mm2 are scratch.
+    unsafe {
+        core::arch::asm!(
+            "movdqu xmm1, [{d}]",
+            "movdqu xmm2, [{m}]",
+            "maskmovdqu xmm1, xmm2",
+            "mov rdi, {q}",
+            "movq mm1, [{d}]",
+            "movq mm2, [{m}]",
+            "maskmovq mm1, mm2",
+            "emms",
+            d = in(reg) data.as_ptr(),
+            m = in(reg) mask.as_ptr(),
+            q = in(reg) native_q.as_mut_ptr(),
+            inout("rdi") native.as_mut_ptr() => _,
+            out("xmm1") _, out("xmm2") _,
+        );
+    }
+    let (mut cpu, mut mem) = setup();
+    let mut e = emul();
+    let mut img = XsaveImage::new();
+    img.bytes[176..192].copy_from_slice(&data);
+    img.bytes[192..208].copy_from_slice(&mask);
+    img.bytes[32 + 16..32 + 24].copy_from_slice(&data[..8]); // mm1
+    img.bytes[32 + 32..32 + 40].copy_from_slice(&mask[..8]); // mm2
+    img.bytes[512] = 0b11;
+    mem.mmio[0x20..0x40].fill(0x11);
+    cpu.gprs.rdi = MMIO_BASE + 0x20;
+    done(&e.emulate(
+        &mut cpu,
+        &asm64(|a| a.maskmovdqu(xmm1, xmm2)),
+        &mut img,
+        &mut mem,
+    ));
+    assert_eq!(mem.mmio[0x20..0x30], native);
+    assert_eq!(cpu.gprs.rdi, MMIO_BASE + 0x20, "RDI as the guest had it");
+    cpu.rip = CODE;
+    cpu.gprs.rdi = MMIO_BASE + 0x30;
+    done(&e.emulate(
+        &mut cpu,
+        &asm64(|a| a.maskmovq(mm1, mm2)),
+        &mut img,
+        &mut mem,
+    ));
+    assert_eq!(mem.mmio[0x30..0x38], native_q);
+    // Only byte 15 selected, bytes 0-7 on a missing page: no fault.
+    let missing = 0x7f_0000u64;
+    mem.map(CR3, 4, missing + 0x1000, missing + 0x1000, RW);
+    let mut only_last = [0u8; 16];
+    only_last[15] = 0x80;
+    img.bytes[192..208].copy_from_slice(&only_last);
+    cpu.rip = CODE;
+    cpu.gprs.rdi = missing + 0xff8;
+    done(&e.emulate(
+        &mut cpu,
+        &asm64(|a| a.maskmovdqu(xmm1, xmm2)),
+        &mut img,
+        &mut mem,
+    ));
+    assert_eq!(mem.ram[(missing + 0x1007) as usize], data[15]);
+}
