@@ -112,7 +112,11 @@ pub fn hypervisor_signature() -> Option<String> {
         .iter()
         .flat_map(|r| r.to_le_bytes())
         .collect();
-    Some(String::from_utf8_lossy(&bytes).trim_end_matches('\0').to_string())
+    Some(
+        String::from_utf8_lossy(&bytes)
+            .trim_end_matches('\0')
+            .to_string(),
+    )
 }
 
 /// Runs every probe in a fresh stub buffer (about a millisecond).

@@ -5,8 +5,8 @@ use std::fmt;
 
 use super::buf::StubBuf;
 use super::error::StubRunError;
-use super::probe::{Deviation, HostCpu};
 use super::fault::{EXC_BP, EXC_DE, EXC_GP, EXC_SS, EXC_UD, EXC_XM};
+use super::probe::{Deviation, HostCpu};
 use super::regs::{GuestGprs, ARITH_FLAGS_MASK, RFLAGS_AF, RFLAGS_OF, RFLAGS_PF, RFLAGS_SF};
 
 /// What a case did, or should do.

@@ -518,7 +518,10 @@ fn faults_are_recovered_with_host_state_intact() {
             let mut g = gprs;
             if vector == EXC_AC && tcg_has(probe::Deviation::NoAc) {
                 // This CPU raises no #AC: the access completes, AC stays set.
-                println!("{name}: completes, as this CPU does ({})", probe::Deviation::NoAc);
+                println!(
+                    "{name}: completes, as this CPU does ({})",
+                    probe::Deviation::NoAc
+                );
                 buf.run(&insn, &mut g).expect(name);
                 let clear_ac = [0x9c, 0x48, 0x81, 0x24, 0x24, 0xff, 0xff, 0xfb, 0xff, 0x9d];
                 buf.run(&clear_ac, &mut GuestGprs::default()).unwrap();
