@@ -7,7 +7,7 @@ use crate::loader::ImageFormat;
 use crate::vcpu::OnUnsupported;
 use clap::{Args, Parser, Subcommand};
 use emul::stub::ItsMode;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -155,8 +155,10 @@ fn parse_cpu(s: &str) -> Result<CpuModel, String> {
 impl RunArgs {
     /// The VM description, with the image read from disk.
     pub fn to_config(&self, its: ItsMode) -> Result<VmConfig, String> {
-        let image = std::fs::read(&self.image)
-            .map_err(|e| format!("cannot read image {}: {e}", self.image.display()))?;
+        // Nothing larger than guest RAM can be loaded: refuse it before
+        // reading, and stop reading there for files whose size the metadata
+        // does not tell (/dev/zero, pipes).
+        let image = read_bounded(&self.image, "image", self.mem)?;
         let mut cfg = VmConfig::new(image);
         cfg.image_name = self.image.display().to_string();
         cfg.mem_size = self.mem;
@@ -173,8 +175,7 @@ impl RunArgs {
         cfg.on_unsupported = self.on_unsupported;
         cfg.cmdline = self.cmdline.clone();
         if let Some(p) = &self.initrd {
-            let data =
-                std::fs::read(p).map_err(|e| format!("cannot read initrd {}: {e}", p.display()))?;
+            let data = read_bounded(p, "initrd", self.mem)?;
             cfg.initrd = Some((p.display().to_string(), data));
         }
         cfg.test_devices = if self.testdev {
@@ -186,4 +187,30 @@ impl RunArgs {
         };
         Ok(cfg)
     }
+}
+
+/// Reads the file at `path`, refusing one of more than `limit` bytes (the
+/// guest's RAM) before reading it, and reading at most `limit + 1` bytes of
+/// files that do not know their size.
+pub fn read_bounded(path: &Path, what: &str, limit: u64) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let name = path.display();
+    let too_large = || {
+        format!(
+            "{what} {name} is larger than guest RAM ({limit:#x} bytes, --mem); it cannot be loaded"
+        )
+    };
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read {what} {name}: {e}"))?;
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    if len > limit {
+        return Err(too_large());
+    }
+    let mut data = Vec::with_capacity(len as usize);
+    file.take(limit.saturating_add(1))
+        .read_to_end(&mut data)
+        .map_err(|e| format!("cannot read {what} {name}: {e}"))?;
+    if data.len() as u64 > limit {
+        return Err(too_large());
+    }
+    Ok(data)
 }

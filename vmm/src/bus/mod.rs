@@ -22,17 +22,21 @@ pub enum BusAction {
 /// Why a device stopped the VM (printed in the one-line exit message).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopReason {
-    /// A write to the isa-debug-exit port.
-    DebugExit,
+    /// A write of `value` to the isa-debug-exit port.
+    DebugExit { value: u32 },
     /// The i8042 was asked to pulse the CPU reset line.
     I8042Reset,
 }
 
 impl StopReason {
-    pub fn describe(self) -> &'static str {
+    /// What happened, for the end line (which adds the process status).
+    pub fn describe(self) -> String {
         match self {
-            StopReason::DebugExit => "guest wrote to the debug-exit port",
-            StopReason::I8042Reset => "guest reset the machine through the i8042",
+            StopReason::DebugExit { value } => format!(
+                "guest wrote {value:#x} to the debug-exit port, \
+                 exit status ({value:#x} << 1 | 1) & 0xff"
+            ),
+            StopReason::I8042Reset => "guest reset the machine through the i8042".into(),
         }
     }
 }
@@ -463,7 +467,7 @@ mod tests {
             fn pio_write(&mut self, _: u16, _: &[u8]) -> BusAction {
                 BusAction::Stop {
                     status: self.0,
-                    reason: StopReason::DebugExit,
+                    reason: StopReason::DebugExit { value: 0 },
                 }
             }
         }
@@ -476,7 +480,7 @@ mod tests {
             bus.write(0x1f, &[0; 4]),
             BusAction::Stop {
                 status: 3,
-                reason: StopReason::DebugExit
+                reason: StopReason::DebugExit { value: 0 }
             }
         );
     }

@@ -106,7 +106,11 @@ mod tests {
             .register(0xf4, 4, Arc::new(Mutex::new(DebugExit)))
             .unwrap();
         b.mmio
-            .register(0x1000, 0x100, Arc::new(Mutex::new(MmioRam::new(0x100))))
+            .register(
+                0x1000,
+                0x100,
+                Arc::new(Mutex::new(MmioRam::new(0x100).unwrap())),
+            )
             .unwrap();
         b
     }
@@ -128,7 +132,7 @@ mod tests {
             a,
             ExitAction::Stop {
                 status: 11,
-                reason: StopReason::DebugExit
+                reason: StopReason::DebugExit { value: 5 }
             }
         );
     }
@@ -184,8 +188,8 @@ mod tests {
     #[test]
     fn kvm_mmio_exit_is_split_across_windows() {
         let mut b = Buses::default();
-        let first = Arc::new(Mutex::new(MmioRam::new(0x10)));
-        let second = Arc::new(Mutex::new(MmioRam::new(0x20)));
+        let first = Arc::new(Mutex::new(MmioRam::new(0x10).unwrap()));
+        let second = Arc::new(Mutex::new(MmioRam::new(0x20).unwrap()));
         b.mmio.register(0xd000_0000, 0x10, first.clone()).unwrap();
         b.mmio.register(0xd000_0010, 0x20, second.clone()).unwrap();
         // KVM hands over at most 8 bytes: one at 0xd000000c runs into the
@@ -199,8 +203,8 @@ mod tests {
             },
             &b,
         );
-        assert_eq!(first.lock().unwrap().bytes()[12..], *b"ABCD");
-        assert_eq!(second.lock().unwrap().bytes()[..4], *b"EFGH");
+        assert_eq!(first.lock().unwrap().contents()[12..], *b"ABCD");
+        assert_eq!(second.lock().unwrap().contents()[..4], *b"EFGH");
         let mut r = [0u8; 8];
         handle_exit(
             Exit::Mmio {

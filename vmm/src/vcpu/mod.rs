@@ -62,7 +62,8 @@ impl Vcpu {
         Some((s, self.emulator.mnemonic_counts()))
     }
 
-    fn rip(&mut self) -> u64 {
+    /// RIP as of the last KVM_RUN return (from the sync-regs page).
+    pub fn rip(&mut self) -> u64 {
         self.fd.sync_regs_mut().regs.rip
     }
 
@@ -92,8 +93,12 @@ impl Vcpu {
             }
             let exit = run_page::decode(self.fd.get_kvm_run());
             let reason = exit.reason();
-            let rec = self.shared.tracer.as_ref().map(|_| TraceRecord::of(&exit));
+            let mut rec = self.shared.tracer.as_ref().map(|_| TraceRecord::of(&exit));
             let action = handle_exit(exit, &self.shared.buses);
+            if let Some(rec) = &mut rec {
+                let s = self.fd.sync_regs_mut();
+                rec.set_regs(&s.regs, &s.sregs);
+            }
             let end = match action {
                 ExitAction::Resume | ExitAction::Interrupted => None,
                 ExitAction::Stop { status, reason } => Some(VmEnd::new(

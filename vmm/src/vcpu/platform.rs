@@ -70,8 +70,8 @@ mod tests {
     fn emulated_operand_is_split_across_windows() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
         let mut mmio = MmioBus::new_mmio();
-        let first = Arc::new(Mutex::new(MmioRam::new(0x10)));
-        let second = Arc::new(Mutex::new(MmioRam::new(0x20)));
+        let first = Arc::new(Mutex::new(MmioRam::new(0x10).unwrap()));
+        let second = Arc::new(Mutex::new(MmioRam::new(0x20).unwrap()));
         mmio.register(0xd000_0000, 0x10, first.clone()).unwrap();
         mmio.register(0xd000_0010, 0x20, second.clone()).unwrap();
         let mut phys = GuestPhys {
@@ -81,8 +81,8 @@ mod tests {
         };
         let zmm: Vec<u8> = (0..64).collect();
         phys.write_phys(0xd000_0000, &zmm).unwrap();
-        assert_eq!(first.lock().unwrap().bytes(), &zmm[..16]);
-        assert_eq!(second.lock().unwrap().bytes(), &zmm[16..48]);
+        assert_eq!(first.lock().unwrap().contents(), zmm[..16]);
+        assert_eq!(second.lock().unwrap().contents(), zmm[16..48]);
         let mut back = [0u8; 64];
         phys.read_phys(0xd000_0000, &mut back).unwrap();
         assert_eq!(back[..48], zmm[..48]);
