@@ -4,6 +4,7 @@
 //! registers come through KVM_CAP_SYNC_REGS), does not allocate, and only
 //! reads the clock when `--stats` or `--trace` asked for it.
 
+mod diagnose;
 mod emulate;
 pub mod exit;
 mod platform;
@@ -109,9 +110,10 @@ impl Vcpu {
                 ExitAction::Shutdown => Some(VmEnd::new(
                     status::TRIPLE_FAULT,
                     format!(
-                        "vcpu {}: triple fault (KVM shutdown) at rip {:#x}",
+                        "vcpu {}: triple fault (KVM shutdown) at rip {:#x}: {}",
                         id,
-                        self.rip()
+                        self.rip(),
+                        self.triple_fault_clue()
                     ),
                 )),
                 ExitAction::Emulate { bytes, len } => self.emulate(&bytes[..len]),
@@ -163,6 +165,18 @@ impl Vcpu {
             Err(_) => false,
         };
         self.shared.probe.answer(self.id, round, parked);
+    }
+
+    /// What the guest last did before a triple fault (see `diagnose`).
+    fn triple_fault_clue(&mut self) -> String {
+        let sync = self.fd.sync_regs();
+        let cpu = emulate::cpu_state(&sync.regs, &sync.sregs);
+        let mut phys = platform::GuestPhys {
+            mem: &self.shared.mem,
+            mmio: &self.shared.buses.mmio,
+            stop: None,
+        };
+        diagnose::triple_fault_clue(&sync, &cpu, &mut phys)
     }
 
     fn halt(&mut self) -> Option<VmEnd> {

@@ -22,6 +22,26 @@ impl GuestPhys<'_> {
     }
 }
 
+impl GuestPhys<'_> {
+    /// Reads guest RAM only (no device is touched).
+    pub fn read_ram(&self, gpa: u64, buf: &mut [u8]) -> Result<(), PlatformError> {
+        if !self.is_ram(gpa, buf.len()) {
+            return Err(PlatformError {
+                gpa,
+                len: buf.len(),
+                reason: "not guest RAM",
+            });
+        }
+        self.mem
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(|_| PlatformError {
+                gpa,
+                len: buf.len(),
+                reason: "guest RAM read failed",
+            })
+    }
+}
+
 impl Platform for GuestPhys<'_> {
     fn read_phys(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), PlatformError> {
         if self.is_ram(gpa, buf.len()) {
