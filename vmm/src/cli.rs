@@ -29,6 +29,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a guest image.
+    #[command(after_help = crate::status::HELP)]
     Run(RunArgs),
     /// Build and run the stub self-test cases with ITS on and off.
     Selftest,
@@ -67,7 +68,7 @@ impl BenchArgs {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Guest RAM (K/M/G suffixes).
-    #[arg(long, default_value = "128M", value_parser = parse_size)]
+    #[arg(long, default_value = "128M", value_parser = parse_mem)]
     pub mem: u64,
     /// Image format: auto, flat, elf, multiboot.
     #[arg(long, default_value = "auto", value_parser = parse_format)]
@@ -123,6 +124,17 @@ fn parse_its(s: &str) -> Result<ItsMode, String> {
         "off" => Ok(ItsMode::Off),
         _ => Err(format!("unknown ITS mode '{s}' (expected auto, on or off)")),
     }
+}
+
+/// `--mem`: a size KVM can map, in whole 4 KiB pages.
+fn parse_mem(s: &str) -> Result<u64, String> {
+    let size = parse_size(s)?;
+    if size % 4096 != 0 {
+        return Err(format!(
+            "{size:#x} bytes is not a multiple of 4 KiB (KVM maps guest RAM in whole pages)"
+        ));
+    }
+    Ok(size)
 }
 
 fn parse_format(s: &str) -> Result<ImageFormat, String> {

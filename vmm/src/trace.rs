@@ -198,7 +198,7 @@ impl Tracer {
         };
         let r = writeln!(
             w,
-            r#"{{"vcpu":{vcpu},"reason":"{reason}","rip":{rip},"{addr_key}":{},"size":{},"count":{},"direction":"{dir}","data":{value},"ns":{ns}}}"#,
+            r#"{{"vcpu":{vcpu},"reason":"{reason}","{addr_key}":{},"size":{},"count":{},"direction":"{dir}","data":{value},"rip":{rip},"ns":{ns}}}"#,
             rec.addr, rec.size, rec.count,
         );
         t.note(r);

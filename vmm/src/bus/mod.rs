@@ -34,7 +34,7 @@ impl StopReason {
         match self {
             StopReason::DebugExit { value } => format!(
                 "guest wrote {value:#x} to the debug-exit port, \
-                 exit status ({value:#x} << 1 | 1) & 0xff"
+                 the low 8 bits of ({value:#x} << 1) | 1"
             ),
             StopReason::I8042Reset => "guest reset the machine through the i8042".into(),
         }
