@@ -85,8 +85,7 @@ fn present_exception_gates(cpu: &CpuState, base: u64, limit: u16, phys: &mut Gue
 /// Reads `buf.len()` bytes (within one page) at linear `at`, through the
 /// guest's page tables, from RAM.
 fn read_linear(cpu: &CpuState, at: u64, buf: &mut [u8], phys: &mut GuestPhys) -> Result<(), ()> {
-    let gpa =
-        paging::translate(cpu, at, Access::default(), 52, &mut ReadOnly(phys)).map_err(|_| ())?;
+    let gpa = paging::translate(cpu, at, Access::default(), &mut ReadOnly(phys)).map_err(|_| ())?;
     phys.read_ram(gpa, buf).map_err(|_| ())
 }
 
@@ -111,7 +110,7 @@ fn instruction_at_rip(cpu: &CpuState, phys: &mut GuestPhys) -> String {
     while got < bytes.len() {
         let at = lin.wrapping_add(got as u64);
         let n = ((0x1000 - (at & 0xfff)) as usize).min(bytes.len() - got);
-        let gpa = match paging::translate(cpu, at, access, 52, &mut ReadOnly(phys)) {
+        let gpa = match paging::translate(cpu, at, access, &mut ReadOnly(phys)) {
             Ok(gpa) => gpa,
             Err(WalkError::Fault(x)) => {
                 let code = x.error_code.map_or(String::new(), |c| format!(" {c:#x}"));

@@ -170,7 +170,7 @@ impl Vcpu {
     /// What the guest last did before a triple fault (see `diagnose`).
     fn triple_fault_clue(&mut self) -> String {
         let sync = self.fd.sync_regs();
-        let cpu = emulate::cpu_state(&sync.regs, &sync.sregs);
+        let cpu = emulate::cpu_state(&sync.regs, &sync.sregs, self.emulator.max_phys_bits());
         let mut phys = platform::GuestPhys {
             mem: &self.shared.mem,
             mmio: &self.shared.buses.mmio,
