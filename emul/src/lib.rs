@@ -35,3 +35,4 @@ pub use cpu::{CpuState, Segment};
 pub use emulator::{EmulError, Emulator, Outcome};
 pub use exception::Exception;
 pub use platform::{NoVectorState, Platform, PlatformError, VectorState, XsaveImage};
+pub use stub::GuestGprs;
