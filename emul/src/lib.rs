@@ -17,6 +17,8 @@
 //! touches vector state) → write back the stored bytes ([`writeback`]) and
 //! advance RIP.
 
+#![warn(missing_docs)]
+
 pub mod address;
 pub mod classify;
 pub mod cpu;

@@ -10,11 +10,14 @@ use crate::stub::XSAVE_HEADER_OFFSET;
 /// host's CPUID leaf 0xD (the image is in the host's standard layout).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct XsaveLayout {
+    /// Offset of the YMM_Hi128 component (AVX).
     pub ymm_hi128: usize,
+    /// Offset of the opmask component (AVX-512 K0-K7).
     pub opmask: usize,
 }
 
 impl XsaveLayout {
+    /// The offsets this CPU uses (CPUID leaf 0xD).
     pub fn from_host() -> Self {
         let off = |sub| core::arch::x86_64::__cpuid_count(0xd, sub).ebx as usize;
         XsaveLayout {
@@ -41,7 +44,9 @@ fn read_u64(image: &[u8], off: usize) -> u64 {
 /// A per-element write mask: bit `i` set means element `i` is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ElementMask {
+    /// Element size in bytes.
     pub element_size: usize,
+    /// Bit `i` set: element `i` is written.
     pub bits: u64,
 }
 

@@ -47,5 +47,8 @@ fn example_vmm_completes_sse_arithmetic_on_mmio() {
     // Both `addps xmm0, [mmio]` went through Emulator::emulate, and the
     // `movups` store of their sum reached the device.
     assert_eq!(out.matches("emulated Addps").count(), 2, "{out}");
-    assert!(out.contains("device received [2.0, 4.0, 6.0, 8.0]"), "{out}");
+    assert!(
+        out.contains("device received [2.0, 4.0, 6.0, 8.0]"),
+        "{out}"
+    );
 }
