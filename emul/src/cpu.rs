@@ -109,7 +109,7 @@ pub struct CpuState {
     /// Current privilege level (SS.DPL in protected mode, 0 in real mode).
     pub cpl: u8,
     /// The guest's physical-address width (MAXPHYADDR, CPUID
-    /// 0x80000008 EAX[7:0]): page-table entry bits from it up to 51 are
+    /// 0x80000008 EAX\[7:0\]): page-table entry bits from it up to 51 are
     /// reserved and give #PF with the RSVD bit. The walk clamps it to
     /// 32..=52, so a forgotten 0 shows at once as faults above 4 GiB.
     pub max_phys_bits: u8,

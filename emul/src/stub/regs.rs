@@ -5,7 +5,7 @@ use core::mem::offset_of;
 
 /// The arithmetic flags (CF, PF, AF, ZF, SF, OF) a stub carries between the
 /// guest register file and the real RFLAGS. Every other RFLAGS bit but AC
-/// (see [`RFLAGS_AC`]) stays the host's while the stub runs (so DF and TF
+/// (see `RFLAGS_AC`) stays the host's while the stub runs (so DF and TF
 /// are clear) and keeps its guest value in [`GuestGprs::rflags`].
 pub const ARITH_FLAGS_MASK: u64 = 0x8d5;
 
