@@ -146,6 +146,7 @@ pub mod paging;
 pub mod platform;
 pub mod reencode;
 pub mod stub;
+pub mod vregs;
 pub mod writeback;
 
 #[cfg(test)]
