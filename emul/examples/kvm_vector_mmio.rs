@@ -168,19 +168,18 @@ struct KvmVectorState<'a> {
 
 impl VectorState for KvmVectorState<'_> {
     fn image(&mut self) -> Result<&mut [u8], PlatformError> {
-        if self.image.is_none() {
-            let x = self.vcpu.get_xsave().map_err(|_| PlatformError {
-                gpa: 0,
-                len: 4096,
-                reason: "KVM_GET_XSAVE failed",
-            })?;
-            self.image = Some(x.region.iter().flat_map(|w| w.to_le_bytes()).collect());
-        }
-        Ok(self
-            .image
-            .as_mut()
-            .map(Vec::as_mut_slice)
-            .unwrap_or_default())
+        let image = match self.image.take() {
+            Some(image) => image,
+            None => {
+                let x = self.vcpu.get_xsave().map_err(|_| PlatformError {
+                    gpa: 0,
+                    len: 4096,
+                    reason: "KVM_GET_XSAVE failed",
+                })?;
+                x.region.iter().flat_map(|w| w.to_le_bytes()).collect()
+            }
+        };
+        Ok(self.image.insert(image))
     }
 
     fn mark_dirty(&mut self) {

@@ -14,9 +14,10 @@ pub struct XsaveLayout {
     pub ymm_hi128: usize,
     /// Offset of the opmask component (AVX-512 K0-K7).
     pub opmask: usize,
-    /// ZMM0-15 bits 511:256 (component 6) and ZMM16-31 (component 7);
-    /// 0 when the host has no AVX-512.
+    /// Offset of ZMM0-15 bits 511:256 (component 6); 0 when the host has
+    /// no AVX-512.
     pub zmm_hi256: usize,
+    /// Offset of ZMM16-31 (component 7); 0 when the host has no AVX-512.
     pub hi16_zmm: usize,
 }
 

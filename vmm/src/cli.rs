@@ -129,7 +129,7 @@ fn parse_its(s: &str) -> Result<ItsMode, String> {
 /// `--mem`: a size KVM can map, in whole 4 KiB pages.
 fn parse_mem(s: &str) -> Result<u64, String> {
     let size = parse_size(s)?;
-    if size % 4096 != 0 {
+    if !size.is_multiple_of(4096) {
         return Err(format!(
             "{size:#x} bytes is not a multiple of 4 KiB (KVM maps guest RAM in whole pages)"
         ));

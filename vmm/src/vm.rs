@@ -175,7 +175,7 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
     if cfg.cpus == 0 {
         return Err(VmError::Cpus(cfg.cpus));
     }
-    if cfg.mem_size % 4096 != 0 || cfg.mem_size == 0 {
+    if !cfg.mem_size.is_multiple_of(4096) || cfg.mem_size == 0 {
         return Err(VmError::MemNotPageAligned(cfg.mem_size));
     }
     crate::signals::install_kick().map_err(|e| VmError::Signal(e.errno()))?;
