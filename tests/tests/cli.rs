@@ -393,3 +393,26 @@ fn run_help_lists_the_exit_statuses() {
         assert!(out.contains(line), "{line:?} missing: {out}");
     }
 }
+
+#[test]
+fn trace_names_emulated_instructions() {
+    let p = program("regonly-cpl0");
+    let dir = scratch("trace-emul");
+    let trace = dir.join("trace.jsonl");
+    let o = vmm_program(&p, &["--trace", trace.to_str().unwrap()]);
+    assert_eq!(
+        status(&o),
+        p.expect.status,
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let text = std::fs::read_to_string(&trace).unwrap();
+    // `adcx` at CPL 0 is completed by the VMM: its record names RIP, the
+    // mnemonic and its bytes as KVM reported them (adcx rax, rbx).
+    let line = text
+        .lines()
+        .find(|l| l.contains(r#""reason":"emulation""#) && l.contains(r#""mnemonic":"adcx""#))
+        .unwrap_or_else(|| panic!("no adcx emulation record in:\n{text}"));
+    assert!(line.contains(r#""rip":"#), "{line}");
+    assert!(line.contains(r#""bytes":"66 48 0f 38 f6 c3","#), "{line}");
+}

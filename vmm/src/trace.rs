@@ -116,12 +116,18 @@ impl TraceRecord {
         };
     }
 
-    /// The mnemonic of the reported instruction bytes (`Invalid` when they
-    /// do not decode, e.g. cut short).
-    pub fn mnemonic(&self) -> Mnemonic {
+    /// The mnemonic of the reported instruction bytes and the instruction's
+    /// length (`Invalid` and all the bytes when they do not decode, e.g. cut
+    /// short).
+    pub fn decode(&self) -> (Mnemonic, usize) {
         let bytes = &self.insn[..self.insn_len];
         let mut d = Decoder::with_ip(self.bitness, bytes, self.rip, DecoderOptions::NONE);
-        d.decode().mnemonic()
+        let insn = d.decode();
+        if insn.is_invalid() {
+            (Mnemonic::INVALID, self.insn_len)
+        } else {
+            (insn.mnemonic(), insn.len())
+        }
     }
 }
 
@@ -180,11 +186,12 @@ impl Tracer {
             ExitReason::MmioRead => ("addr", "read"),
             ExitReason::MmioWrite => ("addr", "write"),
             ExitReason::Emulation => {
+                let (mnemonic, len) = rec.decode();
                 let r = writeln!(
                     w,
                     r#"{{"vcpu":{vcpu},"reason":"{reason}","rip":{rip},"mnemonic":"{}","bytes":"{}","ns":{ns}}}"#,
-                    LowerMnemonic(rec.mnemonic()),
-                    HexBytes(&rec.insn[..rec.insn_len]),
+                    LowerMnemonic(mnemonic),
+                    HexBytes(&rec.insn[..len]),
                 );
                 return t.note(r);
             }
@@ -235,8 +242,8 @@ mod tests {
         sregs.efer = 1 << 10;
         sregs.cs.l = 1;
         rec.set_regs(&regs, &sregs);
-        assert_eq!(rec.mnemonic(), Mnemonic::Vmovdqu);
-        assert_eq!(LowerMnemonic(rec.mnemonic()).to_string(), "vmovdqu");
+        assert_eq!(rec.decode(), (Mnemonic::Vmovdqu, 4));
+        assert_eq!(LowerMnemonic(Mnemonic::Vmovdqu).to_string(), "vmovdqu");
         assert_eq!(HexBytes(&rec.insn[..4]).to_string(), "c5 fe 6f 00");
         let dir = std::env::temp_dir().join(format!("vmm-trace-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -246,7 +253,7 @@ mod tests {
         t.flush().unwrap();
         let line = std::fs::read_to_string(&path).unwrap();
         assert!(
-            line.contains(r#""rip":1048640,"mnemonic":"vmovdqu","bytes":"c5 fe 6f 00 00"#),
+            line.contains(r#""rip":1048640,"mnemonic":"vmovdqu","bytes":"c5 fe 6f 00","#),
             "{line}"
         );
         let _ = std::fs::remove_dir_all(&dir);
