@@ -37,6 +37,8 @@ const TESTED_ELSEWHERE: &[&str] = &[
     "cpuid-leaves",
     "masked-fault-suppression",
     "mmio-split-windows",
+    "exactness",
+    "kvm-defects",
 ];
 
 program_tests! {
