@@ -67,7 +67,8 @@ impl BenchArgs {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Guest RAM (K/M/G suffixes).
+    /// Guest RAM (K/M/G suffixes), a multiple of 4 KiB; the image and
+    /// --initrd must each fit in it.
     #[arg(long, default_value = "128M", value_parser = parse_mem)]
     pub mem: u64,
     /// Image format: auto, flat, elf, multiboot.
@@ -82,7 +83,8 @@ pub struct RunArgs {
     /// CPU state at entry: real, protected, long.
     #[arg(long, default_value = "long", value_parser = parse_mode)]
     pub mode: EntryMode,
-    /// A RAM-like MMIO window ADDR:SIZE (repeatable).
+    /// A RAM-like MMIO window ADDR:SIZE (repeatable; backed lazily, 4 GiB in
+    /// all at most).
     #[arg(long = "mmio-ram", value_parser = parse_window)]
     pub mmio_ram: Vec<(u64, u64)>,
     /// Write one JSON line per exit to FILE.
