@@ -62,13 +62,6 @@ for g in $(cat list); do
     fi
     set --
     while IFS= read -r a; do set -- "$@" "$a"; done <"$g.args"
-    case "$g" in
-    multiboot-info)
-        # The module its test passes (tests/tests/testdev.rs).
-        printf INITRD0123456789 >/tmp/initrd
-        set -- "$@" --initrd /tmp/initrd
-        ;;
-    esac
     if [ "$g" = spin ]; then
         # Spins until stopped: SIGTERM must end it with status 14.
         /t/vmm run "$@" "$g.bin" >/tmp/g.out 2>/tmp/g.err </dev/null &

@@ -95,6 +95,7 @@ impl HostCpu {
         self.hypervisor.as_deref() == Some("TCGTCGTCGTCG")
     }
 
+    /// Whether the probes found departure `d`.
     pub fn has(&self, d: Deviation) -> bool {
         self.deviations.contains(&d)
     }
