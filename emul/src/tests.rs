@@ -838,6 +838,13 @@ fn xm_keeps_the_mxcsr_flags_the_exception_left() {
     cpu.gprs.rsi = DATA;
     // One element, 1.0 / 0.0: only ZE (divps would add IE for 0/0 lanes).
     let code = asm64(|a| a.divss(xmm0, dword_ptr(rsi)));
+    let host = crate::stub::probe::probe().expect("CPU probes run");
+    if host.is_tcg() && host.has(crate::stub::probe::Deviation::NoXm) {
+        // The stub runs the divide natively: this CPU raises no #XM.
+        println!("divss completes, as this CPU does (no-xm)");
+        done(&e.emulate(&mut cpu, &code, &mut img, &mut mem));
+        return;
+    }
     assert_eq!(
         exc(&e.emulate(&mut cpu, &code, &mut img, &mut mem)),
         (VEC_XM, None)
@@ -1193,11 +1200,16 @@ fn x87_environment_round_trip() {
     ));
     let env = &mem.ram[DATA as usize + 0x300..DATA as usize + 0x320];
     assert_eq!(env[0..2], 0x27fu16.to_le_bytes(), "FCW");
-    assert_eq!(
-        u32::from_le_bytes(env[12..16].try_into().unwrap()),
-        CODE as u32,
-        "FIP"
-    );
+    let host = crate::stub::probe::probe().expect("CPU probes run");
+    if host.is_tcg() && host.has(crate::stub::probe::Deviation::StaleFip) {
+        println!("FIP not checked: this CPU stores a stale one (stale-fip)");
+    } else {
+        assert_eq!(
+            u32::from_le_bytes(env[12..16].try_into().unwrap()),
+            CODE as u32,
+            "FIP"
+        );
+    }
     assert_eq!(
         u32::from_le_bytes(env[20..24].try_into().unwrap()),
         (DATA + 0x340) as u32,

@@ -72,6 +72,16 @@ const PVM_QUIRKS: &[(&str, u64, u64, u64)] = &[
 /// probe must have found, reason). Only on TCG, and only with that finding.
 const TCG_DEFECTS: &[(&str, Deviation, &str)] = &[
     (
+        "fnstenv ",
+        Deviation::StaleFip,
+        "QEMU TCG's FNSTENV/FNSAVE store its own last FIP/FOP, not the state XRSTOR loaded",
+    ),
+    (
+        "fnsave ",
+        Deviation::StaleFip,
+        "QEMU TCG's FNSTENV/FNSAVE store its own last FIP/FOP, not the state XRSTOR loaded",
+    ),
+    (
         "test ",
         Deviation::TestAliasUd,
         "QEMU TCG raises #UD for TEST's F6/F7 /1 alias natively; KVM's emulator runs it on MMIO",

@@ -31,16 +31,18 @@ pub enum Deviation {
     BlsiCfClear,
     /// `test r/m, imm` encoded with the F6/F7 /1 alias raises #UD.
     TestAliasUd,
-    /// FNSAVE stores an instruction pointer other than the last x87
-    /// instruction's.
+    /// FNSTENV/FNSAVE store an instruction pointer other than the one the
+    /// last XRSTOR loaded (the guest's).
     StaleFip,
     /// LDMXCSR accepts reserved MXCSR bits instead of raising #GP(0).
     MxcsrReservedAccepted,
+    /// CLFLUSH never faults (it does not translate its address).
+    ClflushNoFault,
 }
 
 impl Deviation {
     /// Every deviation, in a fixed order.
-    pub const ALL: [Deviation; 7] = [
+    pub const ALL: [Deviation; 8] = [
         Deviation::GpForSs,
         Deviation::NoXm,
         Deviation::NoAc,
@@ -48,6 +50,7 @@ impl Deviation {
         Deviation::TestAliasUd,
         Deviation::StaleFip,
         Deviation::MxcsrReservedAccepted,
+        Deviation::ClflushNoFault,
     ];
 
     /// A short stable name (used in test output).
@@ -60,6 +63,7 @@ impl Deviation {
             Deviation::TestAliasUd => "test-alias-ud",
             Deviation::StaleFip => "stale-fip",
             Deviation::MxcsrReservedAccepted => "mxcsr-reserved-accepted",
+            Deviation::ClflushNoFault => "clflush-no-fault",
         }
     }
 }
@@ -72,8 +76,9 @@ impl fmt::Display for Deviation {
             Deviation::NoAc => "no #AC for a misaligned access with AC set",
             Deviation::BlsiCfClear => "BLSI leaves CF clear",
             Deviation::TestAliasUd => "#UD for TEST with the F6/F7 /1 alias",
-            Deviation::StaleFip => "FNSAVE stores a stale FIP",
+            Deviation::StaleFip => "FNSTENV/FNSAVE store a stale FIP, not the one XRSTOR loaded",
             Deviation::MxcsrReservedAccepted => "LDMXCSR accepts reserved bits",
+            Deviation::ClflushNoFault => "CLFLUSH never faults",
         };
         write!(f, "{} ({what})", self.name())
     }
@@ -169,14 +174,33 @@ pub fn probe() -> Result<HostCpu, StubRunError> {
         }
         Err(e) => return Err(e),
     }
-    // fld1; then FNSAVE to a stack slot and read its FIP (32-bit format,
-    // offset 12): the address of the fld1, the stub's first instruction.
-    // fld1; fnsave [rsp-108]; mov eax, [rsp-96] (below the stub's RSP).
-    let fip = [0xd9, 0xe8, 0xdd, 0x74, 0x24, 0x94, 0x8b, 0x44, 0x24, 0xa0];
-    let mut g = GuestGprs::default();
-    buf.run(&fip, &mut g)?;
-    if g.rax as u32 != buf.insn_exec_addr() as u32 {
-        deviations.push(Deviation::StaleFip);
+    // The guest's x87 state restored (XRSTOR of an image whose FIP is
+    // 0x1234_5678), then fnstenv [rsp-28]; mov eax, [rsp-16]: the FIP the
+    // image held. QEMU's TCG stores its own last x87 instruction's instead.
+    if buf.vector_mask() != 0 {
+        const FIP: u32 = 0x1234_5678;
+        let img = buf.guest_xsave_mut();
+        img.fill(0);
+        img[0..2].copy_from_slice(&0x37fu16.to_le_bytes()); // FCW
+        img[8..12].copy_from_slice(&FIP.to_le_bytes());
+        img[24..28].copy_from_slice(&0x1f80u32.to_le_bytes()); // MXCSR
+        img[super::buf::XSAVE_HEADER_OFFSET] = 1; // XSTATE_BV: x87
+        let fnstenv = [0xd9, 0x74, 0x24, 0xe4, 0x8b, 0x44, 0x24, 0xf0];
+        let mut g = GuestGprs::default();
+        buf.run_with_vector(&fnstenv, &mut g)?;
+        if g.rax as u32 != FIP {
+            deviations.push(Deviation::StaleFip);
+        }
+    }
+    // clflush [rax] with a non-canonical RAX: #GP(0).
+    let mut g = GuestGprs {
+        rax: 0x8000_0000_0000_0000,
+        ..Default::default()
+    };
+    match buf.run(&[0x0f, 0xae, 0x38], &mut g) {
+        Err(StubRunError::Fault(f)) if f.vector == EXC_GP => {}
+        Ok(()) => deviations.push(Deviation::ClflushNoFault),
+        Err(e) => return Err(e),
     }
     // mov dword [rsp-8], 0x11f80; ldmxcsr [rsp-8]: bit 16 is reserved, so
     // #GP(0). The stub restores the host's MXCSR either way.
