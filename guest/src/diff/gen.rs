@@ -1,40 +1,74 @@
 //! Instruction forms from iced-x86's opcode tables, made concrete.
 //!
-//! Every `Code` valid in 64-bit mode is given fixed operands: GPR operands
-//! from RCX, RDX, RSI, RDI (RBX and RAX keep their roles as implicit
-//! operands, RBP is the memory base, RSP is never touched), vector operands
-//! from register 1 upwards, opmask operands K2..K4 (K1 is the write mask),
-//! MMX operands MM1.., ST(1) for `st(i)`, the memory operand `[rbp]` and
-//! imm8 0x1b. EVEX forms also run with merge or zero masking and, where the
-//! form has one, with embedded broadcast; lockable forms also run with
-//! LOCK; forms whose memory operand must be aligned also run misaligned
-//! (`[rbp+8]`), where PVM's native #UD differs from the SDM's #GP(0).
+//! Every `Code` valid in 64-bit mode whose CPUID features the host has is
+//! considered; whether the VMM's allow-list accepts it does not matter for
+//! forms with a memory operand (what the VMM refuses is measured, not
+//! skipped). Register-only forms are generated only where `emul::classify`
+//! accepts them: they exercise the CPL 0 completion of register forms, and
+//! are not part of the memory-operand denominator.
+//!
+//! Operands are fixed: GPR operands from RCX, RDX, RSI, RDI (RBX and RAX
+//! keep their roles as implicit operands, RBP is the memory base, RSP is
+//! never touched), vector operands from register 1 upwards, opmask operands
+//! K2..K4 (K1 is the write mask), MMX operands MM1.., ST(1) for `st(i)`, the
+//! memory operand `[rbp]` and imm8 0x1b. EVEX forms also run with merge or
+//! zero masking and, where the form has one, with embedded broadcast;
+//! lockable forms also run with LOCK; forms whose memory operand must be
+//! aligned also run misaligned (`[rbp+8]`), where PVM's native #UD differs
+//! from the SDM's #GP(0).
+//!
+//! Operand kinds beyond `[rbp]`:
+//! - VSIB (gathers, scatters): `[rbp+xmm0/ymm0/zmm0*1]`; register 0's
+//!   initial value holds small element offsets (see
+//!   [`super::program::VSIB_INDEX`]) so every element lands inside the
+//!   64-byte operand window, some of them on the same bytes (scatters then
+//!   show which element wins).
+//! - moffs: the absolute address of the way's operand buffer, so the form
+//!   has one encoding for the RAM buffer and one for the MMIO buffer.
+//! - implicit rSI/rDI/rBX/rAX (string instructions, MASKMOVQ/MASKMOVDQU,
+//!   XLAT, CLZERO, MONITORX, MOVDIR64B's destination register): loaded with
+//!   an address inside the operand window by `lea` right before the
+//!   instruction (LEA leaves the flags alone).
+//! - far pointers (`jmp/call far`, `lfs/lgs/lss`, `mov sreg`): the
+//!   selector in the window is not a valid descriptor, so every way must
+//!   fault the same way.
+//! - whole-state operands (FXSAVE/FXRSTOR, XSAVE family, FNSAVE/FRSTOR,
+//!   FNSTENV/FLDENV): the window grows to the operand's size (the host's
+//!   XSAVE size from CPUID for the XSAVE family) and starts as a valid
+//!   state image.
+//! - explicit memory with a stack access (`push/pop m`): the stack pointer
+//!   is put back after the instruction.
 
 use super::host;
 use iced_x86::{
-    Code, CpuidFeature, Decoder, DecoderOptions, Encoder, EncodingKind, Instruction, Mnemonic,
-    OpCodeOperandKind as K, OpKind, Register,
+    Code, CpuidFeature, Decoder, DecoderOptions, Encoder, EncodingKind, Instruction,
+    InstructionInfoFactory, MemoryOperand, Mnemonic, OpCodeOperandKind as K, OpKind, Register,
 };
 use std::collections::BTreeMap;
 
-/// Why a form is not generated.
+/// Why a code yields no form.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Skip {
-    /// The host CPU (or OS) lacks a CPUID feature the form needs.
+    /// The host CPU (or OS) lacks a CPUID feature the form needs: no
+    /// ground truth on this machine.
     HostLacks,
-    /// `emul::classify` refuses it.
-    NotAllowed,
-    /// An operand kind the generator does not build (segment, control,
-    /// bound or tile registers, VSIB, moffs, branch targets...).
-    Operands,
+    /// Cannot run at CPL 3 natively, or its CPL 3 result says nothing about
+    /// CPL 0 (the reason): no ground truth.
+    NoGroundTruth(&'static str),
+    /// An operand kind the generator does not build yet (the reason).
+    NotBuilt(&'static str),
+    /// A register-only form outside the allow-list (not in the
+    /// memory-operand denominator).
+    RegisterOnly,
 }
 
 impl Skip {
-    pub fn label(self) -> &'static str {
+    pub fn label(self) -> String {
         match self {
-            Skip::HostLacks => "host lacks feature",
-            Skip::NotAllowed => "not allow-listed",
-            Skip::Operands => "can't build operands",
+            Skip::HostLacks => "host lacks feature".into(),
+            Skip::NoGroundTruth(why) => format!("no ground truth: {why}"),
+            Skip::NotBuilt(why) => format!("operands not built: {why}"),
+            Skip::RegisterOnly => "register-only, not allow-listed".into(),
         }
     }
 }
@@ -46,6 +80,15 @@ pub struct Form {
     /// The encoded instruction (position independent: no RIP-relative
     /// operand).
     pub bytes: Vec<u8>,
+    /// For moffs forms: the encoding used when the operand buffer is the
+    /// MMIO window (`bytes` addresses the RAM buffer).
+    pub mmio_bytes: Option<Vec<u8>>,
+    /// Code run after the prologue, right before the instruction (`lea`s
+    /// loading implicit address registers; they leave the flags alone).
+    pub pre: Vec<u8>,
+    /// Code run right after the instruction when it does not fault (puts
+    /// the stack pointer back after `push/pop m`).
+    pub post: Vec<u8>,
     /// Intel-syntax text.
     pub text: String,
     /// Reporting class: the most specific CPUID feature.
@@ -53,20 +96,29 @@ pub struct Form {
     /// Touches x87/SSE/AVX state: records then hold FXSAVE and vector
     /// registers.
     pub vector: bool,
-    /// Loads and saves K1..K4 (EVEX forms and opmask instructions).
+    /// Loads and saves K1..K4 (EVEX forms, opmask instructions, XRSTOR).
     pub kregs: bool,
     /// The memory operand is deliberately misaligned for a form that
     /// requires alignment.
     pub misaligned: bool,
     pub has_memory: bool,
+    /// Bytes of the operand window that are compared (a multiple of 64, at
+    /// least 64).
+    pub mem_len: usize,
+    /// The window starts as a valid x87/SSE/XSAVE state image instead of
+    /// the 64-byte data pattern (whole-state and environment forms).
+    pub state_image: bool,
 }
 
 /// What [`generate`] produced.
 #[derive(Debug, Default)]
 pub struct Generated {
     pub forms: Vec<Form>,
-    /// Per reporting class and reason: how many codes were skipped.
+    /// Per reporting class and reason: how many codes yield no form.
     pub skipped: BTreeMap<(String, Skip), usize>,
+    /// Per reporting class: codes with a memory operand the host runs
+    /// (the denominator, counted in codes as the skips are).
+    pub memory_codes: BTreeMap<String, usize>,
 }
 
 /// imm8 used by every form (selects behaviour for shuffles, compares...).
@@ -97,8 +149,12 @@ const ZMM: [Register; 4] = [
 const KREG: [Register; 3] = [Register::K2, Register::K3, Register::K4];
 const MM: [Register; 3] = [Register::MM1, Register::MM2, Register::MM3];
 
-/// Operand choices of one code: `None` where the rm operand may be a
-/// register or memory and this variant uses memory.
+/// The value of AL every form starts with (low byte of RAX in
+/// `program::INIT_GPRS`): XLAT's RBX is placed so that RBX+AL is inside
+/// the window.
+const INIT_AL: i32 = 0xef;
+
+/// Operand choices of one code.
 struct Slots {
     gpr: usize,
     vec: usize,
@@ -106,27 +162,72 @@ struct Slots {
     mm: usize,
 }
 
+/// The memory operand `[rbp]`.
+fn set_rbp_mem(ins: &mut Instruction, i: u32) {
+    ins.set_op_kind(i, OpKind::Memory);
+    ins.set_memory_base(Register::RBP);
+    ins.set_memory_displ_size(1);
+}
+
 /// Fills operand `i` of kind `kind`; `mem` says whether an `*_or_mem`
-/// operand becomes the memory operand. Returns false for kinds not built.
-fn fill(ins: &mut Instruction, i: u32, kind: K, mem: bool, s: &mut Slots) -> bool {
+/// operand becomes the memory operand. Returns why a kind is not built.
+fn fill(
+    ins: &mut Instruction,
+    i: u32,
+    kind: K,
+    mem: bool,
+    s: &mut Slots,
+) -> Result<(), &'static str> {
     let reg = |set: &[Register], n: &mut usize| -> Option<Register> {
         let r = set.get(*n).copied();
         *n += 1;
         r
     };
+    let vsib = |ins: &mut Instruction, index: Register| {
+        set_rbp_mem(ins, i);
+        ins.set_memory_index(index);
+        ins.set_memory_index_scale(1);
+    };
     let r = match kind {
         k if mem && is_or_mem(k) => {
-            ins.set_op_kind(i, OpKind::Memory);
-            ins.set_memory_base(Register::RBP);
-            ins.set_memory_displ_size(1);
-            return true;
+            set_rbp_mem(ins, i);
+            return Ok(());
         }
         K::mem => {
-            ins.set_op_kind(i, OpKind::Memory);
-            ins.set_memory_base(Register::RBP);
-            ins.set_memory_displ_size(1);
-            return true;
+            set_rbp_mem(ins, i);
+            return Ok(());
         }
+        K::mem_vsib32x | K::mem_vsib64x => {
+            vsib(ins, Register::XMM0);
+            return Ok(());
+        }
+        K::mem_vsib32y | K::mem_vsib64y => {
+            vsib(ins, Register::YMM0);
+            return Ok(());
+        }
+        K::mem_vsib32z | K::mem_vsib64z => {
+            vsib(ins, Register::ZMM0);
+            return Ok(());
+        }
+        // Filled in by the caller (absolute address per buffer).
+        K::mem_offs => {
+            ins.set_op_kind(i, OpKind::Memory);
+            return Ok(());
+        }
+        // Implicit operands: the registers are loaded by `pre`.
+        K::seg_rSI => {
+            ins.set_op_kind(i, OpKind::MemorySegRSI);
+            return Ok(());
+        }
+        K::es_rDI => {
+            ins.set_op_kind(i, OpKind::MemoryESRDI);
+            return Ok(());
+        }
+        K::seg_rDI => {
+            ins.set_op_kind(i, OpKind::MemorySegRDI);
+            return Ok(());
+        }
+        K::seg_rBX_al => return Ok(()),
         K::r8_or_mem | K::r8_reg | K::r8_opcode => reg(&GPR8, &mut s.gpr),
         K::r16_or_mem | K::r16_reg | K::r16_reg_mem | K::r16_rm | K::r16_opcode => {
             reg(&GPR16, &mut s.gpr)
@@ -146,6 +247,8 @@ fn fill(ins: &mut Instruction, i: u32, kind: K, mem: bool, s: &mut Slots) -> boo
         K::zmm_or_mem | K::zmm_reg | K::zmm_rm | K::zmm_vvvv => reg(&ZMM, &mut s.vec),
         K::k_or_mem | K::k_reg | K::k_rm | K::k_vvvv => reg(&KREG, &mut s.k),
         K::mm_or_mem | K::mm_reg | K::mm_rm => reg(&MM, &mut s.mm),
+        // Segment loads (`mov es, m16`): ES is unused in 64-bit mode.
+        K::seg_reg => Some(Register::ES),
         K::al => Some(Register::AL),
         K::cl => Some(Register::CL),
         K::ax => Some(Register::AX),
@@ -163,21 +266,29 @@ fn fill(ins: &mut Instruction, i: u32, kind: K, mem: bool, s: &mut Slots) -> boo
         K::imm32 => return imm(ins, i, OpKind::Immediate32, 0x1b2c_3d4e),
         K::imm32sex64 => return imm(ins, i, OpKind::Immediate32to64, 0x1b2c_3d4e),
         K::imm64 => return imm(ins, i, OpKind::Immediate64, 0x1b2c_3d4e_5f60_7182),
-        _ => None,
+        K::mem_mpx | K::mem_mib | K::bnd_or_mem_mpx | K::bnd_reg => {
+            return Err("MPX bound operand")
+        }
+        K::r32_or_mem_mpx | K::r64_or_mem_mpx => return Err("MPX bound operand"),
+        K::sibmem | K::tmm_reg | K::tmm_rm | K::tmm_vvvv => return Err("AMX tile operand"),
+        K::cr_reg | K::dr_reg | K::tr_reg => return Err("control/debug register"),
+        K::kp1_reg | K::xmmp3_vvvv | K::zmmp3_vvvv => return Err("register block (4FMAPS/VP2INTERSECT)"),
+        _ => return Err("branch target or other operand"),
     };
     match r {
         Some(r) => {
             ins.set_op_kind(i, OpKind::Register);
             ins.set_op_register(i, r);
-            true
+            Ok(())
         }
-        None => false,
+        None => Err("more register operands than the fixed set"),
     }
 }
 
-fn imm(ins: &mut Instruction, i: u32, kind: OpKind, v: u64) -> bool {
+fn imm(ins: &mut Instruction, i: u32, kind: OpKind, v: u64) -> Result<(), &'static str> {
     ins.set_op_kind(i, kind);
-    ins.try_set_immediate_u64(i, v).is_ok()
+    ins.try_set_immediate_u64(i, v)
+        .map_err(|_| "immediate out of range")
 }
 
 fn is_or_mem(k: K) -> bool {
@@ -192,6 +303,31 @@ fn is_or_mem(k: K) -> bool {
             | K::ymm_or_mem
             | K::zmm_or_mem
             | K::k_or_mem
+            | K::r32_or_mem_mpx
+            | K::r64_or_mem_mpx
+            | K::bnd_or_mem_mpx
+    )
+}
+
+/// An operand kind that is always a memory operand (explicit or implicit).
+fn is_memory_kind(k: K) -> bool {
+    matches!(
+        k,
+        K::mem
+            | K::mem_offs
+            | K::mem_mpx
+            | K::mem_mib
+            | K::mem_vsib32x
+            | K::mem_vsib64x
+            | K::mem_vsib32y
+            | K::mem_vsib64y
+            | K::mem_vsib32z
+            | K::mem_vsib64z
+            | K::seg_rSI
+            | K::es_rDI
+            | K::seg_rDI
+            | K::seg_rBX_al
+            | K::sibmem
     )
 }
 
@@ -217,6 +353,78 @@ pub fn class_of(code: Code) -> String {
         Some(f) if is_base(*f) => "base".to_string(),
         Some(f) => format!("{f:?}"),
         None => "none".to_string(),
+    }
+}
+
+/// Whether a feature's instructions touch x87/MMX/SSE/AVX state.
+fn is_vector_feature(f: CpuidFeature) -> bool {
+    let name = format!("{f:?}");
+    ["FPU", "MMX", "SSE", "AVX", "FMA", "F16C", "AES", "PCLMUL", "SHA", "GFNI", "FXSR", "XSAVE", "3DNOW", "XOP"]
+        .iter()
+        .any(|p| name.contains(p))
+}
+
+/// Whole-state and environment instructions: their operand is the state
+/// image, so the window starts as a valid one.
+fn is_state_mnemonic(m: Mnemonic) -> bool {
+    use Mnemonic as M;
+    matches!(
+        m,
+        M::Fxsave
+            | M::Fxsave64
+            | M::Fxrstor
+            | M::Fxrstor64
+            | M::Xsave
+            | M::Xsave64
+            | M::Xsaveopt
+            | M::Xsaveopt64
+            | M::Xsavec
+            | M::Xsavec64
+            | M::Xrstor
+            | M::Xrstor64
+            | M::Fsave
+            | M::Fnsave
+            | M::Frstor
+            | M::Fstenv
+            | M::Fnstenv
+            | M::Fldenv
+    )
+}
+
+fn is_xsave_family(m: Mnemonic) -> bool {
+    use Mnemonic as M;
+    matches!(
+        m,
+        M::Xsave
+            | M::Xsave64
+            | M::Xsaveopt
+            | M::Xsaveopt64
+            | M::Xsavec
+            | M::Xsavec64
+            | M::Xrstor
+            | M::Xrstor64
+    )
+}
+
+/// Instructions the host runs at CPL 3 whose result there tells nothing
+/// about the same instruction at CPL 0: compared across CPLs they would
+/// differ by design, not by a fault of the VMM.
+fn no_ground_truth(ins: &Instruction) -> Option<&'static str> {
+    use Mnemonic as M;
+    if ins.is_privileged() {
+        return Some("privileged or IOPL-sensitive (#GP at CPL 3)");
+    }
+    match ins.mnemonic() {
+        M::Sgdt | M::Sidt | M::Sldt | M::Str | M::Smsw => {
+            Some("stores a descriptor-table register (UMIP: #GP at CPL 3 on the host)")
+        }
+        M::Mov if (0..ins.op_count()).any(|i| {
+            ins.op_kind(i) == OpKind::Register && ins.op_register(i).is_segment_register()
+        }) && ins.op0_kind() != OpKind::Register =>
+        {
+            Some("stores a segment selector (CPL 0 and CPL 3 selectors differ)")
+        }
+        _ => None,
     }
 }
 
@@ -282,6 +490,19 @@ fn encode(ins: &Instruction) -> Option<(Vec<u8>, Instruction)> {
     (back.code() == ins.code() && back.len() == bytes.len()).then_some((bytes, back))
 }
 
+/// `lea reg, [base + disp]`: loads an address without touching the flags.
+fn lea(reg: Register, base: Register, disp: i64) -> Vec<u8> {
+    let ins = Instruction::with2(
+        Code::Lea_r64_m,
+        reg,
+        MemoryOperand::with_base_displ(base, disp),
+    )
+    .expect("lea r64, m is a valid form");
+    let mut enc = Encoder::new(64);
+    enc.encode(&ins, 0).expect("lea encodes");
+    enc.take_buffer()
+}
+
 /// The variants of an EVEX form: (opmask, zeroing, broadcast).
 fn evex_variants(op: &iced_x86::OpCodeInfo, has_mem: bool) -> Vec<(bool, bool, bool)> {
     let mut v = Vec::new();
@@ -302,30 +523,71 @@ fn evex_variants(op: &iced_x86::OpCodeInfo, has_mem: bool) -> Vec<(bool, bool, b
     v
 }
 
-/// Every form of every code that the host runs and `allow` accepts.
-/// `allow` returns whether the instruction touches vector state, or why it
-/// is refused (the test passes `emul::classify`).
-pub fn generate(allow: &dyn Fn(&Instruction) -> Result<bool, &'static str>) -> Generated {
+/// The register an implicit memory operand (of a code with no memory
+/// operand kind) is addressed by, if any: CLZERO and MONITORX use rAX.
+/// `None` with `Some(stack)` means the only implicit memory is the stack.
+fn implicit_memory_base(ins: &Instruction) -> Option<Register> {
+    let mut f = InstructionInfoFactory::new();
+    let info = f.info(ins);
+    info.used_memory()
+        .iter()
+        .map(|m| m.base())
+        .find(|b| *b != Register::None)
+}
+
+/// Where the RAM and the MMIO operand buffers are, for moffs forms.
+pub struct Buffers {
+    pub ram: u64,
+    pub mmio: u64,
+}
+
+/// Every form of every code that the host runs. `allow` (the test passes
+/// `emul::classify`) only decides which register-only forms are generated;
+/// it returns whether the instruction touches vector state, or why it is
+/// refused.
+pub fn generate(
+    allow: &dyn Fn(&Instruction) -> Result<bool, &'static str>,
+    buffers: &Buffers,
+) -> Generated {
     let mut out = Generated::default();
+    let xsave_len = host::xsave_size().div_ceil(64) * 64;
     for code in Code::values() {
         let op = code.op_code();
         if !op.is_instruction() || !op.mode64() {
             continue;
         }
-        // MVEX (Knights Corner), 3DNow! and XOP (AMD only) never run here.
-        if matches!(
-            op.encoding(),
-            EncodingKind::MVEX | EncodingKind::D3NOW | EncodingKind::XOP
-        ) {
+        let class = class_of(code);
+        let mut skip = |why: Skip| {
+            *out.skipped.entry((class.clone(), why)).or_default() += 1;
+        };
+        if !code.cpuid_features().iter().all(|f| host::has(*f)) {
+            skip(Skip::HostLacks);
             continue;
         }
-        let class = class_of(code);
         let kinds = op.op_kinds();
+        let mut probe = Instruction::default();
+        probe.set_code(code);
+        let implicit_base = if kinds.iter().any(|k| is_memory_kind(*k) || is_or_mem(*k)) {
+            None
+        } else {
+            implicit_memory_base(&probe)
+        };
+        let implicit_mem = implicit_base.is_some_and(|b| b.full_register() != Register::RSP);
+        let memory_code = kinds.iter().any(|k| is_memory_kind(*k) || is_or_mem(*k)) || implicit_mem;
+        if memory_code {
+            *out.memory_codes.entry(class.clone()).or_default() += 1;
+            if let Some(why) = no_ground_truth(&probe) {
+                skip(Skip::NoGroundTruth(why));
+                continue;
+            }
+        }
         let rm_choices: &[bool] = if kinds.iter().any(|k| is_or_mem(*k)) {
             &[false, true]
         } else {
             &[false]
         };
+        let vector_code = code.cpuid_features().iter().any(|f| is_vector_feature(*f))
+            || matches!(probe.mnemonic(), Mnemonic::Wait);
         for &use_mem in rm_choices {
             let mut base = Instruction::default();
             base.set_code(code);
@@ -335,17 +597,39 @@ pub fn generate(allow: &dyn Fn(&Instruction) -> Result<bool, &'static str>) -> G
                 k: 0,
                 mm: 0,
             };
-            let built = kinds
+            if let Err(why) = kinds
                 .iter()
                 .enumerate()
-                .all(|(i, k)| fill(&mut base, i as u32, *k, use_mem, &mut s));
-            if !built {
-                *out.skipped
-                    .entry((class.clone(), Skip::Operands))
-                    .or_default() += 1;
+                .try_for_each(|(i, k)| fill(&mut base, i as u32, *k, use_mem, &mut s))
+            {
+                skip(Skip::NotBuilt(why));
                 break;
             }
-            let has_mem = (0..base.op_count()).any(|i| base.op_kind(i) == OpKind::Memory);
+            let explicit_mem = (0..base.op_count()).any(|i| {
+                matches!(
+                    base.op_kind(i),
+                    OpKind::Memory
+                        | OpKind::MemorySegRSI
+                        | OpKind::MemoryESRDI
+                        | OpKind::MemorySegRDI
+                )
+            }) || kinds.contains(&K::seg_rBX_al);
+            let has_mem = explicit_mem || implicit_mem;
+            if !has_mem {
+                // Register-only: only where the allow-list accepts it.
+                let Some((_, dec)) = encode(&base) else {
+                    continue;
+                };
+                if allow(&dec).is_err() {
+                    skip(Skip::RegisterOnly);
+                    continue;
+                }
+            }
+            let moffs = kinds.contains(&K::mem_offs);
+            if moffs {
+                base.set_memory_displ_size(8);
+                base.set_memory_displacement64(buffers.ram);
+            }
             let mut variants: Vec<Instruction> = Vec::new();
             if op.encoding() == EncodingKind::EVEX {
                 for (mask, zero, bcst) in evex_variants(op, has_mem) {
@@ -369,63 +653,98 @@ pub fn generate(allow: &dyn Fn(&Instruction) -> Result<bool, &'static str>) -> G
             for v in variants {
                 let Some((bytes, dec)) = encode(&v) else {
                     if first {
-                        *out.skipped
-                            .entry((class.clone(), Skip::Operands))
-                            .or_default() += 1;
+                        skip(Skip::NotBuilt("no valid encoding with these operands"));
                         break;
                     }
                     // A variant this operand choice cannot take (zeroing
                     // with a memory destination): the others still run.
                     continue;
                 };
-                match allow(&dec) {
-                    Err(_) => {
-                        if first {
-                            *out.skipped
-                                .entry((class.clone(), Skip::NotAllowed))
-                                .or_default() += 1;
-                        }
-                        break;
-                    }
-                    Ok(vector) => {
-                        if !code.cpuid_features().iter().all(|f| host::has(*f)) {
-                            if first {
-                                *out.skipped
-                                    .entry((class.clone(), Skip::HostLacks))
-                                    .or_default() += 1;
-                            }
-                            break;
-                        }
-                        let kregs = op.encoding() == EncodingKind::EVEX
-                            || (0..dec.op_count()).any(|i| {
-                                dec.op_kind(i) == OpKind::Register && dec.op_register(i).is_k()
-                            });
-                        let form = Form {
-                            code,
-                            text: format!("{dec}"),
-                            bytes: bytes.clone(),
-                            class: class.clone(),
-                            vector,
-                            kregs,
-                            misaligned: false,
-                            has_memory: has_mem,
-                        };
-                        if has_mem && requires_alignment(&dec) {
-                            let mut m = v;
-                            m.set_memory_displacement64(8);
-                            if let Some((mb, md)) = encode(&m) {
-                                out.forms.push(Form {
-                                    text: format!("{md}"),
-                                    bytes: mb,
-                                    misaligned: true,
-                                    ..form.clone()
-                                });
-                            }
-                        }
-                        out.forms.push(form);
+                first = false;
+                let vector = if has_mem {
+                    vector_code
+                } else {
+                    allow(&dec).unwrap_or(vector_code)
+                };
+                let m = dec.mnemonic();
+                let kregs = op.encoding() == EncodingKind::EVEX
+                    || (0..dec.op_count()).any(|i| {
+                        dec.op_kind(i) == OpKind::Register && dec.op_register(i).is_k()
+                    })
+                    || (is_xsave_family(m) && host::avx512());
+                let state_image = is_state_mnemonic(m);
+                let mem_len = if is_xsave_family(m) {
+                    xsave_len
+                } else if m == Mnemonic::Movdir64b {
+                    128
+                } else {
+                    dec.memory_size().size().div_ceil(64).max(1) * 64
+                };
+                // Implicit address registers, loaded right before the
+                // instruction.
+                let mut pre = Vec::new();
+                if kinds.contains(&K::seg_rSI) {
+                    pre.extend(lea(Register::RSI, Register::RBP, 0));
+                }
+                if kinds.contains(&K::es_rDI) {
+                    let off = if kinds.contains(&K::seg_rSI) { 32 } else { 0 };
+                    pre.extend(lea(Register::RDI, Register::RBP, off));
+                }
+                if kinds.contains(&K::seg_rDI) {
+                    pre.extend(lea(Register::RDI, Register::RBP, 0));
+                }
+                if kinds.contains(&K::seg_rBX_al) {
+                    pre.extend(lea(Register::RBX, Register::RBP, 8 - INIT_AL as i64));
+                }
+                if let Some(b) = implicit_base.filter(|_| implicit_mem) {
+                    pre.extend(lea(b.full_register(), Register::RBP, 0));
+                }
+                if m == Mnemonic::Movdir64b {
+                    // The destination register addresses the second half.
+                    pre.extend(lea(dec.op0_register().full_register(), Register::RBP, 64));
+                }
+                // push/pop m: put RSP back (without touching the flags).
+                let mut post = Vec::new();
+                let inc = dec.stack_pointer_increment();
+                if explicit_mem && inc != 0 && dec.flow_control() == iced_x86::FlowControl::Next
+                {
+                    post.extend(lea(Register::RSP, Register::RSP, -(inc as i64)));
+                }
+                let mmio_bytes = if moffs {
+                    let mut alt = v;
+                    alt.set_memory_displacement64(buffers.mmio);
+                    encode(&alt).map(|(b, _)| b)
+                } else {
+                    None
+                };
+                let form = Form {
+                    code,
+                    text: format!("{dec}"),
+                    bytes: bytes.clone(),
+                    mmio_bytes,
+                    pre,
+                    post,
+                    class: class.clone(),
+                    vector,
+                    kregs,
+                    misaligned: false,
+                    has_memory: has_mem,
+                    mem_len,
+                    state_image,
+                };
+                if explicit_mem && !moffs && requires_alignment(&dec) {
+                    let mut mis = v;
+                    mis.set_memory_displacement64(8);
+                    if let Some((mb, md)) = encode(&mis) {
+                        out.forms.push(Form {
+                            text: format!("{md}"),
+                            bytes: mb,
+                            misaligned: true,
+                            ..form.clone()
+                        });
                     }
                 }
-                first = false;
+                out.forms.push(form);
             }
         }
     }

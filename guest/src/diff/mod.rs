@@ -21,7 +21,7 @@ pub mod host;
 pub mod program;
 pub mod record;
 
-pub use gen::{generate, Form, Generated, Skip};
+pub use gen::{generate, Buffers, Form, Generated, Skip};
 
 /// The four ways a form runs, in the order of the result tables.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
