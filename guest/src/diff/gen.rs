@@ -119,6 +119,8 @@ pub struct Generated {
     /// Per reporting class: codes with a memory operand the host runs
     /// (the denominator, counted in codes as the skips are).
     pub memory_codes: BTreeMap<String, usize>,
+    /// Every code that yields no form, with the reason (for listings).
+    pub skipped_codes: Vec<(Code, Skip)>,
 }
 
 /// imm8 used by every form (selects behaviour for shuffles, compares...).
@@ -227,7 +229,12 @@ fn fill(
             ins.set_op_kind(i, OpKind::MemorySegRDI);
             return Ok(());
         }
-        K::seg_rBX_al => return Ok(()),
+        K::seg_rBX_al => {
+            ins.set_op_kind(i, OpKind::Memory);
+            ins.set_memory_base(Register::RBX);
+            ins.set_memory_index(Register::AL);
+            return Ok(());
+        }
         K::r8_or_mem | K::r8_reg | K::r8_opcode => reg(&GPR8, &mut s.gpr),
         K::r16_or_mem | K::r16_reg | K::r16_reg_mem | K::r16_rm | K::r16_opcode => {
             reg(&GPR16, &mut s.gpr)
@@ -418,10 +425,7 @@ fn no_ground_truth(ins: &Instruction) -> Option<&'static str> {
         M::Sgdt | M::Sidt | M::Sldt | M::Str | M::Smsw => {
             Some("stores a descriptor-table register (UMIP: #GP at CPL 3 on the host)")
         }
-        M::Mov if (0..ins.op_count()).any(|i| {
-            ins.op_kind(i) == OpKind::Register && ins.op_register(i).is_segment_register()
-        }) && ins.op0_kind() != OpKind::Register =>
-        {
+        M::Mov if ins.code().op_code().op_kinds().get(1) == Some(&K::seg_reg) => {
             Some("stores a segment selector (CPL 0 and CPL 3 selectors differ)")
         }
         _ => None,
@@ -488,6 +492,21 @@ fn encode(ins: &Instruction) -> Option<(Vec<u8>, Instruction)> {
     let mut dec = Decoder::new(64, &bytes, DecoderOptions::NONE);
     let back = dec.decode();
     (back.code() == ins.code() && back.len() == bytes.len()).then_some((bytes, back))
+}
+
+/// Why `code` has no encoding that decodes back to it.
+fn no_encoding_reason(code: Code) -> &'static str {
+    let m = code.mnemonic();
+    use Mnemonic as M;
+    if matches!(m, M::Fstenv | M::Fsave | M::Fstcw | M::Fstsw | M::Fclex | M::Finit) {
+        "FWAIT + the no-wait form: two instructions, each generated"
+    } else if matches!(m, M::Call | M::Jmp) {
+        "16-bit near branch: decoded as the 64-bit one (Intel; AMD honours 66h)"
+    } else if m == M::Reservednop {
+        "reserved-NOP encoding decoded as PREFETCH/NOP"
+    } else {
+        "no valid encoding with these operands"
+    }
 }
 
 /// `lea reg, [base + disp]`: loads an address without touching the flags.
@@ -559,6 +578,7 @@ pub fn generate(
         let class = class_of(code);
         let mut skip = |why: Skip| {
             *out.skipped.entry((class.clone(), why)).or_default() += 1;
+            out.skipped_codes.push((code, why));
         };
         if !code.cpuid_features().iter().all(|f| host::has(*f)) {
             skip(Skip::HostLacks);
@@ -572,7 +592,11 @@ pub fn generate(
         } else {
             implicit_memory_base(&probe)
         };
-        let implicit_mem = implicit_base.is_some_and(|b| b.full_register() != Register::RSP);
+        // Stack instructions (LEAVE reads [rbp] too) break the harness's
+        // own stack: their memory is the stack, not a data operand.
+        let implicit_mem = implicit_base.is_some_and(|b| b.full_register() != Register::RSP)
+            && !probe.is_stack_instruction()
+            && probe.stack_pointer_increment() == 0;
         let memory_code = kinds.iter().any(|k| is_memory_kind(*k) || is_or_mem(*k)) || implicit_mem;
         if memory_code {
             *out.memory_codes.entry(class.clone()).or_default() += 1;
@@ -602,7 +626,11 @@ pub fn generate(
                 .enumerate()
                 .try_for_each(|(i, k)| fill(&mut base, i as u32, *k, use_mem, &mut s))
             {
-                skip(Skip::NotBuilt(why));
+                skip(if memory_code {
+                    Skip::NotBuilt(why)
+                } else {
+                    Skip::RegisterOnly
+                });
                 break;
             }
             let explicit_mem = (0..base.op_count()).any(|i| {
@@ -653,7 +681,7 @@ pub fn generate(
             for v in variants {
                 let Some((bytes, dec)) = encode(&v) else {
                     if first {
-                        skip(Skip::NotBuilt("no valid encoding with these operands"));
+                        skip(Skip::NotBuilt(no_encoding_reason(code)));
                         break;
                     }
                     // A variant this operand choice cannot take (zeroing

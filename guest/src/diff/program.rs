@@ -322,19 +322,17 @@ fn assemble(forms: &[Form]) -> Result<Chunk, IcedError> {
         a.set_label(&mut epi[i])?;
         epilogue(&mut a, &k, kind, vbytes)?;
     }
+    // RSI -> RDI, ECX qwords (a plain loop: KVM completes each MMIO
+    // access, where a string move could be refused).
     let mut copy_qwords = a.create_label();
-    a.set_label(&mut copy_qwords)?;
     {
-        // RSI -> RDI, ECX qwords (a plain loop: KVM completes each MMIO
-        // access, where a string move could be refused).
-        let mut again = a.create_label();
-        a.set_label(&mut again)?;
+        a.set_label(&mut copy_qwords)?;
         a.mov(rax, qword_ptr(rsi))?;
         a.mov(qword_ptr(rdi), rax)?;
         a.add(rsi, 8)?;
         a.add(rdi, 8)?;
         a.dec(ecx)?;
-        a.jnz(again)?;
+        a.jnz(copy_qwords)?;
         a.ret()?;
     }
 
@@ -368,9 +366,12 @@ fn assemble(forms: &[Form]) -> Result<Chunk, IcedError> {
         };
         let run = |a: &mut Asm, bytes: &[u8]| -> AsmResult {
             a.call(prologue_label)?;
-            a.db(&f.pre)?;
-            a.db(bytes)?;
-            a.db(&f.post)
+            for b in [&f.pre[..], bytes, &f.post[..]] {
+                if !b.is_empty() {
+                    a.db(b)?;
+                }
+            }
+            Ok(())
         };
         match &f.mmio_bytes {
             // moffs: the address is in the instruction, so each buffer has

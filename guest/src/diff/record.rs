@@ -7,8 +7,10 @@
 /// `TABLES + w * table_size(forms)`.
 pub const TABLES: u64 = 0x40_0000;
 /// The RAM copy of the operand buffer (inside the first 2 MiB, clear of the
-/// image and the kernel's stacks).
-pub const RAM_BUF: u64 = 0x1f_8000;
+/// image and the kernel's stacks, which grow down from 0x1f0000). Its low
+/// 16 bits equal [`MMIO_BASE`]'s, so a 16-bit LEA of the operand gives the
+/// same value in every way.
+pub const RAM_BUF: u64 = 0x1f_0000;
 /// The `--mmio-ram` window and the operand buffer at its start. It must not
 /// overlap RAM.
 pub const MMIO_BASE: u64 = 0xd000_0000;
