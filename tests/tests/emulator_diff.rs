@@ -383,6 +383,34 @@ fn judge(
     )
 }
 
+/// Prints a form's record in every way (for EMULATOR_DIFF_TRACE).
+fn print_records<'a>(f: &Form, rec: &dyn Fn(Way) -> &'a [u8]) {
+    println!("TRACE {} [{:02x?}] window {} bytes", f.text, f.bytes, f.mem_len);
+    for way in Way::ALL {
+        let r = normalize(rec(way), way, f.mem_len);
+        let mut mem = r[record::MEM..record::MEM + record::MEM_LEN].to_vec();
+        mem.extend_from_slice(&r[record::RECORD..]);
+        let nonzero_tail = mem.iter().rposition(|b| *b != 0).map_or(0, |p| p + 1);
+        println!(
+            "  ({:>2}) exc {:#x}/{:#x} rax {:#x} rcx {:#x} rdx {:#x} rsi {:#x} rdi {:#x} rflags {:#x} mxcsr {:#x} fsw {:#x}",
+            way.label(),
+            record::read_u64(&r, record::EXC_VECTOR),
+            record::read_u64(&r, record::EXC_ERROR),
+            record::read_u64(&r, record::GPRS),
+            record::read_u64(&r, record::GPRS + 8),
+            record::read_u64(&r, record::GPRS + 16),
+            record::read_u64(&r, record::GPRS + 48),
+            record::read_u64(&r, record::GPRS + 56),
+            record::read_u64(&r, record::RFLAGS),
+            record::read_u64(&r, record::FXSAVE + 24) & 0xffff_ffff,
+            record::read_u64(&r, record::FXSAVE + 2) & 0xffff,
+        );
+        for (i, chunk) in mem[..nonzero_tail.min(mem.len())].chunks(32).enumerate() {
+            println!("       +{:#05x}: {}", i * 32, chunk.iter().map(|b| format!("{b:02x}")).collect::<String>());
+        }
+    }
+}
+
 /// Counts per outcome (indexed by `Outcome::rank`), plus the forms.
 type Tally = [usize; 6];
 
@@ -471,6 +499,10 @@ fn emulator_matches_native_cpl3() {
         }
     }
 
+    // EMULATOR_DIFF_TRACE=PREFIX prints the records of the forms whose text
+    // starts with PREFIX.
+    let trace = std::env::var("EMULATOR_DIFF_TRACE").ok();
+
     // Compare.
     let mut per_class: BTreeMap<String, Tally> = BTreeMap::new();
     let mut reg_only: Tally = [0; 6];
@@ -495,6 +527,9 @@ fn emulator_matches_native_cpl3() {
             let len = record::record_size(f.mem_len);
             let rec = |w: Way| &run.tables[w.index()][at..at + len];
             let truth = rec(Way::Truth);
+            if trace.as_ref().is_some_and(|t| f.text.starts_with(t.as_str())) {
+                print_records(f, &rec);
+            }
             let mut reasons = refusals.remove(&fi).unwrap_or_default().into_iter();
             let mut worst = 0usize;
             // Execution order, which is also the order of the refusals.

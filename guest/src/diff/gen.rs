@@ -494,6 +494,32 @@ fn encode(ins: &Instruction) -> Option<(Vec<u8>, Instruction)> {
     (back.code() == ins.code() && back.len() == bytes.len()).then_some((bytes, back))
 }
 
+/// Encodes one helper instruction for `pre`.
+fn encode_helper(ins: Result<Instruction, iced_x86::IcedError>) -> Vec<u8> {
+    let ins = ins.expect("helper instruction is valid");
+    let mut enc = Encoder::new(64);
+    enc.encode(&ins, 0).expect("helper instruction encodes");
+    enc.take_buffer()
+}
+
+/// The mask set-ups of an AVX2 gather (VEX, mask in a vector register):
+/// every element (all ones), and only the elements in the low 8 bytes of
+/// each 128-bit lane (all ones shifted right by 8 bytes). Both leave the
+/// flags alone.
+fn gather_masks(dec: &Instruction) -> Vec<(&'static str, Vec<u8>)> {
+    let mask = dec.op2_register();
+    let ymm = mask.is_ymm();
+    let (all, shift) = if ymm {
+        (Code::VEX_Vpcmpeqd_ymm_ymm_ymmm256, Code::VEX_Vpsrldq_ymm_ymm_imm8)
+    } else {
+        (Code::VEX_Vpcmpeqd_xmm_xmm_xmmm128, Code::VEX_Vpsrldq_xmm_xmm_imm8)
+    };
+    let ones = encode_helper(Instruction::with3(all, mask, mask, mask));
+    let mut half = ones.clone();
+    half.extend(encode_helper(Instruction::with3(shift, mask, mask, 8)));
+    vec![("mask: all elements", ones), ("mask: half the elements", half)]
+}
+
 /// Why `code` has no encoding that decodes back to it.
 fn no_encoding_reason(code: Code) -> &'static str {
     let m = code.mnemonic();
@@ -546,6 +572,12 @@ fn evex_variants(op: &iced_x86::OpCodeInfo, has_mem: bool) -> Vec<(bool, bool, b
 /// operand kind) is addressed by, if any: CLZERO and MONITORX use rAX.
 /// `None` with `Some(stack)` means the only implicit memory is the stack.
 fn implicit_memory_base(ins: &Instruction) -> Option<Register> {
+    use Mnemonic as M;
+    // iced's instruction info leaves these out for an operand-less
+    // instruction: the address is rAX.
+    if matches!(ins.mnemonic(), M::Clzero | M::Monitorx | M::Monitor) {
+        return Some(Register::RAX);
+    }
     let mut f = InstructionInfoFactory::new();
     let info = f.info(ins);
     info.used_memory()
@@ -760,6 +792,20 @@ pub fn generate(
                     mem_len,
                     state_image,
                 };
+                if dec.is_vsib() && op.encoding() == EncodingKind::VEX {
+                    // The initial mask register is arbitrary: run the
+                    // gather with a full and with a partial mask.
+                    for (what, setup) in gather_masks(&dec) {
+                        let mut pre = form.pre.clone();
+                        pre.extend(setup);
+                        out.forms.push(Form {
+                            text: format!("{} ; {what}", form.text),
+                            pre,
+                            ..form.clone()
+                        });
+                    }
+                    continue;
+                }
                 if explicit_mem && !moffs && requires_alignment(&dec) {
                     let mut mis = v;
                     mis.set_memory_displacement64(8);
@@ -777,4 +823,76 @@ pub fn generate(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all() -> Generated {
+        generate(
+            &|_| Err("register forms not needed here"),
+            &Buffers {
+                ram: 0x1f_0000,
+                mmio: 0xd000_0000,
+            },
+        )
+    }
+
+    fn find<'a>(g: &'a Generated, text: &str) -> Option<&'a Form> {
+        g.forms.iter().find(|f| f.text == text)
+    }
+
+    #[test]
+    fn builds_the_operand_kinds_beyond_rbp() {
+        let g = all();
+        // Implicit rSI/rDI/rBX: an address register loaded right before.
+        let by_code = |c: Code| g.forms.iter().find(|f| f.code == c);
+        let movsb = by_code(Code::Movsb_m8_m8).expect("movsb");
+        assert!(!movsb.pre.is_empty());
+        let xlat = by_code(Code::Xlat_m8).expect("xlatb");
+        assert!(!xlat.pre.is_empty());
+        let maskmovq = by_code(Code::Maskmovq_rDI_mm_mm).expect("maskmovq");
+        assert!(maskmovq.has_memory && !maskmovq.pre.is_empty());
+        // moffs: one encoding per buffer.
+        let moffs = by_code(Code::Mov_AL_moffs8).expect("mov al, moffs");
+        assert!(moffs.mmio_bytes.is_some());
+        assert_ne!(moffs.mmio_bytes.as_ref(), Some(&moffs.bytes));
+        // Whole-state operands: the window is the operand.
+        let fxsave = find(&g, "fxsave64 [rbp]").expect("fxsave64");
+        assert_eq!(fxsave.mem_len, 512);
+        assert!(fxsave.state_image);
+        let fnsave = find(&g, "fnsave [rbp]").expect("fnsave");
+        assert_eq!(fnsave.mem_len, 128);
+        if host::has(CpuidFeature::XSAVE) {
+            let xsave = find(&g, "xsave64 [rbp]").expect("xsave64");
+            assert!(xsave.mem_len >= 576 && xsave.mem_len % 64 == 0);
+        }
+        if host::has(CpuidFeature::AVX2) {
+            let gathers: Vec<&Form> = g
+                .forms
+                .iter()
+                .filter(|f| f.text.starts_with("vpgatherdd xmm1,[rbp+xmm0],xmm2"))
+                .collect();
+            assert_eq!(gathers.len(), 2, "full and partial mask");
+            assert!(gathers.iter().all(|f| f.vector && !f.pre.is_empty()));
+        }
+        if host::has(CpuidFeature::CLZERO) {
+            let clzero = by_code(Code::Clzeroq).expect("clzero");
+            assert!(clzero.has_memory && !clzero.pre.is_empty());
+        }
+        // push/pop m put RSP back.
+        let push = find(&g, "push qword ptr [rbp]").expect("push m64");
+        assert!(!push.post.is_empty());
+    }
+
+    #[test]
+    fn system_instructions_are_counted_not_run() {
+        let g = all();
+        assert!(g.forms.iter().all(|f| !f.text.starts_with("lgdt")));
+        assert!(g
+            .skipped_codes
+            .iter()
+            .any(|(c, w)| *c == Code::Lgdt_m1664 && matches!(w, Skip::NoGroundTruth(_))));
+    }
 }
