@@ -19,6 +19,38 @@ pub struct Class {
     pub x87_mmx: bool,
     /// Has a VEX/EVEX/XOP encoding (needs CR4.OSXSAVE).
     pub vex: bool,
+    /// How the emulator completes it.
+    pub kind: Kind,
+}
+
+/// The instruction families the emulator completes in different ways.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// One instruction run in the stub with its operand (at most 64
+    /// bytes) staged in the bounce buffer.
+    Plain,
+    /// CLFLUSH, CLFLUSHOPT, CLWB: the address is checked and translated,
+    /// nothing is read or written.
+    CacheLine,
+    /// PREFETCHh, PREFETCHW(T1), PREFETCH, CLDEMOTE: hints that never
+    /// fault.
+    CacheHint,
+}
+
+/// The cache-control family, allowed whatever the feature lists say.
+fn cache_kind(mnemonic: Mnemonic) -> Option<Kind> {
+    match mnemonic {
+        M::Clflush | M::Clflushopt | M::Clwb => Some(Kind::CacheLine),
+        M::Prefetchnta
+        | M::Prefetcht0
+        | M::Prefetcht1
+        | M::Prefetcht2
+        | M::Prefetchw
+        | M::Prefetchwt1
+        | M::Prefetch
+        | M::Cldemote => Some(Kind::CacheHint),
+        _ => None,
+    }
 }
 
 /// Why an instruction is refused.
@@ -263,6 +295,14 @@ pub fn classify(instr: &Instruction) -> Result<Class, Deny> {
     if instr.is_vsib() {
         return Err("gather/scatter (VSIB)");
     }
+    if let Some(kind) = cache_kind(instr.mnemonic()) {
+        return Ok(Class {
+            vector: false,
+            x87_mmx: false,
+            vex: false,
+            kind,
+        });
+    }
     let mut memory_ops = 0;
     for i in 0..instr.op_count() {
         match instr.op_kind(i) {
@@ -310,6 +350,7 @@ pub fn classify(instr: &Instruction) -> Result<Class, Deny> {
         vector: false,
         x87_mmx: false,
         vex: false,
+        kind: Kind::Plain,
     };
     for &f in instr.cpuid_features() {
         match feature_family(f).ok_or("CPUID feature not allowed")? {

@@ -195,23 +195,23 @@ fn walk_faults_and_permissions() {
     };
     // Not present.
     assert_eq!(
-        pf(translate(&cpu, 0x7f_0000, Access::default(), 52, &mut mem)),
+        pf(translate(&cpu, 0x7f_0000, Access::default(), &mut mem)),
         (VEC_PF, 0, 0x7f_0000)
     );
     // Write to read-only with WP; allowed for the supervisor without WP.
     assert_eq!(
-        pf(translate(&cpu, ro + 8, w, 52, &mut mem)),
+        pf(translate(&cpu, ro + 8, w, &mut mem)),
         (VEC_PF, PFEC_P | PFEC_W, ro + 8)
     );
     cpu.cr0 &= !CR0_WP;
-    assert_eq!(translate(&cpu, ro + 8, w, 52, &mut mem), Ok(ro + 8));
+    assert_eq!(translate(&cpu, ro + 8, w, &mut mem), Ok(ro + 8));
     // User access to a supervisor page.
     let user = Access {
         user: true,
         ..Default::default()
     };
     assert_eq!(
-        pf(translate(&cpu, ro, user, 52, &mut mem)),
+        pf(translate(&cpu, ro, user, &mut mem)),
         (VEC_PF, PFEC_P | PFEC_U, ro)
     );
     // NX fetch.
@@ -220,50 +220,41 @@ fn walk_faults_and_permissions() {
         ..Default::default()
     };
     assert_eq!(
-        pf(translate(&cpu, user_nx, fetch, 52, &mut mem)),
+        pf(translate(&cpu, user_nx, fetch, &mut mem)),
         (VEC_PF, PFEC_P | PFEC_ID, user_nx)
     );
     // SMAP: a supervisor read of a user page faults unless RFLAGS.AC.
     let user_page = 0x72_0000;
     mem.map(CR3, 4, user_page, user_page, 0x7);
     assert_eq!(
-        translate(&cpu, user_page, Access::default(), 52, &mut mem),
+        translate(&cpu, user_page, Access::default(), &mut mem),
         Ok(user_page)
     );
     cpu.cr4 |= CR4_SMAP;
     assert_eq!(
-        pf(translate(
-            &cpu,
-            user_page + 4,
-            Access::default(),
-            52,
-            &mut mem
-        )),
+        pf(translate(&cpu, user_page + 4, Access::default(), &mut mem)),
         (VEC_PF, PFEC_P, user_page + 4)
     );
     cpu.gprs.rflags |= RFLAGS_AC;
     assert_eq!(
-        translate(&cpu, user_page, Access::default(), 52, &mut mem),
+        translate(&cpu, user_page, Access::default(), &mut mem),
         Ok(user_page)
     );
     // ... and never applies to user-mode accesses.
     cpu.gprs.rflags &= !RFLAGS_AC;
-    assert_eq!(
-        translate(&cpu, user_page, user, 52, &mut mem),
-        Ok(user_page)
-    );
+    assert_eq!(translate(&cpu, user_page, user, &mut mem), Ok(user_page));
     cpu.cr4 &= !CR4_SMAP;
     // SMEP: a supervisor fetch from a user page faults, with I/D set.
     cpu.cr4 |= CR4_SMEP;
     assert_eq!(
-        pf(translate(&cpu, user_page, fetch, 52, &mut mem)),
+        pf(translate(&cpu, user_page, fetch, &mut mem)),
         (VEC_PF, PFEC_P | PFEC_ID, user_page)
     );
     cpu.cr4 &= !CR4_SMEP;
     // NX without EFER.NXE is a reserved bit.
     cpu.efer &= !EFER_NXE;
     assert_eq!(
-        pf(translate(&cpu, user_nx, user, 52, &mut mem)),
+        pf(translate(&cpu, user_nx, user, &mut mem)),
         (VEC_PF, PFEC_P | PFEC_RSVD | PFEC_U, user_nx)
     );
 }
@@ -282,14 +273,8 @@ fn walk_modes_pae_legacy32_and_5level() {
     mem.set_u32(0x2000 + 4 * 2, 0x3000 | 0x3); // PT for 8 MiB..
     mem.set_u32(0x3000 + 4 * 5, 0x0055_5000 | 0x3);
     let r = Access::default();
-    assert_eq!(
-        translate(&cpu, 0x0041_2345, r, 52, &mut mem),
-        Ok(0x0041_2345)
-    );
-    assert_eq!(
-        translate(&cpu, 0x0080_5678, r, 52, &mut mem),
-        Ok(0x0055_5678)
-    );
+    assert_eq!(translate(&cpu, 0x0041_2345, r, &mut mem), Ok(0x0041_2345));
+    assert_eq!(translate(&cpu, 0x0080_5678, r, &mut mem), Ok(0x0055_5678));
     assert_eq!(mem.ram[0x2000 + 4] & 0x20, 0x20, "A on the 4 MiB PDE");
 
     // PAE: PDPTE -> PD with a 2 MiB page.
@@ -298,14 +283,14 @@ fn walk_modes_pae_legacy32_and_5level() {
     mem.set_u64(0x4000 + 8, 0x5000 | 1);
     mem.set_u64(0x5000 + 8 * 3, 0x0060_0000 | 0x83);
     let lin = (1 << 30) | (3 << 21) | 0x1abc;
-    assert_eq!(translate(&cpu, lin, r, 52, &mut mem), Ok(0x0060_1abc));
+    assert_eq!(translate(&cpu, lin, r, &mut mem), Ok(0x0060_1abc));
 
     // 5-level.
     let mut cpu5 = CpuState::long_mode(0x8000);
     cpu5.cr4 |= CR4_LA57;
     let lin = 0x00ff_1234_5678_9000u64 & 0x01ff_ffff_ffff_f000;
     mem.map(0x8000, 5, lin, 0x7000, RW);
-    assert_eq!(translate(&cpu5, lin | 0x10, r, 52, &mut mem), Ok(0x7010));
+    assert_eq!(translate(&cpu5, lin | 0x10, r, &mut mem), Ok(0x7010));
     assert!(crate::paging::is_canonical(&cpu5, lin));
 }
 
@@ -792,5 +777,237 @@ fn compress_store_writes_contiguous_elements() {
     );
     for i in 3..16 {
         assert_eq!(dword(i), 0x1111_1111, "element {i} untouched");
+    }
+}
+
+/// MAXPHYADDR comes from the guest (`CpuState::max_phys_bits`): an entry
+/// bit between it and 51 is reserved (#PF with RSVD, as KVM's own walk and
+/// the CPU give), while the same bit is an address bit for a wider guest.
+#[test]
+fn reserved_bits_follow_the_guests_maxphyaddr() {
+    let (mut cpu, mut mem) = setup();
+    let page = 0x72_0000u64;
+    // Leaf with physical-address bit 40 set: above a 39-bit guest's width.
+    mem.map(CR3, 4, page, page | 1 << 40, RW);
+    let code = asm64(|a| a.add(qword_ptr(page), rcx)).to_vec();
+    cpu.max_phys_bits = 39;
+    let mut e = emul();
+    let o = e.emulate(&mut cpu, &code, &mut NoVectorState, &mut mem);
+    assert_eq!(exc(&o), (VEC_PF, Some(PFEC_P | PFEC_W | PFEC_RSVD)));
+    // A 46-bit guest has that bit as an address bit: the walk succeeds and
+    // the access reaches guest-physical page | 1 << 40 (the mock platform
+    // reports it as out of range, which is the platform's answer, not #PF).
+    cpu.max_phys_bits = 46;
+    let o = e.emulate(&mut cpu, &code, &mut NoVectorState, &mut mem);
+    assert!(
+        !matches!(o, Outcome::Exception { .. }),
+        "a 46-bit guest must not fault: {o:?}"
+    );
+}
+
+fn mxcsr(img: &XsaveImage) -> u32 {
+    u32::from_le_bytes(img.bytes[24..28].try_into().unwrap())
+}
+
+/// An unmasked SIMD exception raises #XM with its flag set in MXCSR, as the
+/// CPU leaves it (SDM vol. 1, 11.5.1: flags are set before the exception
+/// is taken); the guest image carries the new MXCSR, RIP stays.
+#[test]
+fn xm_keeps_the_mxcsr_flags_the_exception_left() {
+    let (mut cpu, mut mem) = setup();
+    let mut e = emul();
+    let mut img = XsaveImage::new();
+    img.bytes[24..28].copy_from_slice(&0x1d80u32.to_le_bytes()); // ZM clear
+    img.bytes[160..164].copy_from_slice(&1.0f32.to_bits().to_le_bytes());
+    img.bytes[512] = 0b11;
+    cpu.gprs.rsi = DATA;
+    // One element, 1.0 / 0.0: only ZE (divps would add IE for 0/0 lanes).
+    let code = asm64(|a| a.divss(xmm0, dword_ptr(rsi)));
+    assert_eq!(
+        exc(&e.emulate(&mut cpu, &code, &mut img, &mut mem)),
+        (VEC_XM, None)
+    );
+    assert_eq!(cpu.rip, CODE);
+    assert_eq!(mxcsr(&img), 0x1d80 | 0x4, "ZE set by the faulting divide");
+    assert!(img.dirty);
+    assert_eq!(
+        img.bytes[160..164],
+        1.0f32.to_bits().to_le_bytes(),
+        "xmm0 kept"
+    );
+}
+
+/// An unmasked x87 exception is left pending by the instruction that
+/// caused it: FSW shows it, and FOP/FIP/FDP describe the guest's own
+/// instruction (its ModRM, not the re-encoded `[rip+disp32]` one).
+#[test]
+fn pending_x87_exception_keeps_the_guests_fop_fip_fdp() {
+    let (mut cpu, mut mem) = setup();
+    let mut e = emul();
+    let mut img = XsaveImage::new();
+    img.bytes[0..2].copy_from_slice(&0x37bu16.to_le_bytes()); // ZM clear
+    img.bytes[512] = 0b1; // x87 state present, or XRSTOR loads its init FCW
+    cpu.gprs.rsi = DATA;
+    for code in [
+        asm64(|a| a.fld1()),
+        // fdiv dword [rsi+0x10]: D8 76 10 -> FOP 0x076.
+        asm64(|a| a.fdiv(dword_ptr(rsi + 0x10))),
+    ] {
+        cpu.rip = CODE;
+        done(&e.emulate(&mut cpu, &code, &mut img, &mut mem));
+    }
+    let u16_at = |o: usize| u16::from_le_bytes(img.bytes[o..o + 2].try_into().unwrap());
+    let u64_at = |o: usize| u64::from_le_bytes(img.bytes[o..o + 8].try_into().unwrap());
+    let fsw = u16_at(2);
+    assert_eq!(fsw & 0x84, 0x84, "ZE and ES pending: {fsw:#x}");
+    assert_eq!(u16_at(6), 0x076, "FOP");
+    assert_eq!(u64_at(8), CODE, "FIP");
+    assert_eq!(u64_at(16), DATA + 0x10, "FDP");
+}
+
+/// The CPU stops at 15 bytes: a longer instruction (redundant prefixes)
+/// raises #GP(0), a 15-byte one runs, and an unknown opcode is #UD.
+#[test]
+fn instructions_longer_than_15_bytes_raise_gp() {
+    let (mut cpu, mut mem) = setup();
+    let mut e = emul();
+    cpu.gprs.rax = DATA;
+    let add = [0x01u8, 0x08]; // add [rax], ecx
+    let with_prefixes = |n: usize| [vec![0x66u8; n], add.to_vec()].concat();
+    // KVM reports at most 15 bytes; the emulator reads on from guest memory.
+    let mut run = |bytes: &[u8]| {
+        mem.ram[CODE as usize..CODE as usize + 32].fill(0x90);
+        mem.ram[CODE as usize..CODE as usize + bytes.len()].copy_from_slice(bytes);
+        cpu.rip = CODE;
+        e.emulate(
+            &mut cpu,
+            &bytes[..bytes.len().min(15)],
+            &mut NoVectorState,
+            &mut mem,
+        )
+    };
+    assert_eq!(exc(&run(&with_prefixes(14))), (VEC_GP, Some(0)), "16 bytes");
+    assert_eq!(exc(&run(&[0x66; 16])), (VEC_GP, Some(0)), "prefixes only");
+    let o = run(&with_prefixes(13));
+    assert!(matches!(o, Outcome::Done { .. }), "15 bytes: {o:?}");
+    assert_eq!(
+        exc(&run(&[0x66, 0x0f, 0x04])),
+        (VEC_UD, None),
+        "invalid opcode"
+    );
+}
+
+/// A VEX instruction whose state components are off in the guest's XCR0
+/// raises #UD (before any memory access), whatever the host's XCR0.
+#[test]
+fn guest_xcr0_decides_vex_ud() {
+    if !avx_ok() {
+        eprintln!("skipped: host has no AVX");
+        return;
+    }
+    let (mut cpu, mut mem) = setup();
+    let mut e = emul();
+    cpu.gprs.rax = DATA;
+    let code = asm64(|a| a.vmovups(ymm1, ptr(rax)));
+    let mut img = XsaveImage::new();
+    img.xcr0 = 0b11;
+    mem.log.clear();
+    assert_eq!(
+        exc(&e.emulate(&mut cpu, &code, &mut img, &mut mem)),
+        (VEC_UD, None)
+    );
+    assert!(mem.log.is_empty(), "no memory access before #UD");
+    img.xcr0 = 0b111;
+    done(&e.emulate(&mut cpu, &code, &mut img, &mut mem));
+}
+
+/// Alignment is checked before the page walk: a misaligned aligned-only
+/// operand on a not-present page raises #GP(0), an aligned one #PF (the
+/// host CPU does the same: `stub::tests::alignment_comes_before_the_walk`).
+#[test]
+fn misaligned_operand_on_a_missing_page_is_gp_not_pf() {
+    let (mut cpu, mut mem) = setup();
+    let mut e = emul();
+    let missing = 0x7f_0000u64;
+    let mut img = XsaveImage::new();
+    for (addr, want) in [
+        (missing + 8, (VEC_GP, Some(0))),
+        (missing, (VEC_PF, Some(0))),
+        // Split operand, second page missing, start misaligned.
+        (missing - 8, (VEC_GP, Some(0))),
+    ] {
+        mem.map(CR3, 4, missing - 0x1000, missing - 0x1000, RW);
+        cpu.gprs.rsi = addr;
+        cpu.rip = CODE;
+        let code = asm64(|a| a.movaps(xmm0, xmmword_ptr(rsi)));
+        assert_eq!(
+            exc(&e.emulate(&mut cpu, &code, &mut img, &mut mem)),
+            want,
+            "{addr:#x}"
+        );
+        cpu.rip = CODE;
+        let code = asm64(|a| a.addps(xmm0, xmmword_ptr(rsi)));
+        assert_eq!(
+            exc(&e.emulate(&mut cpu, &code, &mut img, &mut mem)),
+            want,
+            "{addr:#x}"
+        );
+    }
+    // An unaligned-access form faults on the walk.
+    cpu.rip = CODE;
+    cpu.gprs.rsi = missing + 8;
+    let code = asm64(|a| a.movups(xmm0, xmmword_ptr(rsi)));
+    assert_eq!(
+        exc(&e.emulate(&mut cpu, &code, &mut img, &mut mem)).0,
+        VEC_PF
+    );
+    assert!(!img.dirty);
+}
+
+/// Cache-line instructions check and translate their address like a read
+/// and touch nothing; hints never fault. (The host CPU: a CLFLUSH of a
+/// PROT_NONE page faults with SEGV_MAPERR-like #PF, a PREFETCH does not;
+/// `stub::tests::cache_instructions_on_the_host`.)
+#[test]
+fn cache_lines_walk_and_hints_never_fault() {
+    let (mut cpu, mut mem) = setup();
+    let mut e = emul();
+    let missing = 0x7f_0000u64;
+    let run = |e: &mut Emulator, cpu: &mut CpuState, mem: &mut MockPlatform, code: &[u8]| {
+        cpu.rip = CODE;
+        mem.log.retain(|_| false);
+        e.emulate(cpu, code, &mut NoVectorState, mem)
+    };
+    let line: [(&str, Vec<u8>); 3] = [
+        ("clflush", asm64(|a| a.clflush(byte_ptr(rsi)))),
+        ("clflushopt", asm64(|a| a.clflushopt(byte_ptr(rsi)))),
+        ("clwb", asm64(|a| a.clwb(byte_ptr(rsi)))),
+    ];
+    for (name, code) in &line {
+        cpu.gprs.rsi = MMIO_BASE + 0x40;
+        let o = run(&mut e, &mut cpu, &mut mem, code);
+        assert!(matches!(o, Outcome::Done { .. }), "{name}: {o:?}");
+        assert_eq!(cpu.rip, CODE + code.len() as u64, "{name}");
+        let data: Vec<_> = mem.log.iter().filter(|l| l.1 >= MMIO_BASE).collect();
+        assert!(data.is_empty(), "{name} touched the device: {data:?}");
+        cpu.gprs.rsi = missing + 0x40;
+        let o = run(&mut e, &mut cpu, &mut mem, code);
+        assert_eq!(exc(&o), (VEC_PF, Some(0)), "{name}");
+        cpu.gprs.rsi = 0x8000_0000_0000_0000;
+        let o = run(&mut e, &mut cpu, &mut mem, code);
+        assert_eq!(exc(&o), (VEC_GP, Some(0)), "{name} non-canonical");
+    }
+    let hints: [(&str, Vec<u8>); 3] = [
+        ("prefetcht0", asm64(|a| a.prefetcht0(byte_ptr(rsi)))),
+        ("prefetchnta", asm64(|a| a.prefetchnta(byte_ptr(rsi)))),
+        ("prefetchw", asm64(|a| a.prefetchw(byte_ptr(rsi)))),
+    ];
+    for (name, code) in &hints {
+        for addr in [missing, 0x8000_0000_0000_0000] {
+            cpu.gprs.rsi = addr;
+            let o = run(&mut e, &mut cpu, &mut mem, code);
+            assert!(matches!(o, Outcome::Done { .. }), "{name} {addr:#x}: {o:?}");
+            assert!(mem.log.is_empty(), "{name}: no walk, no access");
+        }
     }
 }
