@@ -116,7 +116,9 @@ fn parse_refusal(msg: &str) -> Option<Refusal> {
     let rest = msg.split_once("unsupported `")?.1;
     let (text, tail) = rest.rsplit_once("` at rip 0x")?;
     let rip = u64::from_str_radix(tail.split(|c: char| !c.is_ascii_hexdigit()).next()?, 16).ok()?;
-    let (insn, reason) = text.rsplit_once(": ").unwrap_or((text, "(no reason given)"));
+    let (insn, reason) = text
+        .rsplit_once(": ")
+        .unwrap_or((text, "(no reason given)"));
     Some(Refusal {
         rip,
         insn: insn.to_string(),
@@ -159,7 +161,12 @@ fn run_chunk(forms: &[Form], its: ItsMode) -> Result<ChunkRun, (String, Option<u
     cfg.stats = true;
     cfg.mmio_ram = vec![(record::MMIO_BASE, record::MMIO_SIZE)];
     cfg.dump_ranges = (0..4)
-        .map(|w| (record::table_addr(w, chunk.table_len), chunk.table_len as u64))
+        .map(|w| {
+            (
+                record::table_addr(w, chunk.table_len),
+                chunk.table_len as u64,
+            )
+        })
         .collect();
     let (out, serial) = common::run_config(&cfg);
     let pass = guest::rt::status_of(guest::rt::EXIT_PASS);
@@ -341,6 +348,18 @@ fn judge(
     if only_exception && form.misaligned && tv == 6 && gv == 13 && ge == 0 {
         return Outcome::PvmQuirk;
     }
+    // PVM runs FXSAVE/FXSAVE64 with a misaligned operand natively without
+    // the #GP(0) the SDM and APM require (seen on Intel and AMD EPYC hosts;
+    // FXRSTOR and the XSAVE family do fault there); the VMM follows the
+    // manuals.
+    if form.misaligned
+        && form.text.starts_with("fxsave")
+        && tv == NO_EXCEPTION
+        && gv == 13
+        && ge == 0
+    {
+        return Outcome::PvmQuirk;
+    }
     if only_exception
         && PVM_QUIRKS
             .iter()
@@ -385,7 +404,10 @@ fn judge(
 
 /// Prints a form's record in every way (for EMULATOR_DIFF_TRACE).
 fn print_records<'a>(f: &Form, rec: &dyn Fn(Way) -> &'a [u8]) {
-    println!("TRACE {} [{:02x?}] window {} bytes", f.text, f.bytes, f.mem_len);
+    println!(
+        "TRACE {} [{:02x?}] window {} bytes",
+        f.text, f.bytes, f.mem_len
+    );
     for way in Way::ALL {
         let r = normalize(rec(way), way, f.mem_len);
         let mut mem = r[record::MEM..record::MEM + record::MEM_LEN].to_vec();
@@ -406,7 +428,11 @@ fn print_records<'a>(f: &Form, rec: &dyn Fn(Way) -> &'a [u8]) {
             record::read_u64(&r, record::FXSAVE + 2) & 0xffff,
         );
         for (i, chunk) in mem[..nonzero_tail.min(mem.len())].chunks(32).enumerate() {
-            println!("       +{:#05x}: {}", i * 32, chunk.iter().map(|b| format!("{b:02x}")).collect::<String>());
+            println!(
+                "       +{:#05x}: {}",
+                i * 32,
+                chunk.iter().map(|b| format!("{b:02x}")).collect::<String>()
+            );
         }
     }
 }
@@ -527,7 +553,10 @@ fn emulator_matches_native_cpl3() {
             let len = record::record_size(f.mem_len);
             let rec = |w: Way| &run.tables[w.index()][at..at + len];
             let truth = rec(Way::Truth);
-            if trace.as_ref().is_some_and(|t| f.text.starts_with(t.as_str())) {
+            if trace
+                .as_ref()
+                .is_some_and(|t| f.text.starts_with(t.as_str()))
+            {
                 print_records(f, &rec);
             }
             let mut reasons = refusals.remove(&fi).unwrap_or_default().into_iter();
@@ -644,7 +673,16 @@ fn emulator_matches_native_cpl3() {
     }
     println!(
         "  {:<20} {:>6} {:>6} {:>6} {:>6} {:>7} {:>6} | codes: {:>6} {:>8} {:>9}",
-        "class (memory forms)", "forms", OUTCOME_NAMES[0], OUTCOME_NAMES[1], OUTCOME_NAMES[2], OUTCOME_NAMES[3], OUTCOME_NAMES[4], "host-", "no-truth", "not-built"
+        "class (memory forms)",
+        "forms",
+        OUTCOME_NAMES[0],
+        OUTCOME_NAMES[1],
+        OUTCOME_NAMES[2],
+        OUTCOME_NAMES[3],
+        OUTCOME_NAMES[4],
+        "host-",
+        "no-truth",
+        "not-built"
     );
     let mut classes: Vec<&String> = per_class.keys().chain(skipped.keys()).collect();
     classes.sort();

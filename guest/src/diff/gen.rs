@@ -279,7 +279,9 @@ fn fill(
         K::r32_or_mem_mpx | K::r64_or_mem_mpx => return Err("MPX bound operand"),
         K::sibmem | K::tmm_reg | K::tmm_rm | K::tmm_vvvv => return Err("AMX tile operand"),
         K::cr_reg | K::dr_reg | K::tr_reg => return Err("control/debug register"),
-        K::kp1_reg | K::xmmp3_vvvv | K::zmmp3_vvvv => return Err("register block (4FMAPS/VP2INTERSECT)"),
+        K::kp1_reg | K::xmmp3_vvvv | K::zmmp3_vvvv => {
+            return Err("register block (4FMAPS/VP2INTERSECT)")
+        }
         _ => return Err("branch target or other operand"),
     };
     match r {
@@ -366,9 +368,12 @@ pub fn class_of(code: Code) -> String {
 /// Whether a feature's instructions touch x87/MMX/SSE/AVX state.
 fn is_vector_feature(f: CpuidFeature) -> bool {
     let name = format!("{f:?}");
-    ["FPU", "MMX", "SSE", "AVX", "FMA", "F16C", "AES", "PCLMUL", "SHA", "GFNI", "FXSR", "XSAVE", "3DNOW", "XOP"]
-        .iter()
-        .any(|p| name.contains(p))
+    [
+        "FPU", "MMX", "SSE", "AVX", "FMA", "F16C", "AES", "PCLMUL", "SHA", "GFNI", "FXSR", "XSAVE",
+        "3DNOW", "XOP",
+    ]
+    .iter()
+    .any(|p| name.contains(p))
 }
 
 /// Whole-state and environment instructions: their operand is the state
@@ -396,6 +401,13 @@ fn is_state_mnemonic(m: Mnemonic) -> bool {
             | M::Fnstenv
             | M::Fldenv
     )
+}
+
+/// FXSAVE/FXRSTOR (16 bytes) and the XSAVE family (64 bytes): #GP(0) on a
+/// misaligned operand.
+fn needs_state_alignment(m: Mnemonic) -> bool {
+    use Mnemonic as M;
+    is_xsave_family(m) || matches!(m, M::Fxsave | M::Fxsave64 | M::Fxrstor | M::Fxrstor64)
 }
 
 fn is_xsave_family(m: Mnemonic) -> bool {
@@ -510,21 +522,33 @@ fn gather_masks(dec: &Instruction) -> Vec<(&'static str, Vec<u8>)> {
     let mask = dec.op2_register();
     let ymm = mask.is_ymm();
     let (all, shift) = if ymm {
-        (Code::VEX_Vpcmpeqd_ymm_ymm_ymmm256, Code::VEX_Vpsrldq_ymm_ymm_imm8)
+        (
+            Code::VEX_Vpcmpeqd_ymm_ymm_ymmm256,
+            Code::VEX_Vpsrldq_ymm_ymm_imm8,
+        )
     } else {
-        (Code::VEX_Vpcmpeqd_xmm_xmm_xmmm128, Code::VEX_Vpsrldq_xmm_xmm_imm8)
+        (
+            Code::VEX_Vpcmpeqd_xmm_xmm_xmmm128,
+            Code::VEX_Vpsrldq_xmm_xmm_imm8,
+        )
     };
     let ones = encode_helper(Instruction::with3(all, mask, mask, mask));
     let mut half = ones.clone();
     half.extend(encode_helper(Instruction::with3(shift, mask, mask, 8)));
-    vec![("mask: all elements", ones), ("mask: half the elements", half)]
+    vec![
+        ("mask: all elements", ones),
+        ("mask: half the elements", half),
+    ]
 }
 
 /// Why `code` has no encoding that decodes back to it.
 fn no_encoding_reason(code: Code) -> &'static str {
     let m = code.mnemonic();
     use Mnemonic as M;
-    if matches!(m, M::Fstenv | M::Fsave | M::Fstcw | M::Fstsw | M::Fclex | M::Finit) {
+    if matches!(
+        m,
+        M::Fstenv | M::Fsave | M::Fstcw | M::Fstsw | M::Fclex | M::Finit
+    ) {
         "FWAIT + the no-wait form: two instructions, each generated"
     } else if matches!(m, M::Call | M::Jmp) {
         "16-bit near branch: decoded as the 64-bit one (Intel; AMD honours 66h)"
@@ -728,9 +752,8 @@ pub fn generate(
                 };
                 let m = dec.mnemonic();
                 let kregs = op.encoding() == EncodingKind::EVEX
-                    || (0..dec.op_count()).any(|i| {
-                        dec.op_kind(i) == OpKind::Register && dec.op_register(i).is_k()
-                    })
+                    || (0..dec.op_count())
+                        .any(|i| dec.op_kind(i) == OpKind::Register && dec.op_register(i).is_k())
                     || (is_xsave_family(m) && host::avx512());
                 let state_image = is_state_mnemonic(m);
                 let mem_len = if is_xsave_family(m) {
@@ -766,8 +789,7 @@ pub fn generate(
                 // push/pop m: put RSP back (without touching the flags).
                 let mut post = Vec::new();
                 let inc = dec.stack_pointer_increment();
-                if explicit_mem && inc != 0 && dec.flow_control() == iced_x86::FlowControl::Next
-                {
+                if explicit_mem && inc != 0 && dec.flow_control() == iced_x86::FlowControl::Next {
                     post.extend(lea(Register::RSP, Register::RSP, -(inc as i64)));
                 }
                 let mmio_bytes = if moffs {
@@ -806,14 +828,23 @@ pub fn generate(
                     }
                     continue;
                 }
-                if explicit_mem && !moffs && requires_alignment(&dec) {
+                if explicit_mem && !moffs && (requires_alignment(&dec) || needs_state_alignment(m))
+                {
                     let mut mis = v;
                     mis.set_memory_displacement64(8);
                     if let Some((mb, md)) = encode(&mis) {
+                        // A whole-state operand 8 bytes in needs a larger
+                        // window.
+                        let mem_len = if form.mem_len > 64 {
+                            form.mem_len + 64
+                        } else {
+                            form.mem_len
+                        };
                         out.forms.push(Form {
                             text: format!("{md}"),
                             bytes: mb,
                             misaligned: true,
+                            mem_len,
                             ..form.clone()
                         });
                     }
