@@ -156,6 +156,10 @@ const MM: [Register; 3] = [Register::MM1, Register::MM2, Register::MM3];
 /// the window.
 const INIT_AL: i32 = 0xef;
 
+/// RCX for REP-prefixed string instructions: three elements of up to 8
+/// bytes from `[rbp]` and to `[rbp+32]` stay inside the 64-byte window.
+const STRING_COUNT: u32 = 3;
+
 /// Operand choices of one code.
 struct Slots {
     gpr: usize,
@@ -732,6 +736,20 @@ pub fn generate(
                     v.set_has_lock_prefix(true);
                     variants.push(v);
                 }
+                // String instructions also with their repeat prefixes (RCX
+                // is set to a small count by `pre`).
+                if kinds.contains(&K::seg_rSI) || kinds.contains(&K::es_rDI) {
+                    if op.can_use_rep_prefix() {
+                        let mut v = base;
+                        v.set_has_rep_prefix(true);
+                        variants.push(v);
+                    }
+                    if op.can_use_repne_prefix() {
+                        let mut v = base;
+                        v.set_has_repne_prefix(true);
+                        variants.push(v);
+                    }
+                }
             }
             let mut first = true;
             for v in variants {
@@ -775,6 +793,11 @@ pub fn generate(
                 }
                 if kinds.contains(&K::seg_rDI) {
                     pre.extend(lea(Register::RDI, Register::RBP, 0));
+                }
+                if dec.has_rep_prefix() || dec.has_repne_prefix() {
+                    // mov ecx, STRING_COUNT (MOV leaves the flags alone).
+                    pre.push(0xb9);
+                    pre.extend_from_slice(&STRING_COUNT.to_le_bytes());
                 }
                 if kinds.contains(&K::seg_rBX_al) {
                     pre.extend(lea(Register::RBX, Register::RBP, 8 - INIT_AL as i64));
@@ -881,6 +904,8 @@ mod tests {
         let by_code = |c: Code| g.forms.iter().find(|f| f.code == c);
         let movsb = by_code(Code::Movsb_m8_m8).expect("movsb");
         assert!(!movsb.pre.is_empty());
+        assert!(g.forms.iter().any(|f| f.text.starts_with("rep movsq")));
+        assert!(g.forms.iter().any(|f| f.text.starts_with("repne scasb")));
         let xlat = by_code(Code::Xlat_m8).expect("xlatb");
         assert!(!xlat.pre.is_empty());
         let maskmovq = by_code(Code::Maskmovq_rDI_mm_mm).expect("maskmovq");
