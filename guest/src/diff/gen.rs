@@ -545,6 +545,27 @@ fn gather_masks(dec: &Instruction) -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
+/// The window of a gather or scatter whose indices were multiplied by 128:
+/// the largest index (52 * 128) plus an 8-byte element, rounded up; it
+/// spans two pages.
+pub const VSIB_FAR_WINDOW: usize = (52 * 128 + 8usize).div_ceil(64) * 64;
+
+/// Shifts the VSIB index register left by 7 (flags untouched), so the
+/// elements land up to 6.5 KiB apart.
+fn spread_index(dec: &Instruction) -> Vec<u8> {
+    let index = dec.memory_index();
+    let qword = dec.is_vsib64();
+    let code = match (index.is_zmm(), index.is_ymm(), qword) {
+        (true, _, false) => Code::EVEX_Vpslld_zmm_k1z_zmmm512b32_imm8,
+        (true, _, true) => Code::EVEX_Vpsllq_zmm_k1z_zmmm512b64_imm8,
+        (false, true, false) => Code::VEX_Vpslld_ymm_ymm_imm8,
+        (false, true, true) => Code::VEX_Vpsllq_ymm_ymm_imm8,
+        (false, false, false) => Code::VEX_Vpslld_xmm_xmm_imm8,
+        (false, false, true) => Code::VEX_Vpsllq_xmm_xmm_imm8,
+    };
+    encode_helper(Instruction::with3(code, index, index, 7))
+}
+
 /// Why `code` has no encoding that decodes back to it.
 fn no_encoding_reason(code: Code) -> &'static str {
     let m = code.mnemonic();
@@ -837,14 +858,36 @@ pub fn generate(
                     mem_len,
                     state_image,
                 };
-                if dec.is_vsib() && op.encoding() == EncodingKind::VEX {
-                    // The initial mask register is arbitrary: run the
-                    // gather with a full and with a partial mask.
-                    for (what, setup) in gather_masks(&dec) {
+                if dec.is_vsib() {
+                    // AVX2: the initial mask register is arbitrary, so the
+                    // gather runs with a full and with a partial mask.
+                    // AVX-512: K1 is the mask.
+                    let masks = if op.encoding() == EncodingKind::VEX {
+                        gather_masks(&dec)
+                    } else {
+                        vec![("", Vec::new())]
+                    };
+                    for (what, setup) in masks {
                         let mut pre = form.pre.clone();
                         pre.extend(setup);
+                        let text = if what.is_empty() {
+                            form.text.clone()
+                        } else {
+                            format!("{} ; {what}", form.text)
+                        };
+                        // Elements far apart, on two pages: the indices
+                        // times 128.
+                        let mut far = pre.clone();
+                        far.extend(spread_index(&dec));
                         out.forms.push(Form {
-                            text: format!("{} ; {what}", form.text),
+                            text: format!("{text} ; index x128"),
+                            pre: far,
+                            mem_len: VSIB_FAR_WINDOW,
+                            state_image: true,
+                            ..form.clone()
+                        });
+                        out.forms.push(Form {
+                            text,
                             pre,
                             ..form.clone()
                         });
@@ -922,7 +965,7 @@ mod tests {
         assert_eq!(fnsave.mem_len, 128);
         if host::has(CpuidFeature::XSAVE) {
             let xsave = find(&g, "xsave64 [rbp]").expect("xsave64");
-            assert!(xsave.mem_len >= 576 && xsave.mem_len % 64 == 0);
+            assert!(xsave.mem_len >= 576 && xsave.mem_len.is_multiple_of(64));
         }
         if host::has(CpuidFeature::AVX2) {
             let gathers: Vec<&Form> = g
@@ -930,7 +973,10 @@ mod tests {
                 .iter()
                 .filter(|f| f.text.starts_with("vpgatherdd xmm1,[rbp+xmm0],xmm2"))
                 .collect();
-            assert_eq!(gathers.len(), 2, "full and partial mask");
+            assert_eq!(gathers.len(), 4, "full and partial mask, near and far");
+            assert!(gathers
+                .iter()
+                .any(|f| f.mem_len == VSIB_FAR_WINDOW && f.state_image));
             assert!(gathers.iter().all(|f| f.vector && !f.pre.is_empty()));
         }
         if host::has(CpuidFeature::CLZERO) {

@@ -186,6 +186,11 @@ pub fn init_state(len: usize) -> Vec<u8> {
         }
     }
     b[512..520].copy_from_slice(&bv.to_le_bytes());
+    // Past the XSAVE area (where far gather elements land): a pattern.
+    let end = host::xsave_size().min(b.len());
+    for (i, x) in b[end..].iter_mut().enumerate() {
+        *x = (i as u8).wrapping_mul(29).wrapping_add(7);
+    }
     b
 }
 
