@@ -742,6 +742,18 @@ fn emulator_matches_native_cpl3() {
             cl, c[5], c[0], c[1], c[2], c[3], c[4], row[0], row[1], row[2]
         );
     }
+    // The summary as the README shows it.
+    println!("  | memory-operand forms run | bit-exact | PVM quirk | KVM-owned | refused | fail |");
+    println!("  |---:|---:|---:|---:|---:|---:|");
+    println!(
+        "  | {} | {} | {} | {} | {} | {} |",
+        sum(5),
+        sum(0),
+        sum(1),
+        sum(2),
+        sum(3),
+        sum(4)
+    );
     for (why, n) in &skip_totals {
         println!("  codes skipped, {why}: {n}");
     }
