@@ -18,10 +18,15 @@ use crate::writeback::{element_mask, XsaveLayout};
 
 mod cache;
 mod fetch;
+mod gather;
+mod implicit;
 mod operand;
+mod state;
 mod vector;
 
 use fetch::{fetch, undecodable};
+pub(crate) use gather::is_vsib_move;
+pub(crate) use implicit::is_masked_implicit_store;
 use vector::{check_vector_enabled, is_masked_access};
 
 const PAGE_SIZE: u64 = 4096;
@@ -129,6 +134,7 @@ pub struct Emulator {
     info: InstructionInfoFactory,
     reencoder: Reencoder,
     layout: XsaveLayout,
+    state_layout: state::StateLayout,
     last_mnemonic: Mnemonic,
     cached: Option<Decoded>,
 }
@@ -141,6 +147,7 @@ impl Emulator {
             info: InstructionInfoFactory::new(),
             reencoder: Reencoder::new(),
             layout: XsaveLayout::from_host(),
+            state_layout: state::StateLayout::from_host(),
             last_mnemonic: Mnemonic::INVALID,
             cached: None,
         })
@@ -263,10 +270,30 @@ impl Emulator {
             Some(c) => (c.class, c.used),
             None => {
                 let class = classify(instr).map_err(Stop::Unsupported)?;
-                if matches!(class.kind, Kind::CacheLine | Kind::CacheHint) {
-                    self.cache_line(cpu, bitness, instr, class.kind, mem)?;
-                    advance_rip(cpu, bitness, instr);
-                    return Ok(());
+                match class.kind {
+                    Kind::CacheLine | Kind::CacheHint => {
+                        self.cache_line(cpu, bitness, instr, class.kind, mem)?;
+                        advance_rip(cpu, bitness, instr);
+                        return Ok(());
+                    }
+                    Kind::MaskedImplicit => {
+                        check_vector_enabled(cpu, instr, class, vec)?;
+                        self.masked_implicit_store(cpu, bitness, instr, vec, mem)?;
+                        advance_rip(cpu, bitness, instr);
+                        return Ok(());
+                    }
+                    Kind::Vsib => {
+                        check_vector_enabled(cpu, instr, class, vec)?;
+                        self.vsib(cpu, bitness, instr, vec, mem)?;
+                        advance_rip(cpu, bitness, instr);
+                        return Ok(());
+                    }
+                    Kind::WholeState => {
+                        self.whole_state(cpu, bitness, instr, class, vec, mem)?;
+                        advance_rip(cpu, bitness, instr);
+                        return Ok(());
+                    }
+                    Kind::Plain => {}
                 }
                 (class, self.used_memory(instr)?)
             }
@@ -282,9 +309,16 @@ impl Emulator {
         };
         let operand = match self.operand(cpu, bitness, instr, used, selected, mem) {
             Err(Stop::Exception(pf)) if pf.vector == VEC_PF => {
-                return Err(self
-                    .fault_before_walk(cpu, bitness, instr, class, used, pf, vec)
-                    .into());
+                // The operand's start (the fault may be on its second page).
+                let lin = used.and_then(|u| {
+                    let size = u.memory_size().size() as u64;
+                    linear_address(cpu, bitness, &u, size, false).ok()
+                });
+                return Err(match lin {
+                    Some(lin) => self.fault_before_walk(cpu, instr, class, lin, pf, vec),
+                    None => pf,
+                }
+                .into());
             }
             other => other?,
         };
@@ -357,7 +391,10 @@ impl Emulator {
             // After #XM or #MF the image holds the state the exception left
             // (MXCSR's flags, a pending x87 exception), which the guest sees
             // too; other faults leave it as it was.
-            self.fix_x87_pointers(cpu, bitness, used, operand, raw);
+            // A faulting instruction (#MF for an earlier one's exception)
+            // leaves the pointers alone.
+            let ran_ok = ran.is_ok().then_some(instr);
+            self.fix_x87_pointers(cpu, bitness, used, operand, raw, ran_ok);
             let after = &self.stub.guest_xsave()[..n];
             let dirty = after != &image[..n];
             if dirty {
@@ -390,24 +427,15 @@ impl Emulator {
     /// at the same offset modulo 64 and keep its #GP; its results are
     /// discarded. Zeros pass every data-dependent check (LDMXCSR's reserved
     /// bits, XRSTOR's header), so only the alignment check can fire.
-    #[allow(clippy::too_many_arguments)]
-    fn fault_before_walk(
+    pub(super) fn fault_before_walk(
         &mut self,
         cpu: &CpuState,
-        bitness: u32,
         instr: &Instruction,
         class: Class,
-        used: Option<UsedMemory>,
+        lin: u64,
         pf: Exception,
         vec: &mut dyn VectorState,
     ) -> Exception {
-        // The operand's start (the fault may be on its second page).
-        let Some(lin) = used.and_then(|u| {
-            let size = u.memory_size().size() as u64;
-            linear_address(cpu, bitness, &u, size, false).ok()
-        }) else {
-            return pf;
-        };
         if lin & 63 == 0 {
             return pf;
         }

@@ -20,7 +20,11 @@ impl Emulator {
     /// stub's, the bounce buffer's and the re-encoded ModRM's; the guest
     /// must see its RIP, its operand's effective address and its own
     /// opcode. (Control instructions leave all three alone, so they still
-    /// hold the guest's earlier values.)
+    /// hold the guest's earlier values.) AMD CPUs store zero pointers with
+    /// XSAVE while no x87 exception is pending (measured here: FXSAVE64
+    /// after `fld` stores FIP 0, FNSTENV stores the real FIP), so the image
+    /// may hold zeros rather than stub addresses: a non-control x87
+    /// instruction always gets its own pointers.
     pub(super) fn fix_x87_pointers(
         &mut self,
         cpu: &CpuState,
@@ -28,6 +32,7 @@ impl Emulator {
         used: Option<UsedMemory>,
         op: Option<Operand>,
         raw: &[u8],
+        instr: Option<&Instruction>,
     ) {
         // XSAVE64 layout: FOP at 6, FIP at 8, FDP at 16.
         const FOP: usize = 6;
@@ -42,14 +47,15 @@ impl Emulator {
             b.copy_from_slice(&a[off..off + 8]);
             u64::from_le_bytes(b)
         };
-        if stub.contains(&word(area, FIP)) {
+        let own = instr.is_some_and(is_x87_non_control);
+        if own || stub.contains(&word(area, FIP)) {
             area[FIP..FIP + 8].copy_from_slice(&cpu.rip.to_le_bytes());
             if let Some(fop) = x87_opcode(raw, bitness) {
                 area[FOP..FOP + 2].copy_from_slice(&fop.to_le_bytes());
             }
         }
         if let (Some(used), Some(op)) = (used, op) {
-            if bounce.contains(&word(area, FDP)) {
+            if own || bounce.contains(&word(area, FDP)) {
                 let base = match (bitness, used.segment()) {
                     (64, Register::FS) => cpu.fs.base,
                     (64, Register::GS) => cpu.gs.base,
@@ -61,6 +67,37 @@ impl Emulator {
             }
         }
     }
+}
+
+/// An x87 instruction that records its address, operand and opcode: every
+/// one but the control instructions (SDM vol. 1, 8.1.8) and MMX.
+fn is_x87_non_control(instr: &Instruction) -> bool {
+    use Mnemonic as M;
+    let x87 = instr.cpuid_features().iter().any(|f| {
+        matches!(
+            f,
+            CpuidFeature::FPU | CpuidFeature::FPU287 | CpuidFeature::FPU387
+        )
+    });
+    x87 && !matches!(
+        instr.mnemonic(),
+        M::Fninit
+            | M::Finit
+            | M::Fnclex
+            | M::Fclex
+            | M::Fldcw
+            | M::Fnstcw
+            | M::Fstcw
+            | M::Fnstsw
+            | M::Fstsw
+            | M::Fnstenv
+            | M::Fstenv
+            | M::Fldenv
+            | M::Fnsave
+            | M::Fsave
+            | M::Frstor
+            | M::Wait
+    )
 }
 
 /// FOP of an x87 instruction's bytes: `(opcode & 7) << 8 | ModRM`, after

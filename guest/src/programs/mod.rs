@@ -3,6 +3,7 @@
 mod basic;
 pub mod bench;
 pub mod emulation;
+pub mod exactness;
 mod masked;
 mod mmio;
 mod pio;
@@ -44,6 +45,8 @@ const CATALOGUE: &[(&str, Builder)] = &[
     ("masked-fault-suppression", masked::masked_fault_suppression),
     ("unsupported-insn", emulation::unsupported_insn),
     ("emul-page-fault", emulation::emul_page_fault),
+    ("exactness", exactness::exactness),
+    ("kvm-defects", exactness::kvm_defects),
     ("multiboot-info", testdev::multiboot_info),
     ("testdev-ports", testdev::testdev_ports),
     ("testdev-irq", testdev::testdev_irq),
