@@ -770,7 +770,7 @@ fn emulator_matches_native_cpl3() {
         println!(
             "  refused: {why}: {} forms, e.g. {}",
             set.len(),
-            set.iter().take(6).cloned().collect::<Vec<_>>().join("; ")
+            set.iter().take(24).cloned().collect::<Vec<_>>().join("; ")
         );
     }
     for (why, set) in &kvm_by_reason {
