@@ -156,6 +156,14 @@ const MM: [Register; 3] = [Register::MM1, Register::MM2, Register::MM3];
 /// the window.
 const INIT_AL: i32 = 0xef;
 
+/// EAX (the low half of the requested-feature bitmap) for the XSAVE
+/// family: RAX's usual pattern without PKRU (bit 9) and the AMX and APX
+/// components (bits 17-19). Natively at CPL 3 the host's XCR0 applies,
+/// which may enable those; the guest's XCR0 (the components KVM saves)
+/// never does, so requesting them would compare two different XCR0s, not
+/// the VMM against the CPU. Bits the XCR0s share or both lack stay.
+pub const XSAVE_RFBM_LOW: u32 = 0x89ab_cdef & !((1 << 9) | (0b111 << 17));
+
 /// RCX for REP-prefixed string instructions: three elements of up to 8
 /// bytes from `[rbp]` and to `[rbp+32]` stay inside the 64-byte window.
 const STRING_COUNT: u32 = 3;
@@ -794,7 +802,6 @@ pub fn generate(
                     || (0..dec.op_count())
                         .any(|i| dec.op_kind(i) == OpKind::Register && dec.op_register(i).is_k())
                     || (is_xsave_family(m) && host::avx512());
-                let state_image = is_state_mnemonic(m);
                 let mem_len = if is_xsave_family(m) {
                     xsave_len
                 } else if m == Mnemonic::Movdir64b {
@@ -802,6 +809,9 @@ pub fn generate(
                 } else {
                     dec.memory_size().size().div_ceil(64).max(1) * 64
                 };
+                // Every byte of a larger window starts defined (the data
+                // pattern only covers 64 bytes).
+                let state_image = is_state_mnemonic(m) || mem_len > 64;
                 // Implicit address registers, loaded right before the
                 // instruction.
                 let mut pre = Vec::new();
@@ -814,6 +824,11 @@ pub fn generate(
                 }
                 if kinds.contains(&K::seg_rDI) {
                     pre.extend(lea(Register::RDI, Register::RBP, 0));
+                }
+                if is_xsave_family(m) {
+                    // mov eax, XSAVE_RFBM_LOW (flags untouched).
+                    pre.push(0xb8);
+                    pre.extend_from_slice(&XSAVE_RFBM_LOW.to_le_bytes());
                 }
                 if dec.has_rep_prefix() || dec.has_repne_prefix() {
                     // mov ecx, STRING_COUNT (MOV leaves the flags alone).
