@@ -18,6 +18,7 @@
 
 pub mod gen;
 pub mod host;
+pub mod operands;
 pub mod program;
 pub mod record;
 
