@@ -183,8 +183,11 @@ fn run_chunk(forms: &[Form], its: ItsMode) -> Result<ChunkRun, (String, Option<u
     // Per-mnemonic counts of what the VMM completed: a mismatch in a
     // mnemonic it never completed is KVM's own.
     cfg.stats = true;
-    cfg.mmio_ram = vec![(record::MMIO_BASE, record::MMIO_SIZE)];
-    cfg.dump_ranges = (0..4)
+    cfg.mmio_ram = vec![
+        (record::MMIO_BASE, record::MMIO_SIZE),
+        (record::GUEST_RAM, record::MMIO_SIZE),
+    ];
+    cfg.dump_ranges = (0..Way::ALL.len())
         .map(|w| {
             (
                 record::table_addr(w, chunk.table_len),
@@ -194,7 +197,7 @@ fn run_chunk(forms: &[Form], its: ItsMode) -> Result<ChunkRun, (String, Option<u
         .collect();
     let (out, serial) = common::run_config(&cfg);
     let pass = guest::rt::status_of(guest::rt::EXIT_PASS);
-    if out.status != pass || out.dumps.len() != 4 {
+    if out.status != pass || out.dumps.len() != Way::ALL.len() {
         // Name the form the VM stopped in, so the caller can set it aside.
         let rip = out
             .message
@@ -228,7 +231,13 @@ fn run_chunk(forms: &[Form], its: ItsMode) -> Result<ChunkRun, (String, Option<u
 /// (every written record has a non-zero exception field, NO_EXCEPTION or a
 /// vector; #DE is vector 0, so the error-code and RAX fields count too).
 fn unwritten_form(chunk: &Chunk, dumps: &[Vec<u8>]) -> Option<usize> {
-    for way in [Way::KernelRam, Way::KernelMmio, Way::Truth, Way::UserMmio] {
+    for way in [
+        Way::KernelRam,
+        Way::KernelMmio,
+        Way::Truth,
+        Way::UserMmio,
+        Way::UserSplit,
+    ] {
         let table = dumps.get(way.index())?;
         for (slot, &at) in chunk.record_offsets.iter().enumerate() {
             let head = table.get(at..at + record::RFLAGS)?;
@@ -597,7 +606,18 @@ fn emulator_matches_native_cpl3() {
             let mut reasons = reasons.into_iter();
             let mut worst = 0usize;
             // Execution order, which is also the order of the refusals.
-            for way in [Way::KernelRam, Way::KernelMmio, Way::UserMmio] {
+            // The split way only differs from the truth's buffer when the
+            // window reaches past the end of RAM.
+            let split = f.mem_len as u64 > record::SPLIT_AT;
+            for way in [
+                Way::KernelRam,
+                Way::KernelMmio,
+                Way::UserMmio,
+                Way::UserSplit,
+            ] {
+                if way == Way::UserSplit && !split {
+                    continue;
+                }
                 let got = rec(way);
                 let ud = record::read_u64(got, record::EXC_VECTOR) == 6;
                 let o = match ud.then(|| reasons.next()).flatten() {

@@ -234,10 +234,15 @@ fn kind_of(f: &Form) -> Kind {
     }
 }
 
-/// Assembles the VM image running `forms` four ways.
+/// Assembles the VM image running `forms` every way.
 pub fn build(forms: &[Form]) -> Result<Chunk, String> {
     assemble(forms).map_err(|e| e.to_string()).and_then(|c| {
-        if LOAD_ADDR + c.image.len() as u64 > IMAGE_LIMIT {
+        if table_addr(Way::ALL.len(), c.table_len) > SPLIT_BUF {
+            Err(format!(
+                "diff result tables of {} bytes per way do not fit below the split buffer: use smaller chunks",
+                c.table_len
+            ))
+        } else if LOAD_ADDR + c.image.len() as u64 > IMAGE_LIMIT {
             Err(format!(
                 "diff chunk image of {} bytes is too large: use smaller chunks",
                 c.image.len()
@@ -306,7 +311,7 @@ fn assemble(forms: &[Form]) -> Result<Chunk, IcedError> {
     }
     k.enter_user(&mut a, user)?;
     a.set_label(&mut user)?;
-    for way in [Way::Truth, Way::UserMmio] {
+    for way in [Way::Truth, Way::UserMmio, Way::UserSplit] {
         drive(&mut a, way, table_len, run_all)?;
     }
     sys_exit(&mut a, EXIT_PASS)?;
@@ -419,11 +424,10 @@ fn assemble(forms: &[Form]) -> Result<Chunk, IcedError> {
     for l in &case_labels {
         case_rips.push(res.label_ip(l)?);
     }
-    let mem_size = (table_addr(4, table_len) + 0xf_ffff) & !0xf_ffff;
     Ok(Chunk {
         image,
         case_rips,
-        mem_size: mem_size.max(16 << 20),
+        mem_size: GUEST_RAM,
         vreg_bytes: vbytes,
         record_offsets,
         table_len,
@@ -435,6 +439,7 @@ pub fn buffer_of(way: Way) -> u64 {
     match way {
         Way::Truth | Way::KernelRam => RAM_BUF,
         Way::UserMmio | Way::KernelMmio => MMIO_BASE,
+        Way::UserSplit => SPLIT_BUF,
     }
 }
 

@@ -18,6 +18,15 @@ pub const MMIO_BASE: u64 = 0xd000_0000;
 /// with AVX-512, 11 KiB with AMX state enabled).
 pub const MMIO_SIZE: u64 = 0x4000;
 
+/// Guest RAM of every diff VM: it ends where the split way's MMIO window
+/// begins.
+pub const GUEST_RAM: u64 = 0x400_0000;
+/// Bytes of the split way's operand buffer that lie in RAM; the rest is on
+/// the MMIO window at [`GUEST_RAM`].
+pub const SPLIT_AT: u64 = 0x800;
+/// The split way's operand buffer (64-byte aligned, as XSAVE needs).
+pub const SPLIT_BUF: u64 = GUEST_RAM - SPLIT_AT;
+
 /// Size of the fixed part of a record; a multiple of 64 so FXSAVE and ZMM
 /// stores are aligned. A form whose operand window is larger than
 /// [`MEM_LEN`] has the rest of the window right after it.
