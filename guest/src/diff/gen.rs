@@ -109,6 +109,14 @@ pub struct Form {
     /// The window starts as a valid x87/SSE/XSAVE state image instead of
     /// the 64-byte data pattern (whole-state and environment forms).
     pub state_image: bool,
+    /// (offset in the window, bytes) of stored x87 data pointers (FDP in
+    /// FXSAVE/XSAVE images and FNSTENV/FNSAVE environments): an address in
+    /// the window, compared relative to each way's buffer.
+    pub addr_fields: Vec<(usize, usize)>,
+    /// (offset in the window, bytes) of stored x87 selectors (FCS, FDS):
+    /// not compared. Natively under PVM they hold the host's user
+    /// selectors, not the guest's.
+    pub selector_fields: Vec<(usize, usize)>,
 }
 
 /// What [`generate`] produced.
@@ -185,6 +193,31 @@ fn is_state_mnemonic(m: Mnemonic) -> bool {
             | M::Fnstenv
             | M::Fldenv
     )
+}
+
+/// `fcom qword ptr [rbp+16]`: sets FIP, FOP and FDP (to the window) and
+/// the condition codes, nothing else.
+const FCOM_RBP16: [u8; 3] = [0xdc, 0x55, 0x10];
+
+/// Where a state or environment store puts the x87 data pointer (FDP) and
+/// the selectors (FCS, FDS), as (offset, bytes). FXSAVE/XSAVE: FDP at 16,
+/// 8 bytes with REX.W (no selectors), else 4 with FCS at 12 and FDS at 20;
+/// FNSTENV/FNSAVE 32-bit layout: FDP at 20, FCS at 16, FDS at 24; 16-bit
+/// layout: FDP at 10, FCS at 8, FDS at 12.
+type X87Pointers = ((usize, usize), Vec<(usize, usize)>);
+
+fn stored_x87_pointers(dec: &Instruction) -> Option<X87Pointers> {
+    use iced_x86::MemorySize as S;
+    use Mnemonic as M;
+    match dec.mnemonic() {
+        M::Fxsave | M::Xsave | M::Xsaveopt | M::Xsavec => Some(((16, 4), vec![(12, 2), (20, 2)])),
+        M::Fxsave64 | M::Xsave64 | M::Xsaveopt64 | M::Xsavec64 => Some(((16, 8), Vec::new())),
+        M::Fnstenv | M::Fnsave => match dec.memory_size() {
+            S::FpuEnv14 | S::FpuState94 => Some(((10, 2), vec![(8, 2), (12, 2)])),
+            _ => Some(((20, 4), vec![(16, 2), (24, 2)])),
+        },
+        _ => None,
+    }
 }
 
 /// FXSAVE/FXRSTOR (16 bytes) and the XSAVE family (64 bytes): #GP(0) on a
@@ -552,6 +585,23 @@ pub fn generate(
                     has_memory: has_mem,
                     mem_len,
                     state_image,
+                    addr_fields: Vec::new(),
+                    selector_fields: Vec::new(),
+                };
+                // Environment and state stores: an x87 memory access right
+                // before them gives FIP/FOP/FDP guest values to store.
+                let form = match stored_x87_pointers(&dec) {
+                    Some((fdp, selectors)) => {
+                        let mut pre = form.pre.clone();
+                        pre.extend_from_slice(&FCOM_RBP16);
+                        Form {
+                            pre,
+                            addr_fields: vec![fdp],
+                            selector_fields: selectors,
+                            ..form
+                        }
+                    }
+                    None => form,
                 };
                 if dec.is_vsib() {
                     // AVX2: the initial mask register is arbitrary, so the
@@ -606,6 +656,16 @@ pub fn generate(
                             bytes: mb,
                             misaligned: true,
                             mem_len,
+                            addr_fields: form
+                                .addr_fields
+                                .iter()
+                                .map(|(at, n)| (at + 8, *n))
+                                .collect(),
+                            selector_fields: form
+                                .selector_fields
+                                .iter()
+                                .map(|(at, n)| (at + 8, *n))
+                                .collect(),
                             ..form.clone()
                         });
                     }
