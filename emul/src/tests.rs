@@ -1474,10 +1474,11 @@ fn clzero_and_undefined_opcodes() {
     let mut e = emul();
     if cpu_has_clzero() {
         let mut native = [0xaau8; 192];
-        let line = (native.as_ptr() as usize + 64) & !63;
+        let base = native.as_mut_ptr() as usize;
+        let line = (base + 64) & !63;
         // SAFETY: CLZERO writes the 64-byte line at `line`, inside `native`.
         unsafe { core::arch::asm!("clzero", in("rax") line + 13) };
-        let off = line - native.as_ptr() as usize;
+        let off = line - base;
         assert!(native[off..off + 64].iter().all(|&b| b == 0));
         assert!(native[..off].iter().all(|&b| b == 0xaa));
     }
