@@ -133,9 +133,21 @@ fn exception_side_state_matches_the_cpu() {
     assert_eq!(r.len(), 3 * EXACTNESS_VALUES + 1, "reports {r:x?}");
     let native = &r[2 * EXACTNESS_VALUES..3 * EXACTNESS_VALUES];
     let mut bad = Vec::new();
+    // QEMU's TCG (the hardware-KVM lane) keeps its own x87 pointers.
+    let cpu = emul::stub::probe::probe().expect("CPU probes run");
+    let stale_pointers = cpu.is_tcg() && cpu.has(emul::stub::probe::Deviation::StaleFip);
     for (way, name) in [(0, "CPL 0 on RAM"), (1, "CPL 3 on MMIO")] {
         let got = &r[way * EXACTNESS_VALUES..(way + 1) * EXACTNESS_VALUES];
         for i in 0..EXACTNESS_VALUES {
+            let pointer =
+                EXACTNESS_NAMES[i].starts_with("FIP") || EXACTNESS_NAMES[i].starts_with("FDP");
+            if stale_pointers && pointer {
+                println!(
+                    "{}: not compared, this CPU's are stale (stale-fip)",
+                    EXACTNESS_NAMES[i]
+                );
+                continue;
+            }
             if got[i] != native[i] {
                 bad.push(format!(
                     "{name}: {}: {:#x}, natively {:#x}",

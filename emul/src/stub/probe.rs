@@ -76,7 +76,9 @@ impl fmt::Display for Deviation {
             Deviation::NoAc => "no #AC for a misaligned access with AC set",
             Deviation::BlsiCfClear => "BLSI leaves CF clear",
             Deviation::TestAliasUd => "#UD for TEST with the F6/F7 /1 alias",
-            Deviation::StaleFip => "FNSTENV/FNSAVE store a stale FIP, not the one XRSTOR loaded",
+            Deviation::StaleFip => {
+                "FNSTENV/FNSAVE store stale x87 pointers (FIP, FDP), not those XRSTOR loaded"
+            }
             Deviation::MxcsrReservedAccepted => "LDMXCSR accepts reserved bits",
             Deviation::ClflushNoFault => "CLFLUSH never faults",
         };
