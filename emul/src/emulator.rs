@@ -361,9 +361,9 @@ impl Emulator {
             map_run(cpu, ran)?;
             self.fix_x87_pointers(cpu, bitness, used, operand);
             let after = &self.stub.guest_xsave()[..n];
-            let dirty = after != &image[..n];
-            if dirty {
+            if crate::xstate::registers_differ(&image[..n], after) {
                 image[..n].copy_from_slice(after);
+                crate::xstate::keep_mxcsr(&mut image[..n]);
                 vec.mark_dirty();
             }
         } else {

@@ -27,6 +27,7 @@ pub mod platform;
 pub mod reencode;
 pub mod stub;
 pub mod writeback;
+pub mod xstate;
 
 #[cfg(test)]
 mod tests;

@@ -11,7 +11,7 @@ use crate::loader::{self, ImageFormat, LoadError, LoadRequest};
 use crate::stats::ExitStats;
 use crate::status;
 use crate::trace::Tracer;
-use crate::vcpu::{Emulator, Vcpu};
+use crate::vcpu::{Emulator, IoctlCounts, Vcpu};
 use kvm_bindings::kvm_xcrs;
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -91,12 +91,20 @@ pub struct Shared {
     /// the current probe round, and per vCPU the last round it answered
     /// and whether it was parked for good then.
     pub probe: HaltProbe,
+    /// The thread waiting for the VM's end (unparked when it comes).
+    waiter: std::thread::Thread,
 }
 
 impl Shared {
     #[inline]
     pub fn stopping(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Wakes the thread waiting for the VM's end (to look at the halt
+    /// probe's answers).
+    pub fn wake_waiter(&self) {
+        self.waiter.unpark();
     }
 
     /// Records how the VM ended (the first end wins) and tells every vCPU
@@ -108,6 +116,17 @@ impl Shared {
         }
         drop(slot);
         self.stop.store(true, Ordering::SeqCst);
+        self.waiter.unpark();
+    }
+}
+
+/// Wakes the waiting thread when a vCPU thread ends, however it ends (also
+/// by a panic).
+struct WakeOnExit<'a>(&'a Shared);
+
+impl Drop for WakeOnExit<'_> {
+    fn drop(&mut self) {
+        self.0.waiter.unpark();
     }
 }
 
@@ -140,6 +159,8 @@ pub struct VmOutcome {
     pub emulated: Vec<(iced_x86::Mnemonic, u64)>,
     /// Guest memory copied out at the end, one per `VmConfig::dump_ranges`.
     pub dumps: Vec<Vec<u8>>,
+    /// vCPU state ioctls made while serving exits, all vCPUs together.
+    pub ioctls: IoctlCounts,
 }
 
 /// Builds the VM described by `cfg` and runs it; the guest's serial output
@@ -184,6 +205,7 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
         stop: AtomicBool::new(false),
         end: Mutex::new(None),
         probe: HaltProbe::new(usize::from(cfg.cpus)),
+        waiter: std::thread::current(),
     });
 
     let mut vcpus = Vec::with_capacity(usize::from(cfg.cpus));
@@ -208,6 +230,12 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
             "vcpu {id}: stub self-test passed in {} us",
             t.elapsed().as_micros()
         );
+        let t = std::time::Instant::now();
+        emulator.warm_up(&fd);
+        log::debug!(
+            "vcpu {id}: emulator warmed up in {} us",
+            t.elapsed().as_micros()
+        );
         vcpus.push(Vcpu::new(id, fd, shared.clone(), emulator));
     }
 
@@ -217,10 +245,11 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
         let h = std::thread::Builder::new()
             .name(format!("vcpu{}", vcpu.id))
             .spawn(move || {
+                let _wake = WakeOnExit(&shared);
                 if let Some(end) = vcpu.run() {
                     shared.finish(end);
                 }
-                vcpu.take_stats()
+                (vcpu.take_stats(), vcpu.ioctl_counts())
             })
             .map_err(VmError::Thread)?;
         handles.push(h);
@@ -229,9 +258,14 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
 
     let mut stats = cfg.stats.then(ExitStats::new);
     let mut emulated: Vec<(iced_x86::Mnemonic, u64)> = Vec::new();
+    let mut ioctls = IoctlCounts::default();
     for h in handles {
         match h.join() {
-            Ok(Some((s, counts))) => {
+            Ok((stats_of_vcpu, vcpu_ioctls)) => {
+                ioctls.add(&vcpu_ioctls);
+                let Some((s, counts)) = stats_of_vcpu else {
+                    continue;
+                };
                 if let Some(all) = &mut stats {
                     all.merge(&s);
                 }
@@ -242,7 +276,6 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
                     }
                 }
             }
-            Ok(None) => {}
             Err(_) => shared.finish(VmEnd::new(
                 status::UNHANDLED_EXIT,
                 "a vCPU thread panicked".into(),
@@ -277,19 +310,29 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
         stats,
         emulated,
         dumps,
+        ioctls,
     })
 }
 
 /// Waits until some vCPU ended the VM (or SIGINT/SIGTERM asked for it), then
 /// kicks every vCPU thread out of KVM_RUN until all have returned.
 ///
+/// The waiting thread sleeps until woken: [`Shared::finish`] and every
+/// vCPU thread's end unpark it, and SIGINT/SIGTERM interrupt its sleep.
 /// With an in-kernel irqchip it also probes every `HALT_PROBE_PERIOD` for
 /// vCPUs halted with interrupts off (see [`HaltProbe`]).
 fn wait_for_end<T>(shared: &Shared, handles: &[std::thread::JoinHandle<T>], irqchip: bool) {
+    use std::time::{Duration, Instant};
     use vmm_sys_util::signal::Killable;
-    const HALT_PROBE_PERIOD: std::time::Duration = std::time::Duration::from_millis(100);
-    let tick = std::time::Duration::from_millis(2);
-    let mut last_probe = std::time::Instant::now();
+    const HALT_PROBE_PERIOD: Duration = Duration::from_millis(100);
+    // Only a backstop: a signal can land just before the sleep starts.
+    const SIGNAL_BACKSTOP: Duration = Duration::from_millis(250);
+    let kick_all = || {
+        for h in handles {
+            let _ = h.kill(crate::signals::kick_signal());
+        }
+    };
+    let mut next_probe = Instant::now() + HALT_PROBE_PERIOD;
     let mut probing: Option<u64> = None;
     while !shared.stopping() && !handles.iter().all(|h| h.is_finished()) {
         if crate::signals::stop_requested() {
@@ -297,47 +340,55 @@ fn wait_for_end<T>(shared: &Shared, handles: &[std::thread::JoinHandle<T>], irqc
                 status::INTERRUPTED,
                 "stopped by SIGINT/SIGTERM".into(),
             ));
+            break;
         }
+        let mut sleep = SIGNAL_BACKSTOP;
         if irqchip {
+            let now = Instant::now();
             match probing {
-                None if last_probe.elapsed() >= HALT_PROBE_PERIOD => {
+                None if now >= next_probe => {
                     probing = Some(shared.probe.start());
-                    for h in handles {
-                        let _ = h.kill(crate::signals::kick_signal());
-                    }
+                    kick_all();
+                    // Each answer unparks this thread; without all of
+                    // them by then, kick again.
+                    next_probe = now + HALT_PROBE_PERIOD;
                 }
                 Some(round) => match shared.probe.result(round) {
-                    Some(true) => shared.finish(VmEnd::new(
-                        status::GUEST_DONE,
-                        "every vCPU halted with interrupts off (or never started)".into(),
-                    )),
+                    Some(true) => {
+                        shared.finish(VmEnd::new(
+                            status::GUEST_DONE,
+                            "every vCPU halted with interrupts off (or never started)".into(),
+                        ));
+                        break;
+                    }
                     Some(false) => {
                         probing = None;
-                        last_probe = std::time::Instant::now();
+                        next_probe = now + HALT_PROBE_PERIOD;
                     }
                     // A vCPU that has not answered yet missed the kick
                     // (it was between exits): kick it again.
-                    None if last_probe.elapsed() >= 2 * HALT_PROBE_PERIOD => {
-                        for h in handles {
-                            let _ = h.kill(crate::signals::kick_signal());
-                        }
-                        last_probe = std::time::Instant::now() - HALT_PROBE_PERIOD;
+                    None if now >= next_probe => {
+                        kick_all();
+                        next_probe = now + HALT_PROBE_PERIOD;
                     }
                     None => {}
                 },
                 None => {}
             }
+            sleep = sleep.min(next_probe.saturating_duration_since(Instant::now()));
         }
-        std::thread::park_timeout(tick);
+        std::thread::park_timeout(sleep);
     }
     shared.stop.store(true, Ordering::SeqCst);
+    // Each vCPU thread unparks this one when it returns.
+    let retry = Duration::from_millis(2);
     while !handles.iter().all(|h| h.is_finished()) {
         for h in handles.iter().filter(|h| !h.is_finished()) {
             // A vCPU between exits sees the flag; one inside KVM_RUN (halted,
             // or waiting for SIPI) needs the signal. Repeat until it returns.
             let _ = h.kill(crate::signals::kick_signal());
         }
-        std::thread::sleep(tick);
+        std::thread::park_timeout(retry);
     }
 }
 
