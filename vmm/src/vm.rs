@@ -240,13 +240,15 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
     }
 
     let mut handles = Vec::with_capacity(vcpus.len());
+    let bare = cfg.bare_loop;
     for mut vcpu in vcpus {
         let shared = shared.clone();
         let h = std::thread::Builder::new()
             .name(format!("vcpu{}", vcpu.id))
             .spawn(move || {
                 let _wake = WakeOnExit(&shared);
-                if let Some(end) = vcpu.run() {
+                let end = if bare { vcpu.run_bare() } else { vcpu.run() };
+                if let Some(end) = end {
                     shared.finish(end);
                 }
                 (vcpu.take_stats(), vcpu.ioctl_counts())

@@ -199,6 +199,9 @@ impl Vcpu {
                     format!("vcpu {}: KVM_RUN failed at rip {:#x}: {e}", id, self.rip()),
                 ));
             }
+            // The RIP the exit happened at (only to group an emulated
+            // instruction's exits in the statistics; free while synced).
+            let exit_rip = (timing && self.sync.synced).then(|| self.fd.sync_regs_mut().regs.rip);
             let exit = run_page::decode(self.fd.get_kvm_run());
             let reason = exit.reason();
             let rec = self.shared.tracer.as_ref().map(|_| TraceRecord::of(&exit));
@@ -245,8 +248,58 @@ impl Vcpu {
                     }
                 }
                 if let Some(s) = &mut self.stats {
-                    s.record(reason, ns);
+                    s.record(reason, exit_rip, ns);
                 }
+            }
+            if end.is_some() {
+                return end;
+            }
+        }
+    }
+
+    /// The same-image floor of `vmm bench`: KVM_RUN on this very VM (the
+    /// VMM's own set-up, image and run page) with nothing served and no
+    /// register synced: PIO and MMIO exits re-enter at once (a read sees
+    /// whatever is in the run page), a write to isa-debug-exit ends the
+    /// run, anything else stops it. Each exit is timed as in [`Self::run`]
+    /// (into the `--stats` histograms, which the bench turns on).
+    pub fn run_bare(&mut self) -> Option<VmEnd> {
+        let id = self.id;
+        loop {
+            if self.shared.stopping() {
+                return None;
+            }
+            let t0 = Instant::now();
+            if let Err(e) = self.fd.run() {
+                if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN {
+                    continue;
+                }
+                return Some(VmEnd::new(
+                    status::KVM_FAILURE,
+                    format!("vcpu {id}: KVM_RUN failed: {e}"),
+                ));
+            }
+            let exit = run_page::decode(self.fd.get_kvm_run());
+            let reason = exit.reason();
+            let end = match exit {
+                Exit::Io {
+                    port, out: true, data, ..
+                } if port == crate::devices::debug_exit::DEBUG_EXIT_PORT => {
+                    let v = data.first().copied().map_or(0, i32::from);
+                    Some(VmEnd::new(
+                        (v << 1) | 1,
+                        format!("vcpu {id}: debug exit (bare loop)"),
+                    ))
+                }
+                Exit::Io { .. } | Exit::Mmio { .. } => None,
+                other => Some(VmEnd::new(
+                    status::UNHANDLED_EXIT,
+                    format!("vcpu {id}: bare loop: exit {}", other.reason().name()),
+                )),
+            };
+            let ns = t0.elapsed().as_nanos() as u64;
+            if let Some(s) = &mut self.stats {
+                s.record(reason, None, ns);
             }
             if end.is_some() {
                 return end;
