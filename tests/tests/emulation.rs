@@ -113,3 +113,14 @@ fn unchanged_vector_registers_cost_no_set_xsave() {
 fn vector_unchanged_runs() {
     common::check_program("vector-unchanged");
 }
+
+/// A loop loading the same non-zero data into YMM0 changes it once: one
+/// KVM_SET_XSAVE, not one per load.
+#[test]
+fn a_repeated_load_writes_the_vector_state_once() {
+    let p = guest::programs::bench::vmovdqu_nonzero(300).unwrap();
+    let (out, serial) = run_config(&config_for(&p));
+    assert_eq!(out.status, p.expect.status, "{}: {serial}", out.message);
+    assert_eq!(out.ioctls.get_xsave, 300, "{:?}", out.ioctls);
+    assert_eq!(out.ioctls.set_xsave, 1, "{:?}", out.ioctls);
+}
