@@ -93,6 +93,8 @@ pub struct Shared {
     pub probe: HaltProbe,
     /// The thread waiting for the VM's end (unparked when it comes).
     waiter: std::thread::Thread,
+    /// vCPU threads still inside their run loop.
+    running: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -120,12 +122,13 @@ impl Shared {
     }
 }
 
-/// Wakes the waiting thread when a vCPU thread ends, however it ends (also
-/// by a panic).
+/// Counts a vCPU thread out of its run loop and wakes the waiting thread,
+/// however the loop ends (also by a panic).
 struct WakeOnExit<'a>(&'a Shared);
 
 impl Drop for WakeOnExit<'_> {
     fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::AcqRel);
         self.0.waiter.unpark();
     }
 }
@@ -178,6 +181,12 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
     if cfg.cpus == 0 {
         return Err(VmError::Cpus(cfg.cpus));
     }
+    // iced-x86's tables take ~1 ms to build: on another core while the VM
+    // is set up, not in front of the first emulated instruction.
+    let tables = std::thread::Builder::new()
+        .name("warm-up".into())
+        .spawn(crate::vcpu::warm_up_tables)
+        .ok();
     crate::signals::install_kick().map_err(|e| VmError::Signal(e.errno()))?;
     let vm = kvm.create_vm().map_err(ioctl_err("KVM_CREATE_VM"))?;
     kvm::enable_exit_on_emulation_failure(&vm)?;
@@ -206,8 +215,13 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
         end: Mutex::new(None),
         probe: HaltProbe::new(usize::from(cfg.cpus)),
         waiter: std::thread::current(),
+        running: std::sync::atomic::AtomicUsize::new(usize::from(cfg.cpus)),
     });
 
+    // The per-vCPU warm-up below would build them itself.
+    if let Some(t) = tables {
+        let _ = t.join();
+    }
     let mut vcpus = Vec::with_capacity(usize::from(cfg.cpus));
     for id in 0..cfg.cpus {
         let fd = vm
@@ -246,8 +260,14 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
         let h = std::thread::Builder::new()
             .name(format!("vcpu{}", vcpu.id))
             .spawn(move || {
-                let _wake = WakeOnExit(&shared);
-                let end = if bare { vcpu.run_bare() } else { vcpu.run() };
+                let end = {
+                    let _wake = WakeOnExit(&shared);
+                    if bare {
+                        vcpu.run_bare()
+                    } else {
+                        vcpu.run()
+                    }
+                };
                 if let Some(end) = end {
                     shared.finish(end);
                 }
@@ -336,7 +356,8 @@ fn wait_for_end<T>(shared: &Shared, handles: &[std::thread::JoinHandle<T>], irqc
     };
     let mut next_probe = Instant::now() + HALT_PROBE_PERIOD;
     let mut probing: Option<u64> = None;
-    while !shared.stopping() && !handles.iter().all(|h| h.is_finished()) {
+    let all_returned = || shared.running.load(Ordering::Acquire) == 0;
+    while !shared.stopping() && !all_returned() {
         if crate::signals::stop_requested() {
             shared.finish(VmEnd::new(
                 status::INTERRUPTED,
@@ -382,9 +403,10 @@ fn wait_for_end<T>(shared: &Shared, handles: &[std::thread::JoinHandle<T>], irqc
         std::thread::park_timeout(sleep);
     }
     shared.stop.store(true, Ordering::SeqCst);
-    // Each vCPU thread unparks this one when it returns.
+    // Each vCPU thread unparks this one when its run loop returns; the
+    // caller then joins them.
     let retry = Duration::from_millis(2);
-    while !handles.iter().all(|h| h.is_finished()) {
+    while !all_returned() {
         for h in handles.iter().filter(|h| !h.is_finished()) {
             // A vCPU between exits sees the flag; one inside KVM_RUN (halted,
             // or waiting for SIPI) needs the signal. Repeat until it returns.

@@ -204,6 +204,33 @@ impl Emulator {
     }
 }
 
+/// Builds iced-x86's process-wide tables (decoder, instruction info,
+/// encoder) and the emulator's allow-list view of them, for instructions of
+/// each encoding the emulator meets (legacy, VEX, EVEX). About 1 ms on
+/// first use; [`crate::vm::run`] runs this on a helper thread while it sets
+/// the VM up, so a guest never waits for it.
+pub fn warm_up_tables() {
+    use iced_x86::{Decoder, DecoderOptions, Encoder, InstructionInfoFactory};
+    // lock cmpxchg16b [rsi]; vmovdqu ymm0, [rsi]; vpaddd zmm0{k1}, zmm1,
+    // [rsi]; adcx rax, rbx; fld dword [rsi]
+    let code: [&[u8]; 5] = [
+        &[0xf0, 0x48, 0x0f, 0xc7, 0x0e],
+        &[0xc5, 0xfe, 0x6f, 0x06],
+        &[0x62, 0xf1, 0x75, 0x49, 0xfe, 0x06],
+        &[0x66, 0x48, 0x0f, 0x38, 0xf6, 0xc3],
+        &[0xd9, 0x06],
+    ];
+    let mut info = InstructionInfoFactory::new();
+    let mut encoder = Encoder::new(64);
+    for bytes in code {
+        let insn = Decoder::with_ip(64, bytes, 0x1000, DecoderOptions::NONE).decode();
+        let _ = info.info(&insn).used_memory().len();
+        let _ = emul::classify::classify(&insn);
+        let _ = encoder.encode(&insn, 0x2000);
+        let _ = encoder.take_buffer();
+    }
+}
+
 /// Where the warm-up's mock guest has its code and its data.
 const WARM_UP_CODE: u64 = 0x1000;
 const WARM_UP_DATA: u64 = 0x2000;

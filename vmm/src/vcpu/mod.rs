@@ -33,7 +33,7 @@ use std::time::Instant;
 
 use crate::bus::BusAction;
 use emulate::Completion;
-pub use emulate::{Emulator, OnUnsupported};
+pub use emulate::{warm_up_tables, Emulator, OnUnsupported};
 
 const RFLAGS_IF: u64 = 1 << 9;
 
