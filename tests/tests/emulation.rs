@@ -124,3 +124,28 @@ fn a_repeated_load_writes_the_vector_state_once() {
     assert_eq!(out.ioctls.get_xsave, 300, "{:?}", out.ioctls);
     assert_eq!(out.ioctls.set_xsave, 1, "{:?}", out.ioctls);
 }
+
+/// Each exit pays only for the state it uses (README, Performance): PIO
+/// exits make no state ioctl; a run of emulation exits fetches GPRs and
+/// SREGS once and then has them synced; injecting an exception reads the
+/// events once per injection.
+#[test]
+fn state_ioctls_only_where_an_exit_needs_them() {
+    use guest::programs::bench;
+    let run = |p: guest::Program| {
+        let (out, serial) = run_config(&config_for(&p));
+        assert_eq!(out.status, p.expect.status, "{}: {serial}", out.message);
+        out.ioctls
+    };
+    assert_eq!(
+        run(bench::pio(500).unwrap()),
+        vmm::vcpu::IoctlCounts::default()
+    );
+    let emul = run(bench::adcx(500).unwrap());
+    assert_eq!((emul.get_regs, emul.get_sregs), (1, 1), "{emul:?}");
+    assert_eq!((emul.get_events, emul.get_xsave, emul.set_xsave), (0, 0, 0));
+    // Of its two page faults, the addps one comes from the VMM's walk;
+    // KVM's own emulator runs the movups store and injects its #PF itself.
+    let (out, _) = common::check_program("emul-page-fault");
+    assert_eq!(out.ioctls.get_events, 1, "{:?}", out.ioctls);
+}
