@@ -67,11 +67,12 @@ impl FuzzPlatform {
         (end <= self.ram.len()).then_some(start..end)
     }
 
-    /// The emulator promises accesses that stay within one page and are at
-    /// most one operand (64 bytes) or a page-table entry.
+    /// The emulator promises accesses that stay within one page (an
+    /// operand piece, up to a page of a whole-state area, or a page-table
+    /// entry).
     fn check(&mut self, gpa: u64, len: usize) {
         let crosses_page = (gpa & 0xfff) + len as u64 > 0x1000;
-        if len == 0 || len > 64 || crosses_page {
+        if len == 0 || crosses_page {
             self.bad_access.get_or_insert((gpa, len));
         }
     }
@@ -79,6 +80,8 @@ impl FuzzPlatform {
 
 fn random_cpu(rng: &mut Rng) -> CpuState {
     let mut cpu = CpuState::long_mode(rng.below(RAM as u64) & !0xfff);
+    // MAXPHYADDR as CPUs report it (36 to 52 bits).
+    cpu.max_phys_bits = 36 + rng.below(17) as u8;
     // Paging mode: 4-level, 5-level, PAE, 32-bit, or off (real/protected).
     match rng.below(6) {
         0 => cpu.cr4 |= CR4_LA57,

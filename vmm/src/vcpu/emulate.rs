@@ -40,6 +40,8 @@ pub enum Completion {
 pub struct Emulator {
     emu: emul::Emulator,
     xsave: XsaveBuf,
+    /// The guest's MAXPHYADDR, from its CPUID (fixed for the VM's life).
+    max_phys_bits: u8,
     on_unsupported: OnUnsupported,
     /// Emulated instructions per mnemonic (`--stats`), indexed by
     /// `Mnemonic as usize`; allocated once.
@@ -50,12 +52,14 @@ pub struct Emulator {
 impl Emulator {
     pub fn new(
         its_on: bool,
+        max_phys_bits: u8,
         on_unsupported: OnUnsupported,
         stats: bool,
     ) -> Result<Self, emul::EmulError> {
         Ok(Emulator {
             emu: emul::Emulator::new(its_on)?,
             xsave: XsaveBuf::default(),
+            max_phys_bits,
             on_unsupported,
             per_mnemonic: stats.then(|| vec![0; Mnemonic::values().count()]),
             ioctls: IoctlCounts::default(),
@@ -93,7 +97,7 @@ impl Emulator {
         bytes: &[u8],
         shared: &Shared,
     ) -> Completion {
-        let mut cpu = cpu_state(regs, sregs);
+        let mut cpu = cpu_state(regs, sregs, self.max_phys_bits);
         let mut phys = GuestPhys {
             mem: &shared.mem,
             mmio: &shared.buses.mmio,
@@ -102,6 +106,7 @@ impl Emulator {
         let mut vec = KvmVectorState::new(fd, &mut self.xsave);
         let outcome = self.emu.emulate(&mut cpu, bytes, &mut vec, &mut phys);
         self.ioctls.get_xsave += u64::from(vec.fetched());
+        self.ioctls.get_xcrs += u64::from(vec.read_xcr0());
         match vec.write_back() {
             Ok(wrote) => self.ioctls.set_xsave += u64::from(wrote),
             Err(e) => {
@@ -285,6 +290,7 @@ fn warm_up_cpu() -> CpuState {
         gs: data,
         ..CpuState::default()
     };
+    cpu.max_phys_bits = 52;
     cpu.gprs.rsi = WARM_UP_DATA;
     cpu.gprs.rflags = 0x2;
     cpu
@@ -305,7 +311,7 @@ fn segment(s: &kvm_segment) -> Segment {
 }
 
 /// The emulator's view of the vCPU.
-pub fn cpu_state(r: &kvm_regs, s: &kvm_sregs) -> CpuState {
+pub fn cpu_state(r: &kvm_regs, s: &kvm_sregs, max_phys_bits: u8) -> CpuState {
     const CR0_PE: u64 = 1;
     CpuState {
         gprs: emul::stub::GuestGprs {
@@ -342,6 +348,7 @@ pub fn cpu_state(r: &kvm_regs, s: &kvm_sregs) -> CpuState {
         // CPL is SS.DPL in protected mode (CS.DPL differs for conforming
         // code); always 0 in real mode.
         cpl: if s.cr0 & CR0_PE != 0 { s.ss.dpl } else { 0 },
+        max_phys_bits,
     }
 }
 

@@ -46,6 +46,7 @@ pub struct IoctlCounts {
     pub get_events: u64,
     pub get_xsave: u64,
     pub set_xsave: u64,
+    pub get_xcrs: u64,
 }
 
 impl IoctlCounts {
@@ -55,6 +56,7 @@ impl IoctlCounts {
         self.get_events += o.get_events;
         self.get_xsave += o.get_xsave;
         self.set_xsave += o.set_xsave;
+        self.get_xcrs += o.get_xcrs;
     }
 }
 
