@@ -114,7 +114,10 @@ fn json_names_every_path_with_its_floor() {
         if same {
             let f = format!("same-image-{name}");
             assert_eq!(p["same_image_floor"].as_str(), Some(f.as_str()), "{p}");
-            let floor_entry = paths.iter().find(|q| q["name"] == f.as_str()).expect("entry");
+            let floor_entry = paths
+                .iter()
+                .find(|q| q["name"] == f.as_str())
+                .expect("entry");
             assert_eq!(p["same_image_median_ns"], floor_entry["median_ns"], "{p}");
             assert!(p["same_image_ratio"].is_f64(), "{p}");
         }

@@ -89,12 +89,7 @@ pub fn mxcsr_cpl0() -> Result<Program, IcedError> {
             }
         }
         sys_report(a, r12)?;
-        sys_verdict(
-            a,
-            r12,
-            "cpl0 and cpl3 agree\n",
-            "cpl0 and cpl3 differ\n",
-        )?;
+        sys_verdict(a, r12, "cpl0 and cpl3 agree\n", "cpl0 and cpl3 differ\n")?;
         k.finish(a)?;
         a.set_label(&mut consts)?;
         // MXCSR to load, the default MXCSR, 0.0f.

@@ -4,11 +4,11 @@
 //! `Instant` taken before KVM_RUN, read after the exit has been served.
 
 use super::{BenchError, Measure};
-use crate::stats::InstructionChain;
 use crate::boot::{self, EntryMode};
 use crate::kvm::run_page::{self, Exit};
 use crate::kvm::{self, cpuid, ioctl_err};
 use crate::loader::{self, ImageFormat, LoadRequest};
+use crate::stats::InstructionChain;
 use crate::stats::LatencyHistogram;
 use guest::Program;
 use iced_x86::{Decoder, DecoderOptions};

@@ -223,7 +223,14 @@ fn run_group(g: &Group, iters: u32, runs: u32, its: emul::stub::ItsMode) -> Vec<
         // The same-image floor runs the group's first guest.
         if let (Some(_), Some(first)) = (g.same_image, g.paths.first()) {
             if same_side.error.is_none() {
-                let run = vmm_once(first.build, g.measure, true, iters, its, &mut same_side.hist);
+                let run = vmm_once(
+                    first.build,
+                    g.measure,
+                    true,
+                    iters,
+                    its,
+                    &mut same_side.hist,
+                );
                 same_side.error = run.err();
             }
         }

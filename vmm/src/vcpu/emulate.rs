@@ -279,10 +279,7 @@ fn warm_up_cpu() -> CpuState {
         rip: WARM_UP_CODE,
         cr0: CR0_PE | CR0_MP,
         cr4: CR4_OSFXSR | CR4_OSXMMEXCPT | CR4_OSXSAVE,
-        cs: Segment {
-            type_: 0xb,
-            ..data
-        },
+        cs: Segment { type_: 0xb, ..data },
         ss: data,
         ds: data,
         es: data,

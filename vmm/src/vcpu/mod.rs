@@ -208,10 +208,8 @@ impl Vcpu {
             let reason = exit.reason();
             let rec = self.shared.tracer.as_ref().map(|_| TraceRecord::of(&exit));
             let action = handle_exit(exit, &self.shared.buses);
-            self.sync.after_exit(
-                &mut self.fd,
-                matches!(action, ExitAction::Emulate { .. }),
-            );
+            self.sync
+                .after_exit(&mut self.fd, matches!(action, ExitAction::Emulate { .. }));
             let end = match action {
                 ExitAction::Resume | ExitAction::Interrupted => None,
                 ExitAction::Stop { status, reason } => Some(VmEnd::new(
@@ -285,7 +283,10 @@ impl Vcpu {
             let reason = exit.reason();
             let end = match exit {
                 Exit::Io {
-                    port, out: true, data, ..
+                    port,
+                    out: true,
+                    data,
+                    ..
                 } if port == crate::devices::debug_exit::DEBUG_EXIT_PORT => {
                     let v = data.first().copied().map_or(0, i32::from);
                     Some(VmEnd::new(
