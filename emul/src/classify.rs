@@ -39,6 +39,10 @@ pub enum Kind {
     /// instructions: operands of 14 bytes to a few KiB whose extent depends
     /// on state.
     WholeState,
+    /// Gathers and scatters: one access per mask-selected element.
+    Vsib,
+    /// MASKMOVQ, (V)MASKMOVDQU: byte-masked stores through DS:rDI.
+    MaskedImplicit,
 }
 
 /// The whole-state family (XSAVES/XRSTORS are privileged and refused
@@ -152,6 +156,8 @@ const INTEGER: &[Mnemonic] = &[
     M::Shrx,
     M::Adcx,
     M::Adox,
+    // A plain 4- or 8-byte store (direct store only concerns caching).
+    M::Movdiri,
     M::Crc32,
     M::Popcnt,
     M::Lzcnt,
@@ -216,9 +222,9 @@ const X87_DENIED: &[Mnemonic] = &[
     M::Fndisi,
 ];
 
-/// SIMD instructions refused despite an allowed feature: implicit memory
-/// (RDI), cache control, or state management.
-const SIMD_DENIED: &[Mnemonic] = &[M::Maskmovq, M::Maskmovdqu, M::Vmaskmovdqu, M::Xgetbv];
+/// SIMD instructions refused despite an allowed feature: state management
+/// the system family handles.
+const SIMD_DENIED: &[Mnemonic] = &[M::Xgetbv];
 
 fn feature_family(f: CpuidFeature) -> Option<Family> {
     use CpuidFeature as F;
@@ -238,6 +244,7 @@ fn feature_family(f: CpuidFeature) -> Option<Family> {
         | F::BMI1
         | F::BMI2
         | F::ADX
+        | F::MOVDIRI
         | F::MULTIBYTENOP => Family::Integer,
         F::FPU | F::FPU287 | F::FPU387 | F::MMX => Family::X87Mmx,
         F::SSE
@@ -249,7 +256,8 @@ fn feature_family(f: CpuidFeature) -> Option<Family> {
         | F::AES
         | F::PCLMULQDQ
         | F::SHA
-        | F::GFNI => Family::Sse,
+        | F::GFNI
+        | F::SSE4A => Family::Sse,
         F::AVX
         | F::AVX2
         | F::FMA
@@ -317,7 +325,23 @@ pub fn classify(instr: &Instruction) -> Result<Class, Deny> {
         return Err("string instruction (implicit memory)");
     }
     if instr.is_vsib() {
-        return Err("gather/scatter (VSIB)");
+        if !crate::emulator::is_vsib_move(instr.mnemonic()) {
+            return Err("prefetch gather/scatter (Xeon Phi)");
+        }
+        return Ok(Class {
+            vector: true,
+            x87_mmx: false,
+            vex: true,
+            kind: Kind::Vsib,
+        });
+    }
+    if crate::emulator::is_masked_implicit_store(instr.mnemonic()) {
+        return Ok(Class {
+            vector: true,
+            x87_mmx: instr.mnemonic() == M::Maskmovq,
+            vex: instr.mnemonic() == M::Vmaskmovdqu,
+            kind: Kind::MaskedImplicit,
+        });
     }
     if let Some(class) = whole_state(instr.mnemonic()) {
         return Ok(class);

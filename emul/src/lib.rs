@@ -26,6 +26,7 @@ pub mod paging;
 pub mod platform;
 pub mod reencode;
 pub mod stub;
+pub mod vregs;
 pub mod writeback;
 pub mod xstate;
 

@@ -38,6 +38,8 @@ const TESTED_ELSEWHERE: &[&str] = &[
     "masked-fault-suppression",
     "mxcsr-cpl0",
     "vector-unchanged",
+    "exactness",
+    "kvm-defects",
 ];
 
 program_tests! {

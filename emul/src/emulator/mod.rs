@@ -18,11 +18,15 @@ use crate::writeback::{element_mask, XsaveLayout};
 
 mod cache;
 mod fetch;
+mod gather;
+mod implicit;
 mod operand;
 mod state;
 mod vector;
 
 use fetch::{fetch, undecodable};
+pub(crate) use gather::is_vsib_move;
+pub(crate) use implicit::is_masked_implicit_store;
 use vector::{check_vector_enabled, is_masked_access};
 
 const PAGE_SIZE: u64 = 4096;
@@ -269,6 +273,18 @@ impl Emulator {
                 match class.kind {
                     Kind::CacheLine | Kind::CacheHint => {
                         self.cache_line(cpu, bitness, instr, class.kind, mem)?;
+                        advance_rip(cpu, bitness, instr);
+                        return Ok(());
+                    }
+                    Kind::MaskedImplicit => {
+                        check_vector_enabled(cpu, instr, class, vec)?;
+                        self.masked_implicit_store(cpu, bitness, instr, vec, mem)?;
+                        advance_rip(cpu, bitness, instr);
+                        return Ok(());
+                    }
+                    Kind::Vsib => {
+                        check_vector_enabled(cpu, instr, class, vec)?;
+                        self.vsib(cpu, bitness, instr, vec, mem)?;
                         advance_rip(cpu, bitness, instr);
                         return Ok(());
                     }

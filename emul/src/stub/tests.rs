@@ -647,6 +647,39 @@ fn vector_run_switches_the_guest_xsave_image() {
         .is_err());
 }
 
+/// A page of host memory with no access, unmapped on drop: the host's
+/// own not-present page for measuring what the CPU does.
+struct NoAccessPage(*mut libc::c_void);
+
+impl NoAccessPage {
+    fn new() -> Self {
+        // SAFETY: a fresh anonymous mapping; nothing else refers to it.
+        let page = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(page, libc::MAP_FAILED);
+        NoAccessPage(page)
+    }
+
+    fn addr(&self) -> u64 {
+        self.0 as u64
+    }
+}
+
+impl Drop for NoAccessPage {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, no longer used.
+        unsafe { libc::munmap(self.0, 4096) };
+    }
+}
+
 /// The host CPU's own answer for the emulator's exception priority: an
 /// aligned-only SSE operand (MOVAPS, ADDPS m128) that is misaligned and
 /// lies on a page with no access raises #GP (SIGSEGV with SI_KERNEL), an
@@ -657,20 +690,8 @@ fn vector_run_switches_the_guest_xsave_image() {
 #[test]
 fn alignment_comes_before_the_walk() {
     let mut buf = StubBuf::new(false).unwrap();
-    // SAFETY: a fresh anonymous mapping with no access, unmapped below;
-    // nothing else refers to it.
-    let page = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            4096,
-            libc::PROT_NONE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(page, libc::MAP_FAILED);
-    let base = page as u64;
+    let page = NoAccessPage::new();
+    let base = page.addr();
     let movaps = encode(|a| a.movaps(xmm0, xmmword_ptr(rax)));
     let addps = encode(|a| a.addps(xmm0, xmmword_ptr(rax)));
     for insn in [&movaps, &addps] {
@@ -685,8 +706,6 @@ fn alignment_comes_before_the_walk() {
             }
         }
     }
-    // SAFETY: the mapping made above, no longer used.
-    unsafe { libc::munmap(page, 4096) };
 }
 
 /// What the host CPU does with cache instructions on an inaccessible page
@@ -695,20 +714,9 @@ fn alignment_comes_before_the_walk() {
 #[test]
 fn cache_instructions_on_the_host() {
     let mut buf = StubBuf::new(false).unwrap();
-    // SAFETY: a fresh anonymous mapping with no access, unmapped below.
-    let page = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            4096,
-            libc::PROT_NONE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(page, libc::MAP_FAILED);
+    let page = NoAccessPage::new();
     let mut g = GuestGprs {
-        rax: page as u64 + 0x40,
+        rax: page.addr() + 0x40,
         ..Default::default()
     };
     match buf.run(&encode(|a| a.clflush(byte_ptr(rax))), &mut g) {
@@ -722,6 +730,4 @@ fn cache_instructions_on_the_host() {
     assert!(buf
         .run(&encode(|a| a.prefetcht0(byte_ptr(rax))), &mut g)
         .is_ok());
-    // SAFETY: the mapping made above, no longer used.
-    unsafe { libc::munmap(page, 4096) };
 }

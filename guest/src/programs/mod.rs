@@ -3,6 +3,7 @@
 mod basic;
 pub mod bench;
 pub mod emulation;
+pub mod exactness;
 mod masked;
 mod mmio;
 mod pio;
@@ -47,6 +48,8 @@ const CATALOGUE: &[(&str, Builder)] = &[
     ("emul-page-fault", emulation::emul_page_fault),
     ("mxcsr-cpl0", xstate::mxcsr_cpl0),
     ("vector-unchanged", xstate::catalogue_vector_unchanged),
+    ("exactness", exactness::exactness),
+    ("kvm-defects", exactness::kvm_defects),
     ("multiboot-info", testdev::multiboot_info),
     ("testdev-ports", testdev::testdev_ports),
     ("testdev-irq", testdev::testdev_irq),
