@@ -126,9 +126,10 @@ fn a_repeated_load_writes_the_vector_state_once() {
 }
 
 /// Each exit pays only for the state it uses (README, Performance): PIO
-/// exits make no state ioctl; a run of emulation exits fetches GPRs and
-/// SREGS once and then has them synced; injecting an exception reads the
-/// events once per injection.
+/// exits make no state ioctl; GPRs and SREGS start synced, leave the sync
+/// set after a stretch without emulation and are fetched once when
+/// emulation comes back (a CPL 3 payload after the CPL 0 set-up's port
+/// I/O); injecting an exception reads the events once per injection.
 #[test]
 fn state_ioctls_only_where_an_exit_needs_them() {
     use guest::programs::bench;
@@ -141,9 +142,16 @@ fn state_ioctls_only_where_an_exit_needs_them() {
         run(bench::pio(500).unwrap()),
         vmm::vcpu::IoctlCounts::default()
     );
+    // Emulating from the start: the registers are synced all along.
     let emul = run(bench::adcx(500).unwrap());
-    assert_eq!((emul.get_regs, emul.get_sregs), (1, 1), "{emul:?}");
-    assert_eq!((emul.get_events, emul.get_xsave, emul.set_xsave), (0, 0, 0));
+    assert_eq!(emul, vmm::vcpu::IoctlCounts::default());
+    // 100 port writes before each adcx: dropped, fetched again each time.
+    let p = guest::programs::emulation::emulation_after_pio_bursts(5, 100).unwrap();
+    let bursts = run(p);
+    assert_eq!((bursts.get_regs, bursts.get_sregs), (5, 5), "{bursts:?}");
+    // 10 writes: within the stretch, synced all along.
+    let p = guest::programs::emulation::emulation_after_pio_bursts(5, 10).unwrap();
+    assert_eq!(run(p), vmm::vcpu::IoctlCounts::default());
     // Two of its three exceptions come from the VMM (the addps #PF, with
     // CR2 through the synced SREGS, and the misaligned addps #GP); KVM's
     // own emulator runs the movups store and injects its #PF itself.

@@ -249,12 +249,6 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
             "vcpu {id}: stub self-test passed in {} us",
             t.elapsed().as_micros()
         );
-        let t = std::time::Instant::now();
-        emulator.warm_up(&fd);
-        log::debug!(
-            "vcpu {id}: emulator warmed up in {} us",
-            t.elapsed().as_micros()
-        );
         vcpus.push(Vcpu::new(id, fd, shared.clone(), emulator));
     }
 

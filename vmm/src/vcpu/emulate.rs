@@ -169,7 +169,8 @@ impl Emulator {
     /// process), the stub's bounce and XSAVE pages, this vCPU's XSAVE
     /// buffer and KVM's XSAVE path. Runs a GPR, a vector and a fetched
     /// instruction on a mock guest (32-bit flat, no paging) and reads the
-    /// vCPU's XSAVE image once. Called before the first KVM_RUN.
+    /// vCPU's XSAVE image once. Called on the vCPU's own thread (the stub's
+    /// fault recovery is per thread) before its first KVM_RUN.
     pub fn warm_up(&mut self, fd: &VcpuFd) {
         let mut vec = KvmVectorState::new(fd, &mut self.xsave);
         if let Err(e) = emul::VectorState::image(&mut vec) {

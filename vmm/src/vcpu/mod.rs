@@ -130,10 +130,11 @@ pub struct Vcpu {
 
 impl Vcpu {
     pub fn new(id: u8, mut fd: VcpuFd, shared: Arc<Shared>, emulator: Emulator) -> Self {
-        // Nothing is synced until the guest emulates (see the module
-        // comment).
-        fd.clear_sync_valid_reg(SyncReg::Register);
-        fd.clear_sync_valid_reg(SyncReg::SystemRegister);
+        // GPRs and SREGS start in the sync set, so a guest that emulates
+        // from the start never fetches them; one that does not drops them
+        // after SYNC_IDLE_EXITS exits (see the module comment).
+        fd.set_sync_valid_reg(SyncReg::Register);
+        fd.set_sync_valid_reg(SyncReg::SystemRegister);
         fd.clear_sync_valid_reg(SyncReg::VcpuEvents);
         let stats = shared.stats.then(crate::stats::ExitStats::new);
         Vcpu {
@@ -143,7 +144,7 @@ impl Vcpu {
             emulator,
             stats,
             sync: RegSync {
-                synced: false,
+                synced: true,
                 idle_exits: 0,
             },
             ioctls: IoctlCounts::default(),
@@ -186,6 +187,13 @@ impl Vcpu {
     pub fn run(&mut self) -> Option<VmEnd> {
         let timing = self.stats.is_some() || self.shared.tracer.is_some();
         let id = self.id;
+        // On this thread: the stub's fault recovery is per thread.
+        let t = Instant::now();
+        self.emulator.warm_up(&self.fd);
+        log::debug!(
+            "vcpu {id}: emulator warmed up in {} us",
+            t.elapsed().as_micros()
+        );
         loop {
             if self.shared.stopping() {
                 return None;
