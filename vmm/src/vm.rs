@@ -181,12 +181,6 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
     if cfg.cpus == 0 {
         return Err(VmError::Cpus(cfg.cpus));
     }
-    // iced-x86's tables take ~1 ms to build: on another core while the VM
-    // is set up, not in front of the first emulated instruction.
-    let tables = std::thread::Builder::new()
-        .name("warm-up".into())
-        .spawn(crate::vcpu::warm_up_tables)
-        .ok();
     crate::signals::install_kick().map_err(|e| VmError::Signal(e.errno()))?;
     let vm = kvm.create_vm().map_err(ioctl_err("KVM_CREATE_VM"))?;
     kvm::enable_exit_on_emulation_failure(&vm)?;
@@ -218,10 +212,10 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
         running: std::sync::atomic::AtomicUsize::new(usize::from(cfg.cpus)),
     });
 
-    // The per-vCPU warm-up below would build them itself.
-    if let Some(t) = tables {
-        let _ = t.join();
-    }
+    // iced-x86's tables take ~1 ms to build: now, not in front of the
+    // first emulated instruction. (A helper thread overlapping the VM's
+    // set-up measured slower on a loaded 2-vCPU host.)
+    crate::vcpu::warm_up_tables();
     let mut vcpus = Vec::with_capacity(usize::from(cfg.cpus));
     for id in 0..cfg.cpus {
         let fd = vm

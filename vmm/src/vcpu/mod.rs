@@ -273,6 +273,9 @@ impl Vcpu {
     /// (into the `--stats` histograms, which the bench turns on).
     pub fn run_bare(&mut self) -> Option<VmEnd> {
         let id = self.id;
+        self.fd.clear_sync_valid_reg(SyncReg::Register);
+        self.fd.clear_sync_valid_reg(SyncReg::SystemRegister);
+        self.sync.synced = false;
         loop {
             if self.shared.stopping() {
                 return None;
