@@ -45,6 +45,8 @@ const FCW_INIT: u16 = 0x37f;
 /// the host's standard layout (CPUID leaf 0xD); size 0 when absent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ComponentLayout {
+    /// `(offset, size)` per XSTATE_BV bit; entries 0 and 1 (x87, SSE) are
+    /// unused: the legacy region's layout is fixed.
     pub components: [(usize, usize); 8],
 }
 

@@ -42,17 +42,26 @@ const MAX_OPERAND: usize = 64;
 pub enum Outcome {
     /// The instruction completed: registers, memory, vector state and RIP
     /// are updated.
-    Done { mnemonic: Mnemonic },
+    Done {
+        /// What completed (for statistics and traces).
+        mnemonic: Mnemonic,
+    },
     /// Inject this exception; nothing was changed (RIP still points at the
     /// instruction).
     Exception {
+        /// Exception vector.
         vector: u8,
+        /// Error code, for vectors that push one.
         error_code: Option<u32>,
+        /// For #PF: the faulting linear address, to load into CR2.
         cr2: Option<u64>,
     },
     /// The instruction is outside the allow-list (or cannot be staged);
     /// `text` names it in Intel syntax and says why. Nothing was changed.
-    Unsupported { text: String },
+    Unsupported {
+        /// The instruction in Intel syntax and why it was refused.
+        text: String,
+    },
     /// A memory or vector-state access through the VMM failed.
     Platform(PlatformError),
 }
@@ -99,6 +108,7 @@ impl From<PlatformError> for Stop {
 #[derive(Debug, thiserror::Error)]
 pub enum EmulError {
     #[error("stub buffer: {0}")]
+    /// The stub buffer could not be set up.
     Stub(#[from] StubError),
 }
 

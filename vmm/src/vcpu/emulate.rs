@@ -66,6 +66,11 @@ impl Emulator {
         })
     }
 
+    /// The guest's MAXPHYADDR this emulator walks page tables with.
+    pub fn max_phys_bits(&self) -> u8 {
+        self.max_phys_bits
+    }
+
     /// Runs the stub self-test on this vCPU's own buffer; `Err` lists the
     /// cases that did not match.
     pub fn selftest(&mut self) -> Result<(), String> {

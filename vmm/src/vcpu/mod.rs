@@ -15,6 +15,7 @@
 //! - Events (~100 ns) never: injecting an exception reads them with
 //!   KVM_GET_VCPU_EVENTS and writes them back through the run page.
 
+mod diagnose;
 mod emulate;
 pub mod exit;
 mod platform;
@@ -72,13 +73,15 @@ pub const SYNC_IDLE_EXITS: u32 = 32;
 struct RegSync {
     synced: bool,
     idle_exits: u32,
+    /// `--trace` records RIP and the mode of every exit: never drop them.
+    keep: bool,
 }
 
 impl RegSync {
     /// After an exit: a stretch without emulation drops both from the set.
     #[inline]
     fn after_exit(&mut self, fd: &mut VcpuFd, emulation: bool) {
-        if !self.synced {
+        if !self.synced || self.keep {
             return;
         }
         if emulation {
@@ -137,6 +140,7 @@ impl Vcpu {
         fd.set_sync_valid_reg(SyncReg::SystemRegister);
         fd.clear_sync_valid_reg(SyncReg::VcpuEvents);
         let stats = shared.stats.then(crate::stats::ExitStats::new);
+        let keep = shared.tracer.is_some();
         Vcpu {
             id,
             fd,
@@ -146,6 +150,7 @@ impl Vcpu {
             sync: RegSync {
                 synced: true,
                 idle_exits: 0,
+                keep,
             },
             ioctls: IoctlCounts::default(),
         }
@@ -167,8 +172,9 @@ impl Vcpu {
         Some((s, self.emulator.mnemonic_counts()))
     }
 
-    /// RIP, for messages (0 if it cannot be read).
-    fn rip(&mut self) -> u64 {
+    /// RIP as of the last KVM_RUN return: from the run page while GPRs are
+    /// synced, else by KVM_GET_REGS (0 if that fails).
+    pub fn rip(&mut self) -> u64 {
         self.regs().map_or(0, |r| r.rip)
     }
 
@@ -214,10 +220,14 @@ impl Vcpu {
             let exit_rip = (timing && self.sync.synced).then(|| self.fd.sync_regs_mut().regs.rip);
             let exit = run_page::decode(self.fd.get_kvm_run());
             let reason = exit.reason();
-            let rec = self.shared.tracer.as_ref().map(|_| TraceRecord::of(&exit));
+            let mut rec = self.shared.tracer.as_ref().map(|_| TraceRecord::of(&exit));
             let action = handle_exit(exit, &self.shared.buses);
             self.sync
                 .after_exit(&mut self.fd, matches!(action, ExitAction::Emulate { .. }));
+            if let Some(rec) = &mut rec {
+                let s = self.fd.sync_regs_mut();
+                rec.set_regs(&s.regs, &s.sregs);
+            }
             let end = match action {
                 ExitAction::Resume | ExitAction::Interrupted => None,
                 ExitAction::Stop { status, reason } => Some(VmEnd::new(
@@ -228,9 +238,10 @@ impl Vcpu {
                 ExitAction::Shutdown => Some(VmEnd::new(
                     status::TRIPLE_FAULT,
                     format!(
-                        "vcpu {}: triple fault (KVM shutdown) at rip {:#x}",
+                        "vcpu {}: triple fault (KVM shutdown) at rip {:#x}: {}",
                         id,
-                        self.rip()
+                        self.rip(),
+                        self.triple_fault_clue()
                     ),
                 )),
                 ExitAction::Emulate { bytes, len } => self.emulate(&bytes[..len]),
@@ -341,6 +352,18 @@ impl Vcpu {
         };
         self.shared.probe.answer(self.id, round, parked);
         self.shared.wake_waiter();
+    }
+
+    /// What the guest last did before a triple fault (see `diagnose`).
+    fn triple_fault_clue(&mut self) -> String {
+        let sync = self.fd.sync_regs();
+        let cpu = emulate::cpu_state(&sync.regs, &sync.sregs, self.emulator.max_phys_bits());
+        let mut phys = platform::GuestPhys {
+            mem: &self.shared.mem,
+            mmio: &self.shared.buses.mmio,
+            stop: None,
+        };
+        diagnose::triple_fault_clue(&sync, &cpu, &mut phys)
     }
 
     fn halt(&mut self) -> Option<VmEnd> {
