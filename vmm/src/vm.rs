@@ -285,9 +285,11 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
                 if let Some(end) = end {
                     shared.finish(end);
                 }
+                // The ioctls serving exits took (before `rip` may add one).
+                let ioctls = vcpu.ioctl_counts();
                 // Where it stopped, for an end no vCPU reported itself
                 // (SIGINT/SIGTERM).
-                (vcpu.take_stats(), vcpu.id, vcpu.rip(), vcpu.ioctl_counts())
+                (vcpu.take_stats(), vcpu.id, vcpu.rip(), ioctls)
             })
             .map_err(VmError::Thread)?;
         handles.push(h);
