@@ -35,6 +35,10 @@ pub enum Kind {
     /// PREFETCHh, PREFETCHW(T1), PREFETCH, CLDEMOTE: hints that never
     /// fault.
     CacheHint,
+    /// CLZERO (AMD): zeroes the 64-byte line holding DS:rAX.
+    CacheZero,
+    /// UD0, UD1, UD2: #UD, whatever their operands.
+    Undefined,
     /// FXSAVE/FXRSTOR, the XSAVE family and the x87 environment
     /// instructions: operands of 14 bytes to a few KiB whose extent depends
     /// on state.
@@ -79,6 +83,7 @@ fn whole_state(mnemonic: Mnemonic) -> Option<Class> {
 fn cache_kind(mnemonic: Mnemonic) -> Option<Kind> {
     match mnemonic {
         M::Clflush | M::Clflushopt | M::Clwb => Some(Kind::CacheLine),
+        M::Clzero => Some(Kind::CacheZero),
         M::Prefetchnta
         | M::Prefetcht0
         | M::Prefetcht1
@@ -311,6 +316,14 @@ fn is_system_register(reg: Register) -> bool {
 pub fn classify(instr: &Instruction) -> Result<Class, Deny> {
     if instr.is_invalid() {
         return Err("invalid instruction");
+    }
+    if matches!(instr.mnemonic(), M::Ud0 | M::Ud1 | M::Ud2) {
+        return Ok(Class {
+            vector: false,
+            x87_mmx: false,
+            vex: false,
+            kind: Kind::Undefined,
+        });
     }
     if instr.flow_control() != FlowControl::Next {
         return Err("control flow");

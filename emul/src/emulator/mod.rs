@@ -281,6 +281,12 @@ impl Emulator {
             None => {
                 let class = classify(instr).map_err(Stop::Unsupported)?;
                 match class.kind {
+                    Kind::Undefined => return Err(Exception::ud().into()),
+                    Kind::CacheZero => {
+                        self.cache_zero(cpu, bitness, instr, mem)?;
+                        advance_rip(cpu, bitness, instr);
+                        return Ok(());
+                    }
                     Kind::CacheLine | Kind::CacheHint => {
                         self.cache_line(cpu, bitness, instr, class.kind, mem)?;
                         advance_rip(cpu, bitness, instr);
