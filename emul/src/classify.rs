@@ -84,6 +84,8 @@ fn cache_kind(mnemonic: Mnemonic) -> Option<Kind> {
     match mnemonic {
         M::Clflush | M::Clflushopt | M::Clwb => Some(Kind::CacheLine),
         M::Clzero => Some(Kind::CacheZero),
+        // Multi-byte and reserved NOPs: a ModRM operand, never an access.
+        M::Nop | M::Reservednop => Some(Kind::CacheHint),
         M::Prefetchnta
         | M::Prefetcht0
         | M::Prefetcht1
@@ -325,8 +327,17 @@ pub fn classify(instr: &Instruction) -> Result<Class, Deny> {
             kind: Kind::Undefined,
         });
     }
+    if matches!(instr.mnemonic(), M::Lar | M::Lsl | M::Verr | M::Verw) {
+        return Err("descriptor-table access (reads the guest's GDT/LDT)");
+    }
     if instr.flow_control() != FlowControl::Next {
-        return Err("control flow");
+        return Err(
+            if instr.is_jmp_far_indirect() || instr.is_call_far_indirect() {
+                "far transfer through memory (a segment load)"
+            } else {
+                "control flow"
+            },
+        );
     }
     if instr.is_stack_instruction() || instr.stack_pointer_increment() != 0 {
         return Err("uses the stack");
@@ -396,7 +407,7 @@ pub fn classify(instr: &Instruction) -> Result<Class, Deny> {
         return Err("more than one memory operand");
     }
     let mnemonic = instr.mnemonic();
-    if memory_ops == 1 && matches!(mnemonic, M::Lea | M::Nop) {
+    if memory_ops == 1 && mnemonic == M::Lea {
         return Err("address-only memory operand");
     }
     // BT* with a register bit offset reach beyond the operand.

@@ -148,6 +148,7 @@ pub mod reencode;
 pub mod stub;
 pub mod vregs;
 pub mod writeback;
+pub mod xstate;
 
 #[cfg(test)]
 mod tests;

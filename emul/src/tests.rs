@@ -1525,3 +1525,36 @@ fn clzero_and_undefined_opcodes() {
 fn cpu_has_clzero() -> bool {
     core::arch::x86_64::__cpuid(0x8000_0008).ebx & 1 != 0
 }
+
+/// Multi-byte and reserved NOPs with a memory operand never access it or
+/// fault (the CPU: `nop [unmapped]` runs); LAR/LSL stay refused, naming
+/// why.
+#[test]
+fn memory_nops_and_descriptor_reads() {
+    let (mut cpu, mut mem) = setup();
+    let mut e = emul();
+    cpu.gprs.rsi = 0x7f_0000; // not mapped
+    for code in [
+        asm64(|a| a.nop_1(dword_ptr(rsi))),
+        vec![0x0f, 0x1d, 0x0e],
+        vec![0x90],
+    ] {
+        cpu.rip = CODE;
+        mem.log.clear();
+        let o = e.emulate(&mut cpu, &code, &mut NoVectorState, &mut mem);
+        assert!(matches!(o, Outcome::Done { .. }), "{code:02x?}: {o:?}");
+        assert_eq!(cpu.rip, CODE + code.len() as u64);
+        assert!(mem.log.is_empty());
+    }
+    cpu.rip = CODE;
+    let o = e.emulate(
+        &mut cpu,
+        &asm64(|a| a.lar(ecx, word_ptr(rsi))),
+        &mut NoVectorState,
+        &mut mem,
+    );
+    assert!(
+        matches!(&o, Outcome::Unsupported { text } if text.contains("descriptor-table")),
+        "{o:?}"
+    );
+}

@@ -36,6 +36,8 @@ const TESTED_ELSEWHERE: &[&str] = &[
     "emul-page-fault",
     "cpuid-leaves",
     "masked-fault-suppression",
+    "mxcsr-cpl0",
+    "vector-unchanged",
     "mmio-split-windows",
     "exactness",
     "kvm-defects",

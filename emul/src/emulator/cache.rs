@@ -70,10 +70,12 @@ impl Emulator {
             offset += (lin & 63) as usize;
         }
         let mut code = [0u8; MAX_INSN_LEN];
-        let target = self.stub.bounce_exec_addr() + offset as u64;
+        // Hints and NOPs may name memory they never access (no used memory).
+        let has_mem = (0..instr.op_count()).any(|i| instr.op_kind(i) == iced_x86::OpKind::Memory);
+        let target = has_mem.then(|| self.stub.bounce_exec_addr() + offset as u64);
         let len = self
             .reencoder
-            .encode(instr, self.stub.insn_exec_addr(), Some(target), &mut code)
+            .encode(instr, self.stub.insn_exec_addr(), target, &mut code)
             .map_err(Stop::Unsupported)?;
         let mut gprs = cpu.gprs;
         map_run(cpu, self.stub.run(&code[..len], &mut gprs))

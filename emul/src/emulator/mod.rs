@@ -412,9 +412,9 @@ impl Emulator {
             let ran_ok = ran.is_ok().then_some(instr);
             self.fix_x87_pointers(cpu, bitness, used, operand, raw, ran_ok);
             let after = &self.stub.guest_xsave()[..n];
-            let dirty = after != &image[..n];
-            if dirty {
+            if crate::xstate::registers_differ(&image[..n], after) {
                 image[..n].copy_from_slice(after);
+                crate::xstate::keep_mxcsr(&mut image[..n]);
                 vec.mark_dirty();
             }
             map_run(cpu, ran)?;

@@ -10,6 +10,7 @@ mod pio;
 mod regonly;
 pub mod testdev;
 mod user;
+pub mod xstate;
 
 use crate::rt::{Asm, AsmResult};
 use crate::{Expect, Mode, Program};
@@ -46,6 +47,8 @@ const CATALOGUE: &[(&str, Builder)] = &[
     ("masked-fault-suppression", masked::masked_fault_suppression),
     ("unsupported-insn", emulation::unsupported_insn),
     ("emul-page-fault", emulation::emul_page_fault),
+    ("mxcsr-cpl0", xstate::mxcsr_cpl0),
+    ("vector-unchanged", xstate::catalogue_vector_unchanged),
     ("exactness", exactness::exactness),
     ("kvm-defects", exactness::kvm_defects),
     ("multiboot-info", testdev::multiboot_info),
