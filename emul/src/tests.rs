@@ -1538,3 +1538,27 @@ fn memory_nops_and_descriptor_reads() {
         "{o:?}"
     );
 }
+
+/// VEX forms check CR4.OSXSAVE and XCR0, not CR4.OSFXSR or CR0.EM (SDM
+/// vol. 2, table 2-21); legacy SSE checks those two.
+#[test]
+fn vex_ignores_osfxsr_and_em() {
+    if !avx_ok() {
+        eprintln!("skipped: host has no AVX");
+        return;
+    }
+    let (mut cpu, mut mem) = setup();
+    let mut e = emul();
+    let mut img = XsaveImage::new();
+    cpu.cr4 &= !CR4_OSFXSR;
+    cpu.cr0 |= CR0_EM;
+    done(&e.emulate(&mut cpu, &asm64(|a| a.vzeroall()), &mut img, &mut mem));
+    cpu.rip = CODE;
+    let o = e.emulate(
+        &mut cpu,
+        &asm64(|a| a.addps(xmm0, xmm1)),
+        &mut img,
+        &mut mem,
+    );
+    assert_eq!(exc(&o), (VEC_UD, None));
+}
