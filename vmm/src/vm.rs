@@ -49,6 +49,8 @@ pub enum VmError {
     Thread(std::io::Error),
     #[error("cannot set up the emulator's stub buffer: {0}")]
     Stub(emul::EmulError),
+    #[error("BIOS state: {0}")]
+    Bios(#[from] crate::bios::BiosError),
     #[error("stub self-test failed; refusing to run guests:\n{0}")]
     Selftest(String),
 }
@@ -165,6 +167,11 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
         create_irqchip(&vm)?;
     }
     let mem = crate::kvm::memory::create_guest_memory(&vm, cfg.mem_size)?;
+    if cfg.irqchip() {
+        // Interrupts can arrive: leave the IVT a BIOS would (the image,
+        // loaded next, may overwrite it).
+        crate::bios::write_real_mode_vectors(&mem)?;
+    }
 
     let reports = test_report::Reports::default();
     let buses = build_buses(cfg, &vm, &mem, serial_out, reports.clone())?;
@@ -476,12 +483,14 @@ pub(crate) fn set_boot_state(
     Ok(())
 }
 
-/// The in-kernel LAPIC, IOAPIC, PIC and PIT.
+/// The in-kernel LAPIC, IOAPIC, PIC and PIT, the PIC and PIT programmed as
+/// a BIOS leaves them.
 fn create_irqchip(vm: &VmFd) -> Result<(), VmError> {
     vm.create_irq_chip()
         .map_err(ioctl_err("KVM_CREATE_IRQCHIP"))?;
     let pit = kvm_bindings::kvm_pit_config::default();
     vm.create_pit2(pit).map_err(ioctl_err("KVM_CREATE_PIT2"))?;
+    crate::bios::program_irqchip(vm)?;
     Ok(())
 }
 
