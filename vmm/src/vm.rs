@@ -3,7 +3,7 @@
 use crate::boot::{self, EntryMode};
 use crate::bus::{BusError, MmioBus, PioBus};
 use crate::config::{TestDevice, VmConfig};
-use crate::devices::{debug_exit, i8042, mmio_ram::MmioRam, serial, test_report};
+use crate::devices::{debug_exit, i8042, mmio_ram::MmioRam, rtc, serial, test_report};
 use crate::halt_probe::HaltProbe;
 use crate::kvm::{self, cpuid, ioctl_err, KvmError};
 use crate::layout;
@@ -533,6 +533,12 @@ fn build_buses(
         i8042::I8042_BASE,
         i8042::I8042_LEN,
         Arc::new(Mutex::new(i8042::I8042::default())),
+    )?;
+    // Every PC has its RTC and CMOS RAM.
+    b.pio.register(
+        rtc::RTC_PORT,
+        rtc::RTC_LEN,
+        Arc::new(Mutex::new(rtc::Rtc::new(cfg.mem_size, cfg.cpus))),
     )?;
     b.pio.register(
         test_report::TEST_REPORT_PORT,

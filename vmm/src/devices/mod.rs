@@ -7,6 +7,7 @@ pub mod i8042;
 pub mod mmio_ram;
 pub mod pc_testdev;
 pub mod pm_timer;
+pub mod rtc;
 pub mod serial;
 pub mod test_report;
 
