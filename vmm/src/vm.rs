@@ -3,7 +3,7 @@
 use crate::boot::{self, EntryMode};
 use crate::bus::{BusError, MmioBus, PioBus};
 use crate::config::{TestDevice, VmConfig};
-use crate::devices::{debug_exit, i8042, mmio_ram::MmioRam, rtc, serial, test_report};
+use crate::devices::{acpi_pm1, debug_exit, i8042, mmio_ram::MmioRam, rtc, serial, test_report};
 use crate::halt_probe::HaltProbe;
 use crate::kvm::{self, cpuid, ioctl_err, KvmError};
 use crate::layout;
@@ -93,6 +93,16 @@ pub struct Shared {
     /// the current probe round, and per vCPU the last round it answered
     /// and whether it was parked for good then.
     pub probe: HaltProbe,
+    /// ACPI sleep states (with the acpi-pm device).
+    pub power: Option<Power>,
+}
+
+/// What a vCPU needs to put the VM to sleep and wake it (ACPI S3).
+pub struct Power {
+    pub sleep: Arc<acpi_pm1::SleepRequest>,
+    pub pm1: Arc<Mutex<acpi_pm1::Pm1>>,
+    pub rtc: Arc<Mutex<rtc::Rtc>>,
+    pub cpus: u8,
 }
 
 impl Shared {
@@ -174,7 +184,7 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
     }
 
     let reports = test_report::Reports::default();
-    let buses = build_buses(cfg, &vm, &mem, serial_out, reports.clone())?;
+    let (buses, power) = build_buses(cfg, &vm, &mem, serial_out, reports.clone())?;
     let boot = load_guest(cfg, &mem, &buses)?;
 
     let its_on = resolve_its(cfg.its);
@@ -191,6 +201,7 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
         stop: AtomicBool::new(false),
         end: Mutex::new(None),
         probe: HaltProbe::new(usize::from(cfg.cpus)),
+        power,
     });
 
     let mut vcpus = Vec::with_capacity(usize::from(cfg.cpus));
@@ -507,7 +518,7 @@ fn build_buses(
     mem: &GuestMemoryMmap,
     serial_out: serial::SerialOut,
     reports: test_report::Reports,
-) -> Result<Buses, VmError> {
+) -> Result<(Buses, Option<Power>), VmError> {
     let mut b = Buses::default();
     // With an irqchip, COM1's interrupt goes to ISA IRQ 4 through an irqfd.
     let com1_irq = if cfg.irqchip() {
@@ -535,11 +546,9 @@ fn build_buses(
         Arc::new(Mutex::new(i8042::I8042::default())),
     )?;
     // Every PC has its RTC and CMOS RAM.
-    b.pio.register(
-        rtc::RTC_PORT,
-        rtc::RTC_LEN,
-        Arc::new(Mutex::new(rtc::Rtc::new(cfg.mem_size, cfg.cpus))),
-    )?;
+    let rtc = Arc::new(Mutex::new(rtc::Rtc::new(cfg.mem_size, cfg.cpus)));
+    b.pio.register(rtc::RTC_PORT, rtc::RTC_LEN, rtc.clone())?;
+    let mut power = None;
     b.pio.register(
         test_report::TEST_REPORT_PORT,
         test_report::TEST_REPORT_LEN,
@@ -584,6 +593,24 @@ fn build_buses(
                     PM_TMR_LEN,
                     Arc::new(Mutex::new(PmTimer::new())),
                 )?;
+                use crate::devices::acpi_pm1::*;
+                let sleep = Arc::new(SleepRequest::new());
+                let pm1 = Arc::new(Mutex::new(Pm1::new(sleep.clone())));
+                for (port, len, first_reg) in
+                    [(PM1_EVT_PORT, PM1_EVT_LEN, 0), (PM1_CNT_PORT, PM1_CNT_LEN, 4)]
+                {
+                    let dev = Pm1Port {
+                        pm1: pm1.clone(),
+                        first_reg,
+                    };
+                    b.pio.register(port, len, Arc::new(Mutex::new(dev)))?;
+                }
+                power = Some(Power {
+                    sleep,
+                    pm1,
+                    rtc: rtc.clone(),
+                    cpus: cfg.cpus,
+                });
             }
         }
     }
@@ -618,7 +645,7 @@ fn build_buses(
             Arc::new(Mutex::new(MmioRam::new(size as usize))),
         )?;
     }
-    Ok(b)
+    Ok((b, power))
 }
 
 /// Whether this host can run VMs at all (for tests that must fail loudly

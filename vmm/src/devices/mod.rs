@@ -1,6 +1,7 @@
 //! Devices on the PIO and MMIO buses. Each file holds one device; the
 //! bus traits live in [`crate::bus`].
 
+pub mod acpi_pm1;
 pub mod debug_exit;
 pub mod fw_cfg;
 pub mod i8042;
