@@ -87,6 +87,11 @@ pub struct CpuState {
     pub fs: Segment,
     pub gs: Segment,
     pub cpl: u8,
+    /// The guest's physical-address width (MAXPHYADDR, CPUID
+    /// 0x80000008 EAX[7:0]): page-table entry bits from it up to 51 are
+    /// reserved and give #PF with the RSVD bit. The walk clamps it to
+    /// 32..=52, so a forgotten 0 shows at once as faults above 4 GiB.
+    pub max_phys_bits: u8,
 }
 
 impl CpuState {
@@ -123,6 +128,7 @@ impl CpuState {
             es: data,
             fs: data,
             gs: data,
+            max_phys_bits: 52,
             ..Default::default()
         }
     }

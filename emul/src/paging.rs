@@ -99,13 +99,12 @@ const LONG5: [Level; 5] = [
 
 /// Translates linear address `lin` for `access`; on success returns the
 /// guest-physical address, after setting accessed bits on every entry used
-/// and the dirty bit on the leaf of a write. `max_phys_bits` is the guest's
-/// MAXPHYADDR: entry bits from it up to 51 are reserved.
+/// and the dirty bit on the leaf of a write. Entry bits from the guest's
+/// MAXPHYADDR ([`CpuState::max_phys_bits`]) up to 51 are reserved.
 pub fn translate(
     cpu: &CpuState,
     lin: u64,
     access: Access,
-    max_phys_bits: u8,
     mem: &mut dyn Platform,
 ) -> Result<u64, WalkError> {
     if cpu.cr0 & CR0_PG == 0 {
@@ -126,7 +125,7 @@ pub fn translate(
     } else {
         (&LONG4, 8, cpu.cr3 & 0x000f_ffff_ffff_f000)
     };
-    let phys_bits = u32::from(max_phys_bits.clamp(32, 52));
+    let phys_bits = u32::from(cpu.max_phys_bits.clamp(32, 52));
     let addr_mask = ((1u64 << phys_bits) - 1) & !0xfff;
     // Bits MAXPHYADDR..51 of a 64-bit entry, and NX without EFER.NXE.
     let rsvd_hi = (((1u64 << 52) - 1) & !((1u64 << phys_bits) - 1)) | if nxe { 0 } else { PTE_NX };

@@ -35,6 +35,11 @@ pub trait VectorState {
     /// Called after the instruction changed the image (the VMM then owes a
     /// `KVM_SET_XSAVE` before the vCPU runs again).
     fn mark_dirty(&mut self);
+    /// The guest's XCR0 (`KVM_GET_XCRS` for a KVM VMM). Asked only by
+    /// instructions whose behaviour depends on it (VEX/EVEX forms raise #UD
+    /// when their state components are off, the XSAVE family's requested
+    /// features); a VMM should fetch it at most once per exit.
+    fn xcr0(&mut self) -> Result<u64, PlatformError>;
 }
 
 /// A [`VectorState`] for callers that hold no vector state: any instruction
@@ -51,6 +56,13 @@ impl VectorState for NoVectorState {
         })
     }
     fn mark_dirty(&mut self) {}
+    fn xcr0(&mut self) -> Result<u64, PlatformError> {
+        Err(PlatformError {
+            gpa: 0,
+            len: 0,
+            reason: "no vector state available",
+        })
+    }
 }
 
 /// An owned XSAVE image with a dirty flag: the simplest [`VectorState`].
@@ -60,6 +72,8 @@ pub struct XsaveImage {
     pub dirty: bool,
     /// How many times [`VectorState::image`] was called.
     pub fetches: u32,
+    /// What [`VectorState::xcr0`] returns.
+    pub xcr0: u64,
 }
 
 /// Size of the image `KVM_GET_XSAVE` fills.
@@ -76,6 +90,7 @@ impl XsaveImage {
             bytes,
             dirty: false,
             fetches: 0,
+            xcr0: host_user_xcr0(),
         }
     }
 }
@@ -94,4 +109,15 @@ impl VectorState for XsaveImage {
     fn mark_dirty(&mut self) {
         self.dirty = true;
     }
+    fn xcr0(&mut self) -> Result<u64, PlatformError> {
+        Ok(self.xcr0)
+    }
+}
+
+/// The user state components this CPU supports among x87, SSE, AVX and
+/// AVX-512 (CPUID leaf 0xD, subleaf 0, EAX bits 0-2 and 5-7): the XCR0 a
+/// guest that enables everything it may would have.
+pub fn host_user_xcr0() -> u64 {
+    let leaf = core::arch::x86_64::__cpuid_count(0xd, 0);
+    u64::from(leaf.eax) & 0xe7
 }

@@ -79,6 +79,8 @@ impl FuzzPlatform {
 
 fn random_cpu(rng: &mut Rng) -> CpuState {
     let mut cpu = CpuState::long_mode(rng.below(RAM as u64) & !0xfff);
+    // MAXPHYADDR as CPUs report it (36 to 52 bits).
+    cpu.max_phys_bits = 36 + rng.below(17) as u8;
     // Paging mode: 4-level, 5-level, PAE, 32-bit, or off (real/protected).
     match rng.below(6) {
         0 => cpu.cr4 |= CR4_LA57,

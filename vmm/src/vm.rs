@@ -216,8 +216,13 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
         if id == 0 {
             set_boot_state(&fd, &shared.mem, cfg.mem_size, &boot, &cpuid)?;
         }
-        let mut emulator =
-            Emulator::new(its_on, cfg.on_unsupported, cfg.stats).map_err(VmError::Stub)?;
+        let mut emulator = Emulator::new(
+            its_on,
+            cpuid::max_phys_bits(&cpuid),
+            cfg.on_unsupported,
+            cfg.stats,
+        )
+        .map_err(VmError::Stub)?;
         // Xen-style: prove this vCPU's stub buffer turns faults into
         // exceptions before trusting it with a guest.
         let t = std::time::Instant::now();

@@ -82,6 +82,18 @@ pub fn xcr0_for(cpuid: &CpuId) -> u64 {
         .unwrap_or(0)
 }
 
+/// The guest's physical-address width (MAXPHYADDR) from leaf 0x80000008;
+/// 36 (the architectural default without that leaf) when it is absent.
+pub fn max_phys_bits(cpuid: &CpuId) -> u8 {
+    cpuid
+        .as_slice()
+        .iter()
+        .find(|e| e.function == 0x8000_0008)
+        .map(|e| (e.eax & 0xff) as u8)
+        .filter(|&bits| bits != 0)
+        .unwrap_or(36)
+}
+
 fn host_cpuid(leaf: u32, sub: u32) -> (u32, u32, u32, u32) {
     // SAFETY-free: `__cpuid_count` is safe on every x86_64 CPU.
     let r = __cpuid_count(leaf, sub);

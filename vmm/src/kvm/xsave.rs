@@ -29,6 +29,8 @@ pub struct KvmVectorState<'a> {
     buf: &'a mut XsaveBuf,
     fetched: bool,
     dirty: bool,
+    /// XCR0, once KVM_GET_XCRS read it during this exit.
+    xcr0: Option<u64>,
 }
 
 impl<'a> KvmVectorState<'a> {
@@ -38,6 +40,7 @@ impl<'a> KvmVectorState<'a> {
             buf,
             fetched: false,
             dirty: false,
+            xcr0: None,
         }
     }
 
@@ -74,5 +77,22 @@ impl VectorState for KvmVectorState<'_> {
 
     fn mark_dirty(&mut self) {
         self.dirty = true;
+    }
+
+    fn xcr0(&mut self) -> Result<u64, PlatformError> {
+        if let Some(xcr0) = self.xcr0 {
+            return Ok(xcr0);
+        }
+        let xcrs = self.fd.get_xcrs().map_err(|_| PlatformError {
+            gpa: 0,
+            len: 0,
+            reason: "KVM_GET_XCRS failed",
+        })?;
+        let xcr0 = xcrs.xcrs[..(xcrs.nr_xcrs as usize).min(xcrs.xcrs.len())]
+            .iter()
+            .find(|x| x.xcr == 0)
+            .map_or(1, |x| x.value);
+        self.xcr0 = Some(xcr0);
+        Ok(xcr0)
     }
 }

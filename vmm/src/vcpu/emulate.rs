@@ -39,6 +39,8 @@ pub enum Completion {
 pub struct Emulator {
     emu: emul::Emulator,
     xsave: XsaveBuf,
+    /// The guest's MAXPHYADDR, from its CPUID (fixed for the VM's life).
+    max_phys_bits: u8,
     on_unsupported: OnUnsupported,
     /// Emulated instructions per mnemonic (`--stats`), indexed by
     /// `Mnemonic as usize`; allocated once.
@@ -48,12 +50,14 @@ pub struct Emulator {
 impl Emulator {
     pub fn new(
         its_on: bool,
+        max_phys_bits: u8,
         on_unsupported: OnUnsupported,
         stats: bool,
     ) -> Result<Self, emul::EmulError> {
         Ok(Emulator {
             emu: emul::Emulator::new(its_on)?,
             xsave: XsaveBuf::default(),
+            max_phys_bits,
             on_unsupported,
             per_mnemonic: stats.then(|| vec![0; Mnemonic::values().count()]),
         })
@@ -84,7 +88,7 @@ impl Emulator {
         bytes: &[u8],
         shared: &Shared,
     ) -> Completion {
-        let mut cpu = cpu_state(&sync.regs, &sync.sregs);
+        let mut cpu = cpu_state(&sync.regs, &sync.sregs, self.max_phys_bits);
         let mut phys = GuestPhys {
             mem: &shared.mem,
             mmio: &shared.buses.mmio,
@@ -173,7 +177,7 @@ fn segment(s: &kvm_segment) -> Segment {
 }
 
 /// The emulator's view of the vCPU.
-pub fn cpu_state(r: &kvm_regs, s: &kvm_sregs) -> CpuState {
+pub fn cpu_state(r: &kvm_regs, s: &kvm_sregs, max_phys_bits: u8) -> CpuState {
     const CR0_PE: u64 = 1;
     CpuState {
         gprs: emul::stub::GuestGprs {
@@ -210,6 +214,7 @@ pub fn cpu_state(r: &kvm_regs, s: &kvm_sregs) -> CpuState {
         // CPL is SS.DPL in protected mode (CS.DPL differs for conforming
         // code); always 0 in real mode.
         cpl: if s.cr0 & CR0_PE != 0 { s.ss.dpl } else { 0 },
+        max_phys_bits,
     }
 }
 

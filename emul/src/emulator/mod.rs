@@ -1,0 +1,382 @@
+//! The emulator: fetch, decode, classify, translate, stage the operand in
+//! the bounce buffer, run the instruction in a stub, write back.
+
+use iced_x86::{
+    Decoder, DecoderError, DecoderOptions, Formatter, Instruction, InstructionInfoFactory,
+    IntelFormatter, Mnemonic, UsedMemory,
+};
+
+use crate::classify::{classify, Class};
+use crate::cpu::{CpuState, CR0_AM, CR4_OSXMMEXCPT, RFLAGS_AC};
+use crate::exception::{Exception, VEC_AC, VEC_GP, VEC_PF, VEC_SS, VEC_XM};
+use crate::paging::WalkError;
+use crate::platform::{Platform, PlatformError, VectorState};
+use crate::reencode::Reencoder;
+use crate::stub::{StubBuf, StubError, StubRunError, MAX_INSN_LEN, XSAVE_AREA_SIZE};
+use crate::writeback::{element_mask, XsaveLayout};
+
+mod fetch;
+mod operand;
+mod vector;
+
+use fetch::fetch;
+use vector::{check_vector_enabled, is_masked_access};
+
+const PAGE_SIZE: u64 = 4096;
+/// Where staged operands start in the bounce buffer; the operand sits at
+/// this plus the guest address modulo 64, so alignment faults (#GP for
+/// movaps/vmovdqa/cmpxchg16b) happen natively.
+const BOUNCE_BASE: usize = 64;
+/// The largest memory operand an allowed instruction has (a ZMM register).
+const MAX_OPERAND: usize = 64;
+
+/// The result of [`Emulator::emulate`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The instruction completed: registers, memory, vector state and RIP
+    /// are updated.
+    Done { mnemonic: Mnemonic },
+    /// Inject this exception; nothing was changed (RIP still points at the
+    /// instruction).
+    Exception {
+        vector: u8,
+        error_code: Option<u32>,
+        cr2: Option<u64>,
+    },
+    /// The instruction is outside the allow-list (or cannot be staged);
+    /// `text` names it in Intel syntax and says why. Nothing was changed.
+    Unsupported { text: String },
+    /// A memory or vector-state access through the VMM failed.
+    Platform(PlatformError),
+}
+
+impl From<Exception> for Outcome {
+    fn from(e: Exception) -> Self {
+        Outcome::Exception {
+            vector: e.vector,
+            error_code: e.error_code,
+            cr2: e.cr2,
+        }
+    }
+}
+
+/// Why the emulation path stopped early.
+enum Stop {
+    Exception(Exception),
+    Unsupported(&'static str),
+    Platform(PlatformError),
+}
+
+impl From<Exception> for Stop {
+    fn from(e: Exception) -> Self {
+        Stop::Exception(e)
+    }
+}
+
+impl From<WalkError> for Stop {
+    fn from(e: WalkError) -> Self {
+        match e {
+            WalkError::Fault(x) => Stop::Exception(x),
+            WalkError::Platform(p) => Stop::Platform(p),
+        }
+    }
+}
+
+impl From<PlatformError> for Stop {
+    fn from(e: PlatformError) -> Self {
+        Stop::Platform(e)
+    }
+}
+
+/// Errors setting up an [`Emulator`].
+#[derive(Debug, thiserror::Error)]
+pub enum EmulError {
+    #[error("stub buffer: {0}")]
+    Stub(#[from] StubError),
+}
+
+/// The last instruction emulated, decoded, classified and re-encoded.
+/// Guests repeat instructions (a loop over MMIO); right after a VM exit the
+/// decoder's and encoder's code and tables are cold, so skipping them is
+/// most of the host-side cost. Keyed by RIP (RIP-relative operands depend on
+/// it), bitness and the instruction's bytes (self-modifying code misses).
+#[derive(Clone, Copy)]
+struct Decoded {
+    rip: u64,
+    bitness: u32,
+    bytes: [u8; MAX_INSN_LEN],
+    instr: Instruction,
+    class: Class,
+    used: Option<UsedMemory>,
+    /// The re-encoded instruction and the bounce offset it targets.
+    code: [u8; MAX_INSN_LEN],
+    code_len: usize,
+    code_for: Option<usize>,
+}
+
+impl Decoded {
+    fn matches(&self, rip: u64, bitness: u32, insn: &[u8]) -> bool {
+        let len = self.instr.len();
+        self.rip == rip && self.bitness == bitness && insn.get(..len) == self.bytes.get(..len)
+    }
+}
+
+/// One vCPU's instruction emulator. Not `Sync`; keep one per vCPU thread.
+pub struct Emulator {
+    stub: StubBuf,
+    info: InstructionInfoFactory,
+    reencoder: Reencoder,
+    layout: XsaveLayout,
+    last_mnemonic: Mnemonic,
+    cached: Option<Decoded>,
+}
+
+impl Emulator {
+    /// `its_on`: build ITS-safe stubs (see [`crate::stub::detect`]).
+    pub fn new(its_on: bool) -> Result<Self, EmulError> {
+        Ok(Emulator {
+            stub: StubBuf::new(its_on)?,
+            info: InstructionInfoFactory::new(),
+            reencoder: Reencoder::new(),
+            layout: XsaveLayout::from_host(),
+            last_mnemonic: Mnemonic::INVALID,
+            cached: None,
+        })
+    }
+
+    /// This emulator's stub buffer (for running the stub self-test on it).
+    pub fn stub_mut(&mut self) -> &mut StubBuf {
+        &mut self.stub
+    }
+
+    /// The mnemonic of the last decoded instruction (for per-mnemonic
+    /// statistics), `Mnemonic::INVALID` if decoding failed.
+    pub fn last_mnemonic(&self) -> Mnemonic {
+        self.last_mnemonic
+    }
+
+    /// Emulates the instruction at `cpu.rip`.
+    ///
+    /// `insn` holds the bytes the hypervisor reported (may be empty or cut
+    /// short: the rest is fetched from guest memory at CS:RIP through the
+    /// page tables). `vec` is asked for the guest's XSAVE image only when
+    /// the instruction touches x87/SSE/AVX state, and told when it changed.
+    /// On [`Outcome::Done`], `cpu.gprs` (GPRs, arithmetic flags) and
+    /// `cpu.rip` hold the new values; otherwise `cpu` is unchanged.
+    pub fn emulate(
+        &mut self,
+        cpu: &mut CpuState,
+        insn: &[u8],
+        vec: &mut dyn VectorState,
+        mem: &mut dyn Platform,
+    ) -> Outcome {
+        self.last_mnemonic = Mnemonic::INVALID;
+        let bitness = cpu.bitness();
+        let hit = self.cached.filter(|c| c.matches(cpu.rip, bitness, insn));
+        // Only instructions decoded from the reported bytes are cached: the
+        // key is those bytes.
+        let (instr, cacheable) = match hit {
+            Some(c) => (c.instr, true),
+            None => match self.decode(cpu, bitness, insn, mem) {
+                Ok(decoded) => decoded,
+                Err(stop) => return self.outcome(stop, None),
+            },
+        };
+        self.last_mnemonic = instr.mnemonic();
+        match self.execute(cpu, bitness, &instr, hit, cacheable, insn, vec, mem) {
+            Ok(()) => Outcome::Done {
+                mnemonic: instr.mnemonic(),
+            },
+            Err(stop) => self.outcome(stop, Some(&instr)),
+        }
+    }
+
+    fn outcome(&self, stop: Stop, instr: Option<&Instruction>) -> Outcome {
+        match stop {
+            Stop::Exception(e) => e.into(),
+            Stop::Platform(p) => Outcome::Platform(p),
+            Stop::Unsupported(why) => {
+                let mut text = String::new();
+                if let Some(i) = instr {
+                    IntelFormatter::new().format(i, &mut text);
+                    text.push_str(": ");
+                }
+                text.push_str(why);
+                Outcome::Unsupported { text }
+            }
+        }
+    }
+
+    /// Decodes from the reported bytes, or from guest memory when they are
+    /// absent or end inside the instruction; the flag says whether the
+    /// reported bytes were used.
+    fn decode(
+        &mut self,
+        cpu: &CpuState,
+        bitness: u32,
+        insn: &[u8],
+        mem: &mut dyn Platform,
+    ) -> Result<(Instruction, bool), Stop> {
+        let given = &insn[..insn.len().min(MAX_INSN_LEN)];
+        if !given.is_empty() {
+            let mut d = Decoder::with_ip(bitness, given, cpu.rip, DecoderOptions::NONE);
+            let i = d.decode();
+            if d.last_error() != DecoderError::NoMoreBytes {
+                return if i.is_invalid() {
+                    Err(Exception::ud().into())
+                } else {
+                    Ok((i, true))
+                };
+            }
+        }
+        let mut bytes = [0u8; MAX_INSN_LEN];
+        let (len, pending) = fetch(cpu, bitness, &mut bytes, mem)?;
+        let mut d = Decoder::with_ip(bitness, &bytes[..len], cpu.rip, DecoderOptions::NONE);
+        let i = d.decode();
+        match (d.last_error(), pending) {
+            (DecoderError::NoMoreBytes, Some(fault)) => Err(fault.into()),
+            _ if i.is_invalid() => Err(Exception::ud().into()),
+            _ => Ok((i, false)),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn execute(
+        &mut self,
+        cpu: &mut CpuState,
+        bitness: u32,
+        instr: &Instruction,
+        hit: Option<Decoded>,
+        cacheable: bool,
+        insn: &[u8],
+        vec: &mut dyn VectorState,
+        mem: &mut dyn Platform,
+    ) -> Result<(), Stop> {
+        let (class, used) = match hit {
+            Some(c) => (c.class, c.used),
+            None => (
+                classify(instr).map_err(Stop::Unsupported)?,
+                self.used_memory(instr)?,
+            ),
+        };
+        check_vector_enabled(cpu, instr, class)?;
+        // A masked access only touches its selected elements: the mask
+        // (from the vector state) decides which pages it may fault on.
+        let selected = match used {
+            Some(_) if class.vector && is_masked_access(instr) => {
+                element_mask(instr, vec.image()?, self.layout)
+            }
+            _ => None,
+        };
+        let operand = self.operand(cpu, bitness, instr, used, selected, mem)?;
+
+        // Stage the operand and build the instruction for the stub.
+        let bounce_off = operand.map_or(0, |o| BOUNCE_BASE + (o.lin & 63) as usize);
+        let target_off = operand.map(|_| bounce_off);
+        let mut code = [0u8; MAX_INSN_LEN];
+        let len = match hit.filter(|c| c.code_for == target_off && c.code_len > 0) {
+            Some(c) => {
+                code = c.code;
+                c.code_len
+            }
+            None => {
+                let target = target_off.map(|off| self.stub.bounce_exec_addr() + off as u64);
+                self.reencoder
+                    .encode(instr, self.stub.insn_exec_addr(), target, &mut code)
+                    .map_err(Stop::Unsupported)?
+            }
+        };
+        if cacheable {
+            let mut bytes = [0u8; MAX_INSN_LEN];
+            let n = instr.len().min(MAX_INSN_LEN);
+            bytes[..n].copy_from_slice(&insn[..n]);
+            self.cached = Some(Decoded {
+                rip: cpu.rip,
+                bitness,
+                bytes,
+                instr: *instr,
+                class,
+                used,
+                code,
+                code_len: len,
+                code_for: target_off,
+            });
+        }
+        if let Some(op) = operand {
+            let staged = &mut self.stub.bounce_mut()[bounce_off..bounce_off + op.size];
+            if op.reads {
+                let mut at = 0;
+                for (&(gpa, n), skip) in op.pieces.iter().zip(op.skip).filter(|p| p.0 .1 != 0) {
+                    if skip {
+                        staged[at..at + n].fill(0);
+                    } else {
+                        mem.read_phys(gpa, &mut staged[at..at + n])?;
+                    }
+                    at += n;
+                }
+            } else {
+                staged.fill(0);
+            }
+        }
+
+        let mut gprs = cpu.gprs;
+        // The stub loads RFLAGS.AC: keep it only where hardware would check
+        // alignment (CPL 3, CR0.AM, RFLAGS.AC), so a misaligned operand in
+        // the bounce buffer (same offset mod 64) raises #AC natively.
+        let alignment_check =
+            cpu.cpl == 3 && cpu.cr0 & CR0_AM != 0 && cpu.gprs.rflags & RFLAGS_AC != 0;
+        if !alignment_check {
+            gprs.rflags &= !RFLAGS_AC;
+        }
+        if class.vector {
+            let image = vec.image()?;
+            let n = image.len().min(XSAVE_AREA_SIZE);
+            let area = self.stub.guest_xsave_mut();
+            area[..n].copy_from_slice(&image[..n]);
+            area[n..].fill(0);
+            let ran = self.stub.run_with_vector(&code[..len], &mut gprs);
+            map_run(cpu, ran)?;
+            self.fix_x87_pointers(cpu, bitness, used, operand);
+            let after = &self.stub.guest_xsave()[..n];
+            let dirty = after != &image[..n];
+            if dirty {
+                image[..n].copy_from_slice(after);
+                vec.mark_dirty();
+            }
+        } else {
+            map_run(cpu, self.stub.run(&code[..len], &mut gprs))?;
+        }
+
+        if let Some(op) = operand.filter(|o| o.writes) {
+            self.write_back(instr, &op, bounce_off, mem)?;
+        }
+        gprs.rflags = (gprs.rflags & !RFLAGS_AC) | (cpu.gprs.rflags & RFLAGS_AC);
+        cpu.gprs = gprs;
+        let next = cpu.rip.wrapping_add(instr.len() as u64);
+        cpu.rip = match bitness {
+            64 => next,
+            32 => next & 0xffff_ffff,
+            _ => next & 0xffff,
+        };
+        Ok(())
+    }
+}
+
+/// Turns a stub result into the guest's view.
+fn map_run(cpu: &CpuState, ran: Result<(), StubRunError>) -> Result<(), Stop> {
+    let fault = match ran {
+        Ok(()) => return Ok(()),
+        Err(StubRunError::Build(_)) => return Err(Stop::Unsupported("stub could not be built")),
+        Err(StubRunError::Fault(f)) => f,
+    };
+    let exc = match fault.vector {
+        // Operands were translated beforehand; a #PF would be ours.
+        VEC_PF => return Err(Stop::Unsupported("unexpected #PF in the stub")),
+        // The host's error code describes host selectors: the guest sees 0.
+        VEC_GP | VEC_SS | VEC_AC => Exception::new(fault.vector, Some(0)),
+        VEC_XM if cpu.cr4 & CR4_OSXMMEXCPT == 0 => Exception::ud(),
+        v @ (0 | 6 | 7 | 16 | 19) => Exception::new(v, None),
+        _ => return Err(Stop::Unsupported("unexpected exception in the stub")),
+    };
+    Err(exc.into())
+}

@@ -1,0 +1,182 @@
+//! The explicit memory operand: which bytes it covers, their translation
+//! page by page (skipping pages that hold no mask-selected element), and
+//! the write-back of exactly the bytes the instruction stored.
+
+use iced_x86::{Instruction, Mnemonic, OpAccess, Register, UsedMemory};
+
+use super::{Emulator, Stop, MAX_OPERAND, PAGE_SIZE};
+use crate::address::linear_address;
+use crate::cpu::CpuState;
+use crate::paging::{translate, Access};
+use crate::platform::Platform;
+use crate::writeback::{masked_store, ElementMask};
+
+/// The memory operand of the instruction being emulated, once translated.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Operand {
+    pub(super) lin: u64,
+    pub(super) size: usize,
+    /// Guest-physical address and length of each page piece.
+    pub(super) pieces: [(u64, usize); 2],
+    pub(super) reads: bool,
+    pub(super) writes: bool,
+    /// Only some elements are written (masked store).
+    pub(super) masked: bool,
+    /// Page pieces holding no mask-selected element: never translated nor
+    /// accessed (AVX-512 and VMASKMOV suppress faults on masked-out
+    /// elements).
+    pub(super) skip: [bool; 2],
+}
+
+impl Emulator {
+    /// The instruction's one memory access, if any.
+    pub(super) fn used_memory(&mut self, instr: &Instruction) -> Result<Option<UsedMemory>, Stop> {
+        let info = self.info.info(instr);
+        match info.used_memory() {
+            [] => Ok(None),
+            [one] => Ok(Some(*one)),
+            _ => Err(Stop::Unsupported("several memory accesses")),
+        }
+    }
+
+    /// Finds, checks and translates the memory operand (before anything
+    /// runs, so a fault has no side effect).
+    pub(super) fn operand(
+        &mut self,
+        cpu: &CpuState,
+        bitness: u32,
+        instr: &Instruction,
+        used: Option<UsedMemory>,
+        selected: Option<ElementMask>,
+        mem: &mut dyn Platform,
+    ) -> Result<Option<Operand>, Stop> {
+        let Some(used) = used else {
+            return Ok(None);
+        };
+        let (reads, writes, masked) = match used.access() {
+            OpAccess::Read | OpAccess::CondRead => (true, false, false),
+            OpAccess::Write => (false, true, false),
+            OpAccess::CondWrite => (false, true, true),
+            OpAccess::ReadWrite | OpAccess::ReadCondWrite => (true, true, false),
+            _ => return Err(Stop::Unsupported("memory operand without access")),
+        };
+        // iced reports the VEX masked stores' memory operand as a plain
+        // write; only the mask-selected elements may reach memory.
+        let masked = masked
+            || (writes
+                && matches!(
+                    instr.mnemonic(),
+                    Mnemonic::Vmaskmovps
+                        | Mnemonic::Vmaskmovpd
+                        | Mnemonic::Vpmaskmovd
+                        | Mnemonic::Vpmaskmovq
+                ));
+        if masked
+            && instr.op_mask() == Register::None
+            && !matches!(
+                instr.mnemonic(),
+                Mnemonic::Vmaskmovps
+                    | Mnemonic::Vmaskmovpd
+                    | Mnemonic::Vpmaskmovd
+                    | Mnemonic::Vpmaskmovq
+            )
+        {
+            return Err(Stop::Unsupported("conditional store of unknown kind"));
+        }
+        let size = used.memory_size().size();
+        if size == 0 || size > MAX_OPERAND {
+            return Err(Stop::Unsupported("memory operand size"));
+        }
+        let lin = linear_address(cpu, bitness, &used, size as u64, writes)?;
+        let access = Access {
+            write: writes,
+            fetch: false,
+            user: cpu.cpl == 3,
+        };
+        let first = size.min((PAGE_SIZE - (lin & (PAGE_SIZE - 1))) as usize);
+        let mut pieces = [(0u64, 0usize); 2];
+        let mut skip = [false; 2];
+        // Only pages holding a selected element are walked: a masked-out
+        // element on an unmapped page does not fault, as on hardware.
+        let wanted = |from: usize, to: usize| selected.is_none_or(|m| m.selects_any(from, to));
+        if wanted(0, first) {
+            pieces[0] = (translate(cpu, lin, access, mem)?, first);
+        } else {
+            pieces[0] = (0, first);
+            skip[0] = true;
+        }
+        if first < size {
+            let mut next = lin.wrapping_add(first as u64);
+            if bitness != 64 {
+                next &= 0xffff_ffff;
+            }
+            if wanted(first, size) {
+                pieces[1] = (translate(cpu, next, access, mem)?, size - first);
+            } else {
+                pieces[1] = (0, size - first);
+                skip[1] = true;
+            }
+        }
+        Ok(Some(Operand {
+            lin,
+            size,
+            pieces,
+            reads,
+            writes,
+            masked,
+            skip,
+        }))
+    }
+
+    /// Writes the bytes the instruction stored back to guest memory.
+    pub(super) fn write_back(
+        &mut self,
+        instr: &Instruction,
+        op: &Operand,
+        bounce_off: usize,
+        mem: &mut dyn Platform,
+    ) -> Result<(), Stop> {
+        let mut bytes = [0u8; MAX_OPERAND];
+        bytes[..op.size].copy_from_slice(&self.stub.bounce()[bounce_off..bounce_off + op.size]);
+        if !op.masked {
+            return write_range(op, &bytes, 0, op.size, mem);
+        }
+        let mask = masked_store(instr, self.stub.guest_xsave(), self.layout)
+            .ok_or(Stop::Unsupported("masked store without mask"))?;
+        let es = mask.element_size;
+        let count = op.size / es;
+        // Merge runs of selected elements into one write each.
+        let mut i = 0;
+        while i < count {
+            if mask.bits >> i & 1 == 0 {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < count && mask.bits >> i & 1 != 0 {
+                i += 1;
+            }
+            write_range(op, &bytes, start * es, i * es, mem)?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes operand bytes `from..to` to the pieces they fall in.
+fn write_range(
+    op: &Operand,
+    bytes: &[u8],
+    from: usize,
+    to: usize,
+    mem: &mut dyn Platform,
+) -> Result<(), Stop> {
+    let mut piece_start = 0;
+    for (&(gpa, n), skip) in op.pieces.iter().zip(op.skip) {
+        let (lo, hi) = (from.max(piece_start), to.min(piece_start + n));
+        if lo < hi && !skip {
+            mem.write_phys(gpa + (lo - piece_start) as u64, &bytes[lo..hi])?;
+        }
+        piece_start += n;
+    }
+    Ok(())
+}
