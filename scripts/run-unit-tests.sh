@@ -139,21 +139,22 @@ while IFS= read -r rec; do
         continue
     fi
 
-    opts=(--testdev --cpus "$smp" --mem 256M)
+    mem=256M cpu=()
+    opts=()
     ignored=
     set -- $params
     while [ $# -gt 0 ]; do
         case $1 in
         -cpu)
             case ${2%%,*} in
-            max|host) opts+=(--cpu host) ;;
+            max|host) cpu=(--cpu host) ;;
             esac
             [ "${2#*,}" != "$2" ] && ignored+=" -cpu ${2}"
             shift 2 ;;
         -m)
-            m=$2
-            case $m in *[0-9]) m=${m}M ;; esac
-            opts+=(--mem "${m^^}")
+            mem=$2
+            case $mem in *[0-9]) mem=${mem}M ;; esac
+            mem=${mem^^}
             shift 2 ;;
         -machine)
             case $2 in
@@ -164,6 +165,7 @@ while IFS= read -r rec; do
         *) ignored+=" $1"; shift ;;
         esac
     done
+    opts=(--testdev --cpus "$smp" --mem "$mem" "${cpu[@]}" "${opts[@]}")
 
     start=$(date +%s.%N)
     {

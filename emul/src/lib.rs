@@ -26,6 +26,7 @@ pub mod paging;
 pub mod platform;
 pub mod reencode;
 pub mod stub;
+pub mod system;
 pub mod writeback;
 
 #[cfg(test)]

@@ -223,6 +223,7 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
             cfg.stats,
         )
         .map_err(VmError::Stub)?;
+        emulator.set_system_features(cpuid::system_features(&cpuid));
         // Xen-style: prove this vCPU's stub buffer turns faults into
         // exceptions before trusting it with a guest.
         let t = std::time::Instant::now();

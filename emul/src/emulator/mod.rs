@@ -48,6 +48,12 @@ pub enum Outcome {
     Unsupported { text: String },
     /// A memory or vector-state access through the VMM failed.
     Platform(PlatformError),
+    /// INT n, INT3 or a taken INTO ([`crate::system`]): GPRs and RIP are
+    /// updated (RIP is the return address, past the instruction); the VMM
+    /// delivers `vector` through the guest's IDT.
+    SoftwareInterrupt { vector: u8 },
+    /// INVPCID completed (RIP updated); the VMM must flush the guest's TLB.
+    FlushTlb { mnemonic: Mnemonic },
 }
 
 impl From<Exception> for Outcome {
@@ -129,6 +135,7 @@ pub struct Emulator {
     layout: XsaveLayout,
     last_mnemonic: Mnemonic,
     cached: Option<Decoded>,
+    system: crate::system::SystemFeatures,
 }
 
 impl Emulator {
@@ -141,7 +148,14 @@ impl Emulator {
             layout: XsaveLayout::from_host(),
             last_mnemonic: Mnemonic::INVALID,
             cached: None,
+            system: Default::default(),
         })
+    }
+
+    /// What the guest's CPUID offers of the system instructions
+    /// [`crate::system`] completes (default: none, so they raise #UD).
+    pub fn set_system_features(&mut self, f: crate::system::SystemFeatures) {
+        self.system = f;
     }
 
     /// This emulator's stub buffer (for running the stub self-test on it).
@@ -183,6 +197,9 @@ impl Emulator {
             },
         };
         self.last_mnemonic = instr.mnemonic();
+        if let Some(out) = crate::system::emulate(&self.system, cpu, &instr, vec, mem) {
+            return out;
+        }
         match self.execute(cpu, bitness, &instr, hit, cacheable, insn, vec, mem) {
             Ok(()) => Outcome::Done {
                 mnemonic: instr.mnemonic(),

@@ -84,6 +84,18 @@ pub fn xcr0_for(cpuid: &CpuId) -> u64 {
 
 /// The guest's physical-address width (MAXPHYADDR) from leaf 0x80000008;
 /// 36 (the architectural default without that leaf) when it is absent.
+/// What the guest's CPUID offers of the system instructions the emulator
+/// completes (CLAC/STAC, INVPCID, RDPRU, XGETBV with ECX = 1).
+pub fn system_features(cpuid: &CpuId) -> emul::system::SystemFeatures {
+    emul::system::SystemFeatures::from_cpuid(|leaf, sub| {
+        cpuid
+            .as_slice()
+            .iter()
+            .find(|e| e.function == leaf && (e.index == sub || e.flags & 1 == 0))
+            .map(|e| [e.eax, e.ebx, e.ecx, e.edx])
+    })
+}
+
 pub fn max_phys_bits(cpuid: &CpuId) -> u8 {
     cpuid
         .as_slice()

@@ -261,6 +261,28 @@ impl Vcpu {
         None
     }
 
+    /// Flushes the guest's TLB (all PCIDs, global pages included). KVM has
+    /// no ioctl for it; KVM_SET_SREGS resets the MMU context (unloading
+    /// the shadow or TDP roots and flushing the current context on reload)
+    /// whenever CR4 changes, so CR4.PGE is toggled and restored, as a guest
+    /// kernel flushes global pages.
+    #[cold]
+    fn flush_guest_tlb(&mut self) -> Option<VmEnd> {
+        const CR4_PGE: u64 = 1 << 7;
+        let result = self.fd.get_sregs().and_then(|sregs| {
+            let mut toggled = sregs;
+            toggled.cr4 ^= CR4_PGE;
+            self.fd.set_sregs(&toggled)?;
+            self.fd.set_sregs(&sregs)
+        });
+        result.err().map(|e| {
+            VmEnd::new(
+                status::KVM_FAILURE,
+                format!("vcpu {}: TLB flush through KVM_SET_SREGS failed: {e}", self.id),
+            )
+        })
+    }
+
     fn halt(&mut self) -> Option<VmEnd> {
         let regs = *self.regs();
         let msg = if regs.rflags & RFLAGS_IF == 0 {
@@ -308,6 +330,28 @@ impl Vcpu {
                 }
                 self.fd.set_sync_dirty_reg(SyncReg::VcpuEvents);
                 None
+            }
+            Completion::Interrupt { vector } => {
+                // Delivered as an injected interrupt, not an exception:
+                // KVM's exception fields take vectors below 32 only and
+                // model faults (return address at the instruction), while
+                // an injected interrupt pushes the RIP set here, past the
+                // INT. Injection skips the IF check, as INT n does.
+                let s = self.fd.sync_regs_mut();
+                s.regs = sync.regs;
+                let irq = &mut s.events.interrupt;
+                irq.injected = 1;
+                irq.nr = vector;
+                irq.soft = 0;
+                irq.shadow = 0;
+                self.fd.set_sync_dirty_reg(SyncReg::Register);
+                self.fd.set_sync_dirty_reg(SyncReg::VcpuEvents);
+                None
+            }
+            Completion::FlushTlb => {
+                self.fd.sync_regs_mut().regs = sync.regs;
+                self.fd.set_sync_dirty_reg(SyncReg::Register);
+                self.flush_guest_tlb()
             }
             Completion::Stop(msg) => Some(VmEnd::new(status::UNSUPPORTED_INSTRUCTION, msg)),
             Completion::DeviceStop(BusAction::Stop { status, reason }) => Some(VmEnd::new(
