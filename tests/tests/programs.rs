@@ -36,6 +36,7 @@ const TESTED_ELSEWHERE: &[&str] = &[
     "emul-page-fault",
     "cpuid-leaves",
     "masked-fault-suppression",
+    "system-cpl0",
 ];
 
 program_tests! {

@@ -223,7 +223,9 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
             cfg.stats,
         )
         .map_err(VmError::Stub)?;
-        emulator.set_system_features(cpuid::system_features(&cpuid));
+        let features = cpuid::system_features(&cpuid);
+        log::debug!("vcpu {id}: system instructions per CPUID: {features:?}");
+        emulator.set_system_features(features);
         // Xen-style: prove this vCPU's stub buffer turns faults into
         // exceptions before trusting it with a guest.
         let t = std::time::Instant::now();

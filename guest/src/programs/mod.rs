@@ -7,6 +7,7 @@ mod masked;
 mod mmio;
 mod pio;
 mod regonly;
+pub mod system;
 pub mod testdev;
 mod user;
 
@@ -44,6 +45,7 @@ const CATALOGUE: &[(&str, Builder)] = &[
     ("masked-fault-suppression", masked::masked_fault_suppression),
     ("unsupported-insn", emulation::unsupported_insn),
     ("emul-page-fault", emulation::emul_page_fault),
+    ("system-cpl0", system::system_cpl0),
     ("multiboot-info", testdev::multiboot_info),
     ("testdev-ports", testdev::testdev_ports),
     ("testdev-irq", testdev::testdev_irq),
