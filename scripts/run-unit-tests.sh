@@ -15,8 +15,8 @@
 #   test_args      appended to the command line (--cmdline "NAME ARGS")
 #   timeout        per-test limit (run_tests.sh's default: 90 s)
 #   qemu_params    -cpu max/host -> --cpu host (other models: --cpu kvm);
-#                  -m SIZE -> --mem; -machine vmport=on -> --device vmport;
-#                  anything else is ignored (listed in the log)
+#                  -m SIZE -> --mem; anything else (CPU flags, -machine,
+#                  -device) is not applied and listed in the test's log
 #   arch = i386    SKIP (an x86_64 build has no such binary)
 #   check = F=V    SKIP unless every file F holds V (as run_tests.sh does)
 #   groups nodefault  SKIP unless -n (as run_tests.sh does)
@@ -157,10 +157,7 @@ while IFS= read -r rec; do
             mem=${mem^^}
             shift 2 ;;
         -machine)
-            case $2 in
-            vmport=on) opts+=(--device vmport) ;;
-            *) ignored+=" -machine $2" ;;
-            esac
+            ignored+=" -machine $2"
             shift 2 ;;
         *) ignored+=" $1"; shift ;;
         esac

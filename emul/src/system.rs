@@ -48,7 +48,8 @@ impl SystemFeatures {
     /// From the guest's CPUID: `leaf(eax, ecx)` returns (eax, ebx, ecx,
     /// edx) of that leaf, or `None` when the guest has no such leaf.
     pub fn from_cpuid(leaf: impl Fn(u32, u32) -> Option<[u32; 4]>) -> Self {
-        let bit = |r: Option<[u32; 4]>, reg: usize, b: u32| r.is_some_and(|r| r[reg] & (1 << b) != 0);
+        let bit =
+            |r: Option<[u32; 4]>, reg: usize, b: u32| r.is_some_and(|r| r[reg] & (1 << b) != 0);
         let l7 = leaf(7, 0);
         SystemFeatures {
             smap: bit(l7, 1, 20),
@@ -553,7 +554,13 @@ mod tests {
         cpu.cpl = 3;
         assert_eq!(run(all(), &mut cpu, &invpcid, &mut v, &mut ram), gp);
         assert_eq!(
-            run(SystemFeatures::default(), &mut cpu, &invpcid, &mut v, &mut ram),
+            run(
+                SystemFeatures::default(),
+                &mut cpu,
+                &invpcid,
+                &mut v,
+                &mut ram
+            ),
             Some(Exception::ud().into())
         );
     }

@@ -294,7 +294,10 @@ fn random_instructions_registers_and_page_tables() {
             Outcome::SoftwareInterrupt { .. } | Outcome::FlushTlb { .. } => {
                 done += 1;
                 assert_eq!(
-                    CpuState { rip: before.rip, ..cpu },
+                    CpuState {
+                        rip: before.rip,
+                        ..cpu
+                    },
                     before,
                     "case {case}: a software interrupt or INVPCID changed registers"
                 );

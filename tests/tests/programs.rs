@@ -37,6 +37,7 @@ const TESTED_ELSEWHERE: &[&str] = &[
     "cpuid-leaves",
     "masked-fault-suppression",
     "system-cpl0",
+    "bios-state",
 ];
 
 program_tests! {

@@ -160,9 +160,7 @@ pub fn ivt() -> [u8; 1024] {
     for (vector, entry) in t.chunks_exact_mut(4).enumerate() {
         let offset = match vector as u8 {
             v if v == MASTER_VECTOR_BASE => TIMER_HANDLER,
-            v if (MASTER_VECTOR_BASE + 1..MASTER_VECTOR_BASE + 8).contains(&v) => {
-                MASTER_HANDLER
-            }
+            v if (MASTER_VECTOR_BASE + 1..MASTER_VECTOR_BASE + 8).contains(&v) => MASTER_HANDLER,
             v if (SLAVE_VECTOR_BASE..SLAVE_VECTOR_BASE + 8).contains(&v) => SLAVE_HANDLER,
             _ => DEFAULT_HANDLER,
         };

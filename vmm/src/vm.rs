@@ -604,9 +604,10 @@ fn build_buses(
                 use crate::devices::acpi_pm1::*;
                 let sleep = Arc::new(SleepRequest::new());
                 let pm1 = Arc::new(Mutex::new(Pm1::new(sleep.clone())));
-                for (port, len, first_reg) in
-                    [(PM1_EVT_PORT, PM1_EVT_LEN, 0), (PM1_CNT_PORT, PM1_CNT_LEN, 4)]
-                {
+                for (port, len, first_reg) in [
+                    (PM1_EVT_PORT, PM1_EVT_LEN, 0),
+                    (PM1_CNT_PORT, PM1_CNT_LEN, 4),
+                ] {
                     let dev = Pm1Port {
                         pm1: pm1.clone(),
                         first_reg,

@@ -2,6 +2,7 @@
 
 mod basic;
 pub mod bench;
+mod bios;
 pub mod emulation;
 mod masked;
 mod mmio;
@@ -46,6 +47,7 @@ const CATALOGUE: &[(&str, Builder)] = &[
     ("unsupported-insn", emulation::unsupported_insn),
     ("emul-page-fault", emulation::emul_page_fault),
     ("system-cpl0", system::system_cpl0),
+    ("bios-state", bios::bios_state),
     ("multiboot-info", testdev::multiboot_info),
     ("testdev-ports", testdev::testdev_ports),
     ("testdev-irq", testdev::testdev_irq),

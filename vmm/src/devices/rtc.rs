@@ -320,8 +320,8 @@ impl Rtc {
             c |= REG_C_AF;
         }
         let b = self.cmos[REG_B];
-        let raised = (c & REG_C_UF != 0 && b & REG_B_UIE != 0)
-            || (c & REG_C_AF != 0 && b & REG_B_AIE != 0);
+        let raised =
+            (c & REG_C_UF != 0 && b & REG_B_UIE != 0) || (c & REG_C_AF != 0 && b & REG_B_AIE != 0);
         if raised {
             c |= REG_C_IRQF;
         }
@@ -394,8 +394,8 @@ impl Rtc {
             | REG_MONTH | REG_YEAR | REG_CENTURY => self.read_time_reg(reg),
             REG_A => {
                 let frac = self.now_ns().rem_euclid(1_000_000_000) as u64;
-                let uip = self.frozen.is_none()
-                    && frac >= 1_000_000_000 - UIP_LEAD.as_nanos() as u64;
+                let uip =
+                    self.frozen.is_none() && frac >= 1_000_000_000 - UIP_LEAD.as_nanos() as u64;
                 (self.cmos[REG_A] & !REG_A_UIP) | if uip { REG_A_UIP } else { 0 }
             }
             REG_C => self.read_c(),
@@ -619,7 +619,10 @@ mod tests {
         assert_eq!(w(&mut rtc, 0x17), 0xffff, "capped");
         assert_eq!(w(&mut rtc, 0x30), 0xffff);
         // 3 GiB of low RAM: (3 GiB - 16 MiB) / 64 KiB.
-        assert_eq!(u64::from(w(&mut rtc, 0x34)), ((3u64 << 30) - (16 << 20)) >> 16);
+        assert_eq!(
+            u64::from(w(&mut rtc, 0x34)),
+            ((3u64 << 30) - (16 << 20)) >> 16
+        );
         let above4g = u32::from_le_bytes([rtc.read(0x5b), rtc.read(0x5c), rtc.read(0x5d), 0]);
         assert_eq!(u64::from(above4g), (2u64 << 30) >> 16);
         assert_eq!(rtc.read(0x5f), 3);

@@ -204,7 +204,10 @@ impl Vcpu {
                 format!("vcpu {id}: entered S3 with no wake-up event (RTC alarm) enabled"),
             ));
         };
-        log::info!("vcpu {id}: S3 until the RTC alarm in {} ms", wait.as_millis());
+        log::info!(
+            "vcpu {id}: S3 until the RTC alarm in {} ms",
+            wait.as_millis()
+        );
         let until = Instant::now() + wait;
         loop {
             if shared.stopping() {
@@ -278,7 +281,10 @@ impl Vcpu {
         result.err().map(|e| {
             VmEnd::new(
                 status::KVM_FAILURE,
-                format!("vcpu {}: TLB flush through KVM_SET_SREGS failed: {e}", self.id),
+                format!(
+                    "vcpu {}: TLB flush through KVM_SET_SREGS failed: {e}",
+                    self.id
+                ),
             )
         })
     }
