@@ -58,6 +58,7 @@ program_tests! {
     testdev_irq => "testdev-irq",
     smp_2 => "smp-2",
     smp_4 => "smp-4",
+    acpi_s3 => "acpi-s3",
 }
 
 #[test]

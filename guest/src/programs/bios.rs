@@ -65,3 +65,65 @@ pub fn bios_state() -> Result<Program, IcedError> {
     )
     .with_args(vec!["--device", "pc-testdev"]))
 }
+
+/// Where the resume code of `acpi-s3` goes (the FACS waking vector).
+const RESUME_ADDR: u64 = 0x1000;
+/// The VMM's FACS (ACPI_AREA + 0x40) and its firmware waking vector field.
+const FACS_WAKING_VECTOR: u64 = 0xe_0040 + 12;
+
+/// Enters ACPI S3 with the RTC alarm as wake-up event, the way
+/// kvm-unit-tests' `s3` does; the real-mode code at the waking vector
+/// reports PM1 status (WAK_STS | RTC_STS = 0x8400) and exits with the pass
+/// code. Without a resume it exits with the failure code.
+pub fn acpi_s3() -> Result<Program, IcedError> {
+    let resume = assemble(Mode::Real, RESUME_ADDR, |a| {
+        a.xor(eax, eax)?;
+        a.mov(dx, 0x600u32)?;
+        a.in_(ax, dx)?;
+        report_eax(a)?;
+        print(a, "resumed from S3\n")?;
+        exit(a, EXIT_PASS)
+    })?;
+    let image = assemble(Mode::Long, super::LOAD_ADDR, |a| {
+        let mut code = a.create_label();
+        a.lea(rsi, ptr(code))?;
+        a.mov(edi, RESUME_ADDR as u32)?;
+        a.mov(ecx, resume.len() as u32)?;
+        a.rep().movsb()?;
+        a.mov(eax, RESUME_ADDR as u32)?;
+        a.mov(dword_ptr(FACS_WAKING_VECTOR), eax)?;
+        // PM1 enable: RTC_EN.
+        a.mov(dx, 0x602u32)?;
+        a.mov(ax, 0x400u32)?;
+        a.out(dx, ax)?;
+        // RTC alarm on every second, alarm interrupt enabled.
+        for reg in [1u32, 3, 5] {
+            a.mov(al, reg)?;
+            a.out(0x70, al)?;
+            a.mov(al, 0xc0u32)?;
+            a.out(0x71, al)?;
+        }
+        a.mov(al, 0x0bu32)?;
+        a.out(0x70, al)?;
+        a.in_(al, 0x71)?;
+        a.or(al, 0x20)?;
+        a.out(0x71, al)?;
+        // SLP_TYP 1 (S3) | SLP_EN.
+        a.mov(dx, 0x604u32)?;
+        a.mov(ax, 0x2400u32)?;
+        a.out(dx, ax)?;
+        print(a, "S3 did not happen\n")?;
+        exit(a, crate::rt::EXIT_CHECK_FAILED)?;
+        a.set_label(&mut code)?;
+        a.db(&resume)
+    })?;
+    Ok(Program::new(
+        "acpi-s3",
+        "ACPI S3 woken by the RTC alarm, resumed in real mode at the FACS waking vector (--device acpi-pm)",
+        Mode::Long,
+        super::LOAD_ADDR,
+        image,
+        expect(status_of(EXIT_PASS), "resumed from S3", Some(vec![0x8400])),
+    )
+    .with_args(vec!["--device", "acpi-pm"]))
+}

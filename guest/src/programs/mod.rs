@@ -48,6 +48,7 @@ const CATALOGUE: &[(&str, Builder)] = &[
     ("emul-page-fault", emulation::emul_page_fault),
     ("system-cpl0", system::system_cpl0),
     ("bios-state", bios::bios_state),
+    ("acpi-s3", bios::acpi_s3),
     ("multiboot-info", testdev::multiboot_info),
     ("testdev-ports", testdev::testdev_ports),
     ("testdev-irq", testdev::testdev_irq),
