@@ -34,13 +34,13 @@ const XSTATE_BV_OFFSET: usize = 512;
 /// default: they then raise #UD, as on a CPU without them).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SystemFeatures {
-    /// CPUID.(7,0):EBX[20]: CLAC/STAC.
+    /// `CPUID.(7,0):EBX[20]`: CLAC/STAC.
     pub smap: bool,
-    /// CPUID.(7,0):EBX[10].
+    /// `CPUID.(7,0):EBX[10]`.
     pub invpcid: bool,
-    /// CPUID.8000_0008h:EBX[4].
+    /// `CPUID.8000_0008h:EBX[4]`.
     pub rdpru: bool,
-    /// CPUID.(0Dh,1):EAX[2]: XGETBV with ECX = 1 (XINUSE).
+    /// `CPUID.(0Dh,1):EAX[2]`: XGETBV with ECX = 1 (XINUSE).
     pub xgetbv1: bool,
 }
 

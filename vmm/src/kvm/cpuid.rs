@@ -90,7 +90,7 @@ pub fn xcr0_for(cpuid: &CpuId) -> u64 {
 ///
 /// On PVM hosts that is not the CPUID the VMM set: measured on the AMD
 /// development host, a CPL 0 guest's CPUID returned the host's own leaves
-/// with PCID (leaf 1 ECX[17]) and INVPCID (leaf 7 EBX[10]) cleared (leaf 7
+/// with PCID (leaf 1 `ECX[17]`) and INVPCID (leaf 7 `EBX[10]`) cleared (leaf 7
 /// EBX 0x219c03ab against the host's 0x219c07ab and KVM_SET_CPUID2's
 /// 0x01800002). There the host's leaves, minus INVPCID, decide.
 pub fn system_features(cpuid: &CpuId) -> emul::system::SystemFeatures {
