@@ -71,11 +71,25 @@ pub fn linear_address(
         .wrapping_add(reg(mem.index()).wrapping_mul(u64::from(mem.scale())))
         .wrapping_add(mem.displacement())
         & addr_mask;
-    let is_ss = mem.segment() == Register::SS;
+    linear_from_effective(cpu, bitness, mem.segment(), ea, size, write)
+}
+
+/// The linear address of effective address `ea` (already wrapped to the
+/// address size) in `segment`, for an access of `size` bytes, with the
+/// canonical or segment checks of [`linear_address`].
+pub fn linear_from_effective(
+    cpu: &CpuState,
+    bitness: u32,
+    segment: Register,
+    ea: u64,
+    size: u64,
+    write: bool,
+) -> Result<u64, Exception> {
+    let is_ss = segment == Register::SS;
     let last = size.saturating_sub(1);
 
     if bitness == 64 {
-        let base = match mem.segment() {
+        let base = match segment {
             Register::FS => cpu.fs.base,
             Register::GS => cpu.gs.base,
             _ => 0,
@@ -87,7 +101,7 @@ pub fn linear_address(
         return Ok(lin);
     }
 
-    let seg = segment_of(cpu, mem.segment()).ok_or(Exception::gp0())?;
+    let seg = segment_of(cpu, segment).ok_or(Exception::gp0())?;
     let protected = cpu.cr0 & CR0_PE != 0;
     if protected {
         if seg.unusable || !seg.present {

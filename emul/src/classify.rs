@@ -19,6 +19,76 @@ pub struct Class {
     pub x87_mmx: bool,
     /// Has a VEX/EVEX/XOP encoding (needs CR4.OSXSAVE).
     pub vex: bool,
+    /// How the emulator completes it.
+    pub kind: Kind,
+}
+
+/// The instruction families the emulator completes in different ways.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// One instruction run in the stub with its operand (at most 64
+    /// bytes) staged in the bounce buffer.
+    Plain,
+    /// CLFLUSH, CLFLUSHOPT, CLWB: the address is checked and translated,
+    /// nothing is read or written.
+    CacheLine,
+    /// PREFETCHh, PREFETCHW(T1), PREFETCH, CLDEMOTE: hints that never
+    /// fault.
+    CacheHint,
+    /// FXSAVE/FXRSTOR, the XSAVE family and the x87 environment
+    /// instructions: operands of 14 bytes to a few KiB whose extent depends
+    /// on state.
+    WholeState,
+    /// Gathers and scatters: one access per mask-selected element.
+    Vsib,
+    /// MASKMOVQ, (V)MASKMOVDQU: byte-masked stores through DS:rDI.
+    MaskedImplicit,
+}
+
+/// The whole-state family (XSAVES/XRSTORS are privileged and refused
+/// before this is asked).
+fn whole_state(mnemonic: Mnemonic) -> Option<Class> {
+    let x87_env = matches!(
+        mnemonic,
+        M::Fnstenv | M::Fstenv | M::Fldenv | M::Fnsave | M::Fsave | M::Frstor
+    );
+    let other = matches!(
+        mnemonic,
+        M::Fxsave
+            | M::Fxsave64
+            | M::Fxrstor
+            | M::Fxrstor64
+            | M::Xsave
+            | M::Xsave64
+            | M::Xsaveopt
+            | M::Xsaveopt64
+            | M::Xsavec
+            | M::Xsavec64
+            | M::Xrstor
+            | M::Xrstor64
+    );
+    (x87_env || other).then_some(Class {
+        vector: true,
+        x87_mmx: x87_env,
+        vex: false,
+        kind: Kind::WholeState,
+    })
+}
+
+/// The cache-control family, allowed whatever the feature lists say.
+fn cache_kind(mnemonic: Mnemonic) -> Option<Kind> {
+    match mnemonic {
+        M::Clflush | M::Clflushopt | M::Clwb => Some(Kind::CacheLine),
+        M::Prefetchnta
+        | M::Prefetcht0
+        | M::Prefetcht1
+        | M::Prefetcht2
+        | M::Prefetchw
+        | M::Prefetchwt1
+        | M::Prefetch
+        | M::Cldemote => Some(Kind::CacheHint),
+        _ => None,
+    }
 }
 
 /// Why an instruction is refused.
@@ -86,6 +156,8 @@ const INTEGER: &[Mnemonic] = &[
     M::Shrx,
     M::Adcx,
     M::Adox,
+    // A plain 4- or 8-byte store (direct store only concerns caching).
+    M::Movdiri,
     M::Crc32,
     M::Popcnt,
     M::Lzcnt,
@@ -138,19 +210,9 @@ const INTEGER: &[Mnemonic] = &[
     M::Wait,
 ];
 
-/// x87 instructions that are refused: they load or store the environment
-/// (FPU pointers, tag word) in a layout the re-encoding does not model.
+/// x87 instructions that are refused: the 287's protected-mode and
+/// 8087 interrupt controls, which a 64-bit stub cannot model.
 const X87_DENIED: &[Mnemonic] = &[
-    M::Fsave,
-    M::Fnsave,
-    M::Frstor,
-    M::Fldenv,
-    M::Fstenv,
-    M::Fnstenv,
-    M::Fxsave,
-    M::Fxsave64,
-    M::Fxrstor,
-    M::Fxrstor64,
     M::Fsetpm,
     M::Fnsetpm,
     M::Frstpm,
@@ -160,9 +222,9 @@ const X87_DENIED: &[Mnemonic] = &[
     M::Fndisi,
 ];
 
-/// SIMD instructions refused despite an allowed feature: implicit memory
-/// (RDI), cache control, or state management.
-const SIMD_DENIED: &[Mnemonic] = &[M::Maskmovq, M::Maskmovdqu, M::Vmaskmovdqu, M::Xgetbv];
+/// SIMD instructions refused despite an allowed feature: state management
+/// the system family handles.
+const SIMD_DENIED: &[Mnemonic] = &[M::Xgetbv];
 
 fn feature_family(f: CpuidFeature) -> Option<Family> {
     use CpuidFeature as F;
@@ -182,6 +244,7 @@ fn feature_family(f: CpuidFeature) -> Option<Family> {
         | F::BMI1
         | F::BMI2
         | F::ADX
+        | F::MOVDIRI
         | F::MULTIBYTENOP => Family::Integer,
         F::FPU | F::FPU287 | F::FPU387 | F::MMX => Family::X87Mmx,
         F::SSE
@@ -193,7 +256,8 @@ fn feature_family(f: CpuidFeature) -> Option<Family> {
         | F::AES
         | F::PCLMULQDQ
         | F::SHA
-        | F::GFNI => Family::Sse,
+        | F::GFNI
+        | F::SSE4A => Family::Sse,
         F::AVX
         | F::AVX2
         | F::FMA
@@ -261,7 +325,34 @@ pub fn classify(instr: &Instruction) -> Result<Class, Deny> {
         return Err("string instruction (implicit memory)");
     }
     if instr.is_vsib() {
-        return Err("gather/scatter (VSIB)");
+        if !crate::emulator::is_vsib_move(instr.mnemonic()) {
+            return Err("prefetch gather/scatter (Xeon Phi)");
+        }
+        return Ok(Class {
+            vector: true,
+            x87_mmx: false,
+            vex: true,
+            kind: Kind::Vsib,
+        });
+    }
+    if crate::emulator::is_masked_implicit_store(instr.mnemonic()) {
+        return Ok(Class {
+            vector: true,
+            x87_mmx: instr.mnemonic() == M::Maskmovq,
+            vex: instr.mnemonic() == M::Vmaskmovdqu,
+            kind: Kind::MaskedImplicit,
+        });
+    }
+    if let Some(class) = whole_state(instr.mnemonic()) {
+        return Ok(class);
+    }
+    if let Some(kind) = cache_kind(instr.mnemonic()) {
+        return Ok(Class {
+            vector: false,
+            x87_mmx: false,
+            vex: false,
+            kind,
+        });
     }
     let mut memory_ops = 0;
     for i in 0..instr.op_count() {
@@ -310,6 +401,7 @@ pub fn classify(instr: &Instruction) -> Result<Class, Deny> {
         vector: false,
         x87_mmx: false,
         vex: false,
+        kind: Kind::Plain,
     };
     for &f in instr.cpuid_features() {
         match feature_family(f).ok_or("CPUID feature not allowed")? {

@@ -27,6 +27,7 @@ pub mod platform;
 pub mod reencode;
 pub mod stub;
 pub mod system;
+pub mod vregs;
 pub mod writeback;
 
 #[cfg(test)]

@@ -379,15 +379,22 @@ fn allow_list_decisions() {
     assert!(decide(&|a| a.jmp(0x1000u64)).is_err());
     assert!(decide(&|a| a.in_(al, dx)).is_err());
     assert!(decide(&|a| a.syscall()).is_err());
-    assert!(decide(&|a| a.xsave(ptr(rax))).is_err());
+    assert_eq!(
+        decide(&|a| a.xsave(ptr(rax))).unwrap().kind,
+        crate::classify::Kind::WholeState
+    );
+    assert!(decide(&|a| a.xsaves(ptr(rax))).is_err(), "privileged");
     assert!(decide(&|a| a.wrfsbase(rax)).is_err());
     // vpgatherdd xmm0, [rax+xmm1*1], xmm2
     let gather = [0xc4, 0xe2, 0x69, 0x90, 0x04, 0x08];
-    assert!(classify(&iced_x86::Decoder::new(64, &gather, 0).decode()).is_err());
+    assert_eq!(
+        classify(&iced_x86::Decoder::new(64, &gather, 0).decode()).map(|c| c.kind),
+        Ok(crate::classify::Kind::Vsib)
+    );
     assert!(decide(&|a| a.mov(rsp, rax)).is_err());
     assert!(decide(&|a| a.cpuid()).is_err());
     assert!(decide(&|a| a.rdrand(eax)).is_err());
-    assert!(decide(&|a| a.fxsave(ptr(rax))).is_err());
+    assert!(decide(&|a| a.fnstenv(ptr(rax))).unwrap().x87_mmx);
     assert!(decide(&|a| a.movsb()).is_err());
     assert!(decide(&|a| a.vaddps(ymm0, ymm1, ptr(rax))).unwrap().vector);
     assert!(!decide(&|a| a.cmpxchg16b(ptr(rax))).unwrap().vector);
@@ -803,4 +810,636 @@ fn reserved_bits_follow_the_guests_maxphyaddr() {
         !matches!(o, Outcome::Exception { .. }),
         "a 46-bit guest must not fault: {o:?}"
     );
+}
+
+fn mxcsr(img: &XsaveImage) -> u32 {
+    u32::from_le_bytes(img.bytes[24..28].try_into().unwrap())
+}
+
+/// An unmasked SIMD exception raises #XM with its flag set in MXCSR, as the
+/// CPU leaves it (SDM vol. 1, 11.5.1: flags are set before the exception
+/// is taken); the guest image carries the new MXCSR, RIP stays.
+#[test]
+fn xm_keeps_the_mxcsr_flags_the_exception_left() {
+    let (mut cpu, mut mem) = setup();
+    let mut e = emul();
+    let mut img = XsaveImage::new();
+    img.bytes[24..28].copy_from_slice(&0x1d80u32.to_le_bytes()); // ZM clear
+    img.bytes[160..164].copy_from_slice(&1.0f32.to_bits().to_le_bytes());
+    img.bytes[512] = 0b11;
+    cpu.gprs.rsi = DATA;
+    // One element, 1.0 / 0.0: only ZE (divps would add IE for 0/0 lanes).
+    let code = asm64(|a| a.divss(xmm0, dword_ptr(rsi)));
+    assert_eq!(
+        exc(&e.emulate(&mut cpu, &code, &mut img, &mut mem)),
+        (VEC_XM, None)
+    );
+    assert_eq!(cpu.rip, CODE);
+    assert_eq!(mxcsr(&img), 0x1d80 | 0x4, "ZE set by the faulting divide");
+    assert!(img.dirty);
+    assert_eq!(
+        img.bytes[160..164],
+        1.0f32.to_bits().to_le_bytes(),
+        "xmm0 kept"
+    );
+}
+
+/// An unmasked x87 exception is left pending by the instruction that
+/// caused it: FSW shows it, and FOP/FIP/FDP describe the guest's own
+/// instruction (its ModRM, not the re-encoded `[rip+disp32]` one).
+#[test]
+fn pending_x87_exception_keeps_the_guests_fop_fip_fdp() {
+    let (mut cpu, mut mem) = setup();
+    let mut e = emul();
+    let mut img = XsaveImage::new();
+    img.bytes[0..2].copy_from_slice(&0x37bu16.to_le_bytes()); // ZM clear
+    img.bytes[512] = 0b1; // x87 state present, or XRSTOR loads its init FCW
+    cpu.gprs.rsi = DATA;
+    for code in [
+        asm64(|a| a.fld1()),
+        // fdiv dword [rsi+0x10]: D8 76 10 -> FOP 0x076.
+        asm64(|a| a.fdiv(dword_ptr(rsi + 0x10))),
+    ] {
+        cpu.rip = CODE;
+        done(&e.emulate(&mut cpu, &code, &mut img, &mut mem));
+    }
+    let u16_at = |o: usize| u16::from_le_bytes(img.bytes[o..o + 2].try_into().unwrap());
+    let u64_at = |o: usize| u64::from_le_bytes(img.bytes[o..o + 8].try_into().unwrap());
+    let fsw = u16_at(2);
+    assert_eq!(fsw & 0x84, 0x84, "ZE and ES pending: {fsw:#x}");
+    assert_eq!(u16_at(6), 0x076, "FOP");
+    assert_eq!(u64_at(8), CODE, "FIP");
+    assert_eq!(u64_at(16), DATA + 0x10, "FDP");
+}
+
+/// The CPU stops at 15 bytes: a longer instruction (redundant prefixes)
+/// raises #GP(0), a 15-byte one runs, and an unknown opcode is #UD.
+#[test]
+fn instructions_longer_than_15_bytes_raise_gp() {
+    let (mut cpu, mut mem) = setup();
+    let mut e = emul();
+    cpu.gprs.rax = DATA;
+    let add = [0x01u8, 0x08]; // add [rax], ecx
+    let with_prefixes = |n: usize| [vec![0x66u8; n], add.to_vec()].concat();
+    // KVM reports at most 15 bytes; the emulator reads on from guest memory.
+    let mut run = |bytes: &[u8]| {
+        mem.ram[CODE as usize..CODE as usize + 32].fill(0x90);
+        mem.ram[CODE as usize..CODE as usize + bytes.len()].copy_from_slice(bytes);
+        cpu.rip = CODE;
+        e.emulate(
+            &mut cpu,
+            &bytes[..bytes.len().min(15)],
+            &mut NoVectorState,
+            &mut mem,
+        )
+    };
+    assert_eq!(exc(&run(&with_prefixes(14))), (VEC_GP, Some(0)), "16 bytes");
+    assert_eq!(exc(&run(&[0x66; 16])), (VEC_GP, Some(0)), "prefixes only");
+    let o = run(&with_prefixes(13));
+    assert!(matches!(o, Outcome::Done { .. }), "15 bytes: {o:?}");
+    assert_eq!(
+        exc(&run(&[0x66, 0x0f, 0x04])),
+        (VEC_UD, None),
+        "invalid opcode"
+    );
+}
+
+/// A VEX instruction whose state components are off in the guest's XCR0
+/// raises #UD (before any memory access), whatever the host's XCR0.
+#[test]
+fn guest_xcr0_decides_vex_ud() {
+    if !avx_ok() {
+        eprintln!("skipped: host has no AVX");
+        return;
+    }
+    let (mut cpu, mut mem) = setup();
+    let mut e = emul();
+    cpu.gprs.rax = DATA;
+    let code = asm64(|a| a.vmovups(ymm1, ptr(rax)));
+    let mut img = XsaveImage::new();
+    img.xcr0 = 0b11;
+    mem.log.clear();
+    assert_eq!(
+        exc(&e.emulate(&mut cpu, &code, &mut img, &mut mem)),
+        (VEC_UD, None)
+    );
+    assert!(mem.log.is_empty(), "no memory access before #UD");
+    img.xcr0 = 0b111;
+    done(&e.emulate(&mut cpu, &code, &mut img, &mut mem));
+}
+
+/// Alignment is checked before the page walk: a misaligned aligned-only
+/// operand on a not-present page raises #GP(0), an aligned one #PF (the
+/// host CPU does the same: `stub::tests::alignment_comes_before_the_walk`).
+#[test]
+fn misaligned_operand_on_a_missing_page_is_gp_not_pf() {
+    let (mut cpu, mut mem) = setup();
+    let mut e = emul();
+    let missing = 0x7f_0000u64;
+    let mut img = XsaveImage::new();
+    for (addr, want) in [
+        (missing + 8, (VEC_GP, Some(0))),
+        (missing, (VEC_PF, Some(0))),
+        // Split operand, second page missing, start misaligned.
+        (missing - 8, (VEC_GP, Some(0))),
+    ] {
+        mem.map(CR3, 4, missing - 0x1000, missing - 0x1000, RW);
+        cpu.gprs.rsi = addr;
+        cpu.rip = CODE;
+        let code = asm64(|a| a.movaps(xmm0, xmmword_ptr(rsi)));
+        assert_eq!(
+            exc(&e.emulate(&mut cpu, &code, &mut img, &mut mem)),
+            want,
+            "{addr:#x}"
+        );
+        cpu.rip = CODE;
+        let code = asm64(|a| a.addps(xmm0, xmmword_ptr(rsi)));
+        assert_eq!(
+            exc(&e.emulate(&mut cpu, &code, &mut img, &mut mem)),
+            want,
+            "{addr:#x}"
+        );
+    }
+    // An unaligned-access form faults on the walk.
+    cpu.rip = CODE;
+    cpu.gprs.rsi = missing + 8;
+    let code = asm64(|a| a.movups(xmm0, xmmword_ptr(rsi)));
+    assert_eq!(
+        exc(&e.emulate(&mut cpu, &code, &mut img, &mut mem)).0,
+        VEC_PF
+    );
+    assert!(!img.dirty);
+}
+
+/// Cache-line instructions check and translate their address like a read
+/// and touch nothing; hints never fault. (The host CPU: a CLFLUSH of a
+/// PROT_NONE page faults with SEGV_MAPERR-like #PF, a PREFETCH does not;
+/// `stub::tests::cache_instructions_on_the_host`.)
+#[test]
+fn cache_lines_walk_and_hints_never_fault() {
+    let (mut cpu, mut mem) = setup();
+    let mut e = emul();
+    let missing = 0x7f_0000u64;
+    let run = |e: &mut Emulator, cpu: &mut CpuState, mem: &mut MockPlatform, code: &[u8]| {
+        cpu.rip = CODE;
+        mem.log.retain(|_| false);
+        e.emulate(cpu, code, &mut NoVectorState, mem)
+    };
+    let line: [(&str, Vec<u8>); 3] = [
+        ("clflush", asm64(|a| a.clflush(byte_ptr(rsi)))),
+        ("clflushopt", asm64(|a| a.clflushopt(byte_ptr(rsi)))),
+        ("clwb", asm64(|a| a.clwb(byte_ptr(rsi)))),
+    ];
+    for (name, code) in &line {
+        cpu.gprs.rsi = MMIO_BASE + 0x40;
+        let o = run(&mut e, &mut cpu, &mut mem, code);
+        assert!(matches!(o, Outcome::Done { .. }), "{name}: {o:?}");
+        assert_eq!(cpu.rip, CODE + code.len() as u64, "{name}");
+        let data: Vec<_> = mem.log.iter().filter(|l| l.1 >= MMIO_BASE).collect();
+        assert!(data.is_empty(), "{name} touched the device: {data:?}");
+        cpu.gprs.rsi = missing + 0x40;
+        let o = run(&mut e, &mut cpu, &mut mem, code);
+        assert_eq!(exc(&o), (VEC_PF, Some(0)), "{name}");
+        cpu.gprs.rsi = 0x8000_0000_0000_0000;
+        let o = run(&mut e, &mut cpu, &mut mem, code);
+        assert_eq!(exc(&o), (VEC_GP, Some(0)), "{name} non-canonical");
+    }
+    let hints: [(&str, Vec<u8>); 3] = [
+        ("prefetcht0", asm64(|a| a.prefetcht0(byte_ptr(rsi)))),
+        ("prefetchnta", asm64(|a| a.prefetchnta(byte_ptr(rsi)))),
+        ("prefetchw", asm64(|a| a.prefetchw(byte_ptr(rsi)))),
+    ];
+    for (name, code) in &hints {
+        for addr in [missing, 0x8000_0000_0000_0000] {
+            cpu.gprs.rsi = addr;
+            let o = run(&mut e, &mut cpu, &mut mem, code);
+            assert!(matches!(o, Outcome::Done { .. }), "{name} {addr:#x}: {o:?}");
+            assert!(mem.log.is_empty(), "{name}: no walk, no access");
+        }
+    }
+}
+
+fn xsave_ok() -> bool {
+    is_x86_feature_detected!("xsave") && Emulator::new(true).is_ok()
+}
+
+/// An image with x87, SSE (xmm1 = 0x11.., MXCSR 0x1f80 | DAZ) present.
+fn state_image() -> XsaveImage {
+    let mut img = XsaveImage::new();
+    img.bytes[0..2].copy_from_slice(&0x27fu16.to_le_bytes()); // FCW: precision 53
+    img.bytes[24..28].copy_from_slice(&0x1fc0u32.to_le_bytes());
+    img.bytes[176..192].fill(0x11);
+    img.bytes[512] = 0b11;
+    img
+}
+
+/// FXSAVE writes the legacy region from the guest's state, and not the
+/// bytes the CPU leaves alone (found by the emulator's two-fill runs);
+/// FXRSTOR loads it back into the guest's image.
+#[test]
+fn fxsave_fxrstor_move_the_guests_state() {
+    if !xsave_ok() {
+        eprintln!("skipped: host has no XSAVE");
+        return;
+    }
+    let (mut cpu, mut mem) = setup();
+    let mut e = emul();
+    let mut img = state_image();
+    let area = DATA as usize + 0x200;
+    mem.ram[area..area + 512].fill(0xaa);
+    cpu.gprs.rsi = DATA + 0x200;
+    done(&e.emulate(
+        &mut cpu,
+        &asm64(|a| a.fxsave64(ptr(rsi))),
+        &mut img,
+        &mut mem,
+    ));
+    let saved = mem.ram[area..area + 512].to_vec();
+    assert_eq!(saved[0..2], 0x27fu16.to_le_bytes(), "FCW");
+    assert_eq!(saved[24..28], 0x1fc0u32.to_le_bytes(), "MXCSR");
+    assert!(saved[176..192].iter().all(|&b| b == 0x11), "xmm1");
+    assert!(saved[160..176].iter().all(|&b| b == 0), "xmm0");
+    // What the host CPU itself writes with FXSAVE64 (bytes 464..511 are
+    // left alone by both vendors: the software-available area).
+    let mut native = [0xaau8; 512 + 16];
+    let off = native.as_ptr().align_offset(16);
+    // SAFETY: a 16-byte aligned 512-byte region inside `native`.
+    unsafe { core::arch::asm!("fxsave64 [{}]", in(reg) native.as_mut_ptr().add(off)) };
+    assert_eq!(
+        saved[464..512],
+        native[off + 464..off + 512],
+        "reserved bytes as the CPU leaves them"
+    );
+
+    // Change the saved XMM1 and MXCSR, then FXRSTOR.
+    mem.ram[area + 176..area + 192].fill(0x22);
+    mem.ram[area + 24..area + 28].copy_from_slice(&0x1f80u32.to_le_bytes());
+    cpu.rip = CODE;
+    done(&e.emulate(
+        &mut cpu,
+        &asm64(|a| a.fxrstor64(ptr(rsi))),
+        &mut img,
+        &mut mem,
+    ));
+    assert!(img.dirty);
+    assert!(img.bytes[176..192].iter().all(|&b| b == 0x22));
+    assert_eq!(mxcsr(&img), 0x1f80);
+
+    // Misaligned: #GP(0), also on a missing page (alignment first).
+    cpu.rip = CODE;
+    cpu.gprs.rsi = 0x7f_0008;
+    let o = e.emulate(
+        &mut cpu,
+        &asm64(|a| a.fxsave64(ptr(rsi))),
+        &mut img,
+        &mut mem,
+    );
+    assert_eq!(exc(&o), (VEC_GP, Some(0)));
+}
+
+/// XSAVE requests EDX:EAX & the guest's XCR0: with XCR0 = x87|SSE the AVX
+/// area stays untouched and XSTATE_BV holds no AVX bit, whatever the host
+/// enables; XRSTOR of a header naming a component outside the guest's
+/// XCR0 is #GP(0).
+#[test]
+fn xsave_family_honours_the_guests_xcr0() {
+    if !xsave_ok() || !avx_ok() {
+        eprintln!("skipped: host has no XSAVE/AVX");
+        return;
+    }
+    let (mut cpu, mut mem) = setup();
+    let mut e = emul();
+    let mut img = state_image();
+    img.xcr0 = 0b11;
+    let ymm_hi = core::arch::x86_64::__cpuid_count(0xd, 2).ebx as usize;
+    let area = DATA as usize + 0x1000;
+    mem.ram[area..area + 0x1000].fill(0xaa);
+    mem.ram[area + 512..area + 576].fill(0); // a valid header
+    cpu.gprs.rsi = DATA + 0x1000;
+    cpu.gprs.rax = u64::from(u32::MAX);
+    cpu.gprs.rdx = u64::from(u32::MAX);
+    done(&e.emulate(
+        &mut cpu,
+        &asm64(|a| a.xsave64(ptr(rsi))),
+        &mut img,
+        &mut mem,
+    ));
+    let xstate_bv = mem.u64_at(DATA + 0x1000 + 512);
+    assert_eq!(xstate_bv & !0b11, 0, "XSTATE_BV {xstate_bv:#x}");
+    assert!(mem.ram[area + ymm_hi..area + ymm_hi + 16]
+        .iter()
+        .all(|&b| b == 0xaa));
+    assert!(mem.ram[area + 176..area + 192].iter().all(|&b| b == 0x11));
+    assert_eq!(
+        cpu.gprs.rax,
+        u64::from(u32::MAX),
+        "EDX:EAX as the guest had them"
+    );
+
+    // XRSTOR naming AVX state while the guest's XCR0 lacks it.
+    cpu.rip = CODE;
+    mem.set_u64(DATA + 0x1000 + 512, 0b111);
+    let o = e.emulate(
+        &mut cpu,
+        &asm64(|a| a.xrstor64(ptr(rsi))),
+        &mut img,
+        &mut mem,
+    );
+    assert_eq!(exc(&o), (VEC_GP, Some(0)));
+    // Within XCR0 it loads.
+    img.xcr0 = 0b111;
+    cpu.rip = CODE;
+    mem.ram[area + 176..area + 192].fill(0x33);
+    mem.set_u64(DATA + 0x1000 + 512, 0b11);
+    done(&e.emulate(
+        &mut cpu,
+        &asm64(|a| a.xrstor64(ptr(rsi))),
+        &mut img,
+        &mut mem,
+    ));
+    assert!(img.bytes[176..192].iter().all(|&b| b == 0x33));
+}
+
+/// FNSTENV stores the 28-byte protected-mode environment with the guest's
+/// FCW and FIP (not the stub's); FLDENV loads a new control word.
+#[test]
+fn x87_environment_round_trip() {
+    let (mut cpu, mut mem) = setup();
+    let mut e = emul();
+    let mut img = state_image();
+    cpu.gprs.rsi = DATA + 0x300;
+    // An x87 instruction first, so FIP/FDP name the guest's.
+    done(&e.emulate(
+        &mut cpu,
+        &asm64(|a| a.fld(qword_ptr(rsi + 0x40))),
+        &mut img,
+        &mut mem,
+    ));
+    cpu.rip = CODE + 0x10;
+    mem.ram[DATA as usize + 0x300..DATA as usize + 0x320].fill(0xaa);
+    done(&e.emulate(
+        &mut cpu,
+        &asm64(|a| a.fnstenv(ptr(rsi))),
+        &mut img,
+        &mut mem,
+    ));
+    let env = &mem.ram[DATA as usize + 0x300..DATA as usize + 0x320];
+    assert_eq!(env[0..2], 0x27fu16.to_le_bytes(), "FCW");
+    assert_eq!(
+        u32::from_le_bytes(env[12..16].try_into().unwrap()),
+        CODE as u32,
+        "FIP"
+    );
+    assert_eq!(
+        u32::from_le_bytes(env[20..24].try_into().unwrap()),
+        (DATA + 0x340) as u32,
+        "FDP"
+    );
+    assert!(env[28..32].iter().all(|&b| b == 0xaa), "28 bytes only");
+    // FLDENV of a new control word.
+    mem.ram[DATA as usize + 0x300..DATA as usize + 0x302].copy_from_slice(&0x37fu16.to_le_bytes());
+    cpu.rip = CODE;
+    done(&e.emulate(&mut cpu, &asm64(|a| a.fldenv(ptr(rsi))), &mut img, &mut mem));
+    assert_eq!(img.bytes[0..2], 0x37fu16.to_le_bytes());
+}
+
+/// AVX2 gathers against the host CPU: the same indices over the same data
+/// (host memory natively, guest RAM and MMIO in the emulator) give the
+/// same destination and a cleared mask; each element is its own access.
+#[test]
+fn avx2_gathers_match_the_cpu() {
+    if !is_x86_feature_detected!("avx2") || !avx_ok() {
+        eprintln!("skipped: host has no AVX2");
+        return;
+    }
+    let data: Vec<u32> = (0..64).map(|i| 0x1000_0000 + i * 0x0101).collect();
+    // Mixed, repeated and negative indices (relative to element 32).
+    let idx: [i32; 8] = [0, 5, -3, 7, 7, 31, -32, 2];
+    // Mask: elements 1 and 6 off.
+    let mask: [u32; 8] = [!0, 0, !0, !0, !0, !0, 0, !0];
+    let mut native_dest = [0xdead_beefu32; 8];
+    let mut native_mask = mask;
+    // SAFETY: the gather reads data[32 + idx[i]] for 0 <= 32 + idx < 64,
+    // all inside `data`; ymm1-3 are scratch (declared clobbered).
+    unsafe {
+        core::arch::asm!(
+            "vmovdqu ymm1, [{d}]",
+            "vmovdqu ymm2, [{m}]",
+            "vmovdqu ymm3, [{i}]",
+            "vpgatherdd ymm1, [{b} + ymm3 * 4], ymm2",
+            "vmovdqu [{d}], ymm1",
+            "vmovdqu [{m}], ymm2",
+            d = in(reg) native_dest.as_mut_ptr(),
+            m = in(reg) native_mask.as_mut_ptr(),
+            i = in(reg) idx.as_ptr(),
+            b = in(reg) data.as_ptr().add(32),
+            out("ymm1") _, out("ymm2") _, out("ymm3") _,
+        );
+    }
+    let ymm_hi = core::arch::x86_64::__cpuid_count(0xd, 2).ebx as usize;
+    for base in [DATA, MMIO_BASE] {
+        let (mut cpu, mut mem) = setup();
+        let mut e = emul();
+        for (i, v) in data.iter().enumerate() {
+            let at = base + 4 * i as u64;
+            if base == DATA {
+                mem.set_u32(at, *v);
+            } else {
+                mem.mmio[(at - MMIO_BASE) as usize..][..4].copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        let mut img = XsaveImage::new();
+        let put = |img: &mut XsaveImage, reg: usize, bytes: &[u8]| {
+            img.bytes[160 + 16 * reg..176 + 16 * reg].copy_from_slice(&bytes[..16]);
+            img.bytes[ymm_hi + 16 * reg..ymm_hi + 16 * reg + 16].copy_from_slice(&bytes[16..32]);
+        };
+        let as_bytes = |v: &[u32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        put(&mut img, 1, &as_bytes(&[0xdead_beef; 8]));
+        put(&mut img, 2, &as_bytes(&mask));
+        put(
+            &mut img,
+            3,
+            &idx.iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect::<Vec<u8>>(),
+        );
+        img.bytes[512] = 0b111;
+        cpu.gprs.rbx = base + 32 * 4;
+        let code = asm64(|a| a.vpgatherdd_3(ymm1, ptr(rbx + ymm3 * 4), ymm2));
+        mem.log.clear();
+        done(&e.emulate(&mut cpu, &code, &mut img, &mut mem));
+        let get = |img: &XsaveImage, reg: usize| -> Vec<u32> {
+            let mut b = img.bytes[160 + 16 * reg..176 + 16 * reg].to_vec();
+            b.extend_from_slice(&img.bytes[ymm_hi + 16 * reg..ymm_hi + 16 * reg + 16]);
+            b.chunks(4)
+                .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+                .collect()
+        };
+        assert_eq!(get(&img, 1), native_dest, "destination, base {base:#x}");
+        assert_eq!(get(&img, 2), native_mask, "mask, base {base:#x}");
+        let reads: Vec<_> = mem
+            .log
+            .iter()
+            .filter(|l| l.1 >= base && l.1 < base + 256)
+            .collect();
+        assert_eq!(reads.len(), 6, "one access per selected element: {reads:?}");
+    }
+}
+
+/// A gather whose third element faults: the first two completed (their
+/// mask elements cleared), the rest as before, and the #PF names the
+/// element's address (the measurement in gather.rs's module comment).
+/// Destination equal to the mask register is #UD.
+#[test]
+fn gather_fault_is_partial_and_restartable() {
+    if !is_x86_feature_detected!("avx2") || !avx_ok() {
+        eprintln!("skipped: host has no AVX2");
+        return;
+    }
+    let (mut cpu, mut mem) = setup();
+    let mut e = emul();
+    let missing = 0x7f_0000u64;
+    mem.map(CR3, 4, missing - 0x1000, missing - 0x1000, RW);
+    for i in 0..8 {
+        mem.set_u32(missing - 0x100 + 4 * i, 0x100 + i as u32);
+    }
+    let mut img = XsaveImage::new();
+    img.bytes[160 + 16..160 + 32].fill(0xff); // xmm1 destination
+    img.bytes[160 + 32..160 + 48].fill(0xff); // xmm2 mask: all on
+    for (i, x) in [0i32, 1, 64, 3].iter().enumerate() {
+        img.bytes[160 + 48 + 4 * i..160 + 52 + 4 * i].copy_from_slice(&x.to_le_bytes());
+    }
+    img.bytes[512] = 0b11;
+    cpu.gprs.rbx = missing - 0x100;
+    let code = asm64(|a| a.vpgatherdd_3(xmm1, ptr(rbx + xmm3 * 4), xmm2));
+    let o = e.emulate(&mut cpu, &code, &mut img, &mut mem);
+    assert_eq!(exc(&o), (VEC_PF, Some(0)));
+    let words = |img: &XsaveImage, reg: usize| -> Vec<u32> {
+        img.bytes[160 + 16 * reg..176 + 16 * reg]
+            .chunks(4)
+            .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    };
+    assert_eq!(words(&img, 1), [0x100, 0x101, !0, !0]);
+    assert_eq!(words(&img, 2), [0, 0, !0, !0]);
+    assert_eq!(cpu.rip, CODE);
+    let code = asm64(|a| a.vpgatherdd_3(xmm1, ptr(rbx + xmm3 * 4), xmm1));
+    assert_eq!(
+        exc(&e.emulate(&mut cpu, &code, &mut img, &mut mem)),
+        (VEC_UD, None)
+    );
+}
+
+/// SSE4A's scalar non-temporal stores (AMD hosts): MOVNTSS/MOVNTSD store
+/// the low element, as the CPU (same bytes natively from the stub).
+#[test]
+fn sse4a_movnt_scalar_stores() {
+    if !std::is_x86_feature_detected!("sse4a") {
+        eprintln!("skipped: host has no SSE4A (Intel)");
+        return;
+    }
+    let (mut cpu, mut mem) = setup();
+    let mut e = emul();
+    let mut img = XsaveImage::new();
+    for (i, b) in img.bytes[176..192].iter_mut().enumerate() {
+        *b = 0x40 + i as u8; // xmm1
+    }
+    img.bytes[512] = 0b11;
+    cpu.gprs.rsi = MMIO_BASE + 0x10;
+    mem.mmio[0x10..0x20].fill(0xee);
+    done(&e.emulate(
+        &mut cpu,
+        &asm64(|a| a.movntss(dword_ptr(rsi), xmm1)),
+        &mut img,
+        &mut mem,
+    ));
+    assert_eq!(
+        mem.mmio[0x10..0x18],
+        [0x40, 0x41, 0x42, 0x43, 0xee, 0xee, 0xee, 0xee]
+    );
+    cpu.rip = CODE;
+    done(&e.emulate(
+        &mut cpu,
+        &asm64(|a| a.movntsd(qword_ptr(rsi), xmm1)),
+        &mut img,
+        &mut mem,
+    ));
+    assert_eq!(
+        mem.mmio[0x10..0x19],
+        [0x40, 0x41, 0x42, 0x43, 0x44, 0x45, 0x46, 0x47, 0xee]
+    );
+}
+
+/// MASKMOVDQU and MASKMOVQ store the bytes whose mask byte has its top bit
+/// set at DS:rDI, the same bytes the CPU stores (checked natively on host
+/// memory), and touch no page that holds no selected byte.
+#[test]
+fn masked_implicit_stores_match_the_cpu() {
+    let data: [u8; 16] = core::array::from_fn(|i| 0xa0 + i as u8);
+    let mask: [u8; 16] = [
+        0x80, 0, 0xff, 0x7f, 0, 0, 0x81, 0, 0, 0, 0, 0, 0, 0, 0, 0x80,
+    ];
+    let mut native = [0x11u8; 16];
+    let mut native_q = [0x11u8; 8];
+    // SAFETY: MASKMOVDQU/MASKMOVQ store into `native`/`native_q` (16 and
+    // 8 bytes at RDI); xmm1, xmm2, mm1, mm2 are scratch.
+    unsafe {
+        core::arch::asm!(
+            "movdqu xmm1, [{d}]",
+            "movdqu xmm2, [{m}]",
+            "maskmovdqu xmm1, xmm2",
+            "mov rdi, {q}",
+            "movq mm1, [{d}]",
+            "movq mm2, [{m}]",
+            "maskmovq mm1, mm2",
+            "emms",
+            d = in(reg) data.as_ptr(),
+            m = in(reg) mask.as_ptr(),
+            q = in(reg) native_q.as_mut_ptr(),
+            inout("rdi") native.as_mut_ptr() => _,
+            out("xmm1") _, out("xmm2") _,
+        );
+    }
+    let (mut cpu, mut mem) = setup();
+    let mut e = emul();
+    let mut img = XsaveImage::new();
+    img.bytes[176..192].copy_from_slice(&data);
+    img.bytes[192..208].copy_from_slice(&mask);
+    img.bytes[32 + 16..32 + 24].copy_from_slice(&data[..8]); // mm1
+    img.bytes[32 + 32..32 + 40].copy_from_slice(&mask[..8]); // mm2
+    img.bytes[512] = 0b11;
+    mem.mmio[0x20..0x40].fill(0x11);
+    cpu.gprs.rdi = MMIO_BASE + 0x20;
+    done(&e.emulate(
+        &mut cpu,
+        &asm64(|a| a.maskmovdqu(xmm1, xmm2)),
+        &mut img,
+        &mut mem,
+    ));
+    assert_eq!(mem.mmio[0x20..0x30], native);
+    assert_eq!(cpu.gprs.rdi, MMIO_BASE + 0x20, "RDI as the guest had it");
+    cpu.rip = CODE;
+    cpu.gprs.rdi = MMIO_BASE + 0x30;
+    done(&e.emulate(
+        &mut cpu,
+        &asm64(|a| a.maskmovq(mm1, mm2)),
+        &mut img,
+        &mut mem,
+    ));
+    assert_eq!(mem.mmio[0x30..0x38], native_q);
+    // Only byte 15 selected, bytes 0-7 on a missing page: no fault.
+    let missing = 0x7f_0000u64;
+    mem.map(CR3, 4, missing + 0x1000, missing + 0x1000, RW);
+    let mut only_last = [0u8; 16];
+    only_last[15] = 0x80;
+    img.bytes[192..208].copy_from_slice(&only_last);
+    cpu.rip = CODE;
+    cpu.gprs.rdi = missing + 0xff8;
+    done(&e.emulate(
+        &mut cpu,
+        &asm64(|a| a.maskmovdqu(xmm1, xmm2)),
+        &mut img,
+        &mut mem,
+    ));
+    assert_eq!(mem.ram[(missing + 0x1007) as usize], data[15]);
 }

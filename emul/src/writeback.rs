@@ -12,6 +12,10 @@ use crate::stub::XSAVE_HEADER_OFFSET;
 pub struct XsaveLayout {
     pub ymm_hi128: usize,
     pub opmask: usize,
+    /// ZMM0-15 bits 511:256 (component 6) and ZMM16-31 (component 7);
+    /// 0 when the host has no AVX-512.
+    pub zmm_hi256: usize,
+    pub hi16_zmm: usize,
 }
 
 impl XsaveLayout {
@@ -20,6 +24,8 @@ impl XsaveLayout {
         XsaveLayout {
             ymm_hi128: off(2),
             opmask: off(5),
+            zmm_hi256: off(6),
+            hi16_zmm: off(7),
         }
     }
 }

@@ -1,5 +1,6 @@
-//! Fetching instruction bytes from guest memory at CS:RIP, when the
-//! hypervisor reported none or too few.
+//! Instruction bytes: fetched from guest memory at CS:RIP when the
+//! hypervisor reported none or too few, and the exception for bytes that
+//! do not decode.
 
 use super::Stop;
 use crate::cpu::CpuState;
@@ -51,5 +52,59 @@ pub(super) fn fetch(
         Ok(_) => Ok((first, Some(Exception::gp0()))),
         Err(WalkError::Fault(f)) => Ok((first, Some(f))),
         Err(WalkError::Platform(p)) => Err(p.into()),
+    }
+}
+
+/// Legacy prefixes (groups 1-4).
+const LEGACY_PREFIXES: [u8; 11] = [
+    0xf0, 0xf2, 0xf3, 0x2e, 0x36, 0x3e, 0x26, 0x64, 0x65, 0x66, 0x67,
+];
+
+/// A legacy prefix, or a REX prefix in 64-bit code.
+pub(super) fn is_prefix(b: u8, bitness: u32) -> bool {
+    LEGACY_PREFIXES.contains(&b) || (bitness == 64 && b & 0xf0 == 0x40)
+}
+
+/// The exception for bytes the decoder rejected: #GP(0) when the
+/// instruction is merely longer than 15 bytes (the CPU's limit, reached
+/// with redundant prefixes), else #UD.
+///
+/// The decoder stops at 15 bytes either way, so the prefixes are folded
+/// (each distinct prefix kept once, at its last position; a REX only
+/// directly before the opcode) and the result decoded again: if that
+/// instruction, with the folded prefixes counted back in, needs more than
+/// 15 bytes, the CPU would have stopped on the length.
+pub(super) fn undecodable(bytes: &[u8], bitness: u32) -> Exception {
+    let n_prefix = bytes.iter().take_while(|&&b| is_prefix(b, bitness)).count();
+    if n_prefix == 0 {
+        return Exception::ud();
+    }
+    let prefixes = &bytes[..n_prefix];
+    let mut folded = [0u8; 2 * MAX_INSN_LEN];
+    let mut len = 0;
+    for (i, &b) in prefixes.iter().enumerate() {
+        let last = !prefixes[i + 1..].contains(&b);
+        let rex = bitness == 64 && b & 0xf0 == 0x40;
+        if last && (!rex || i + 1 == n_prefix) {
+            folded[len] = b;
+            len += 1;
+        }
+    }
+    let rest = &bytes[n_prefix..];
+    folded[len..len + rest.len()].copy_from_slice(rest);
+    let folded_prefixes = len;
+    len += rest.len();
+    let mut d = iced_x86::Decoder::new(bitness, &folded[..len], iced_x86::DecoderOptions::NONE);
+    let i = d.decode();
+    let needed = if d.last_error() == iced_x86::DecoderError::NoMoreBytes {
+        // The opcode runs past the bytes the CPU would look at.
+        usize::MAX
+    } else {
+        i.len().saturating_sub(folded_prefixes) + n_prefix
+    };
+    if needed > MAX_INSN_LEN {
+        Exception::gp0()
+    } else {
+        Exception::ud()
     }
 }

@@ -6,7 +6,8 @@ use iced_x86::{
     IntelFormatter, Mnemonic, UsedMemory,
 };
 
-use crate::classify::{classify, Class};
+use crate::address::linear_address;
+use crate::classify::{classify, Class, Kind};
 use crate::cpu::{CpuState, CR0_AM, CR4_OSXMMEXCPT, RFLAGS_AC};
 use crate::exception::{Exception, VEC_AC, VEC_GP, VEC_PF, VEC_SS, VEC_XM};
 use crate::paging::WalkError;
@@ -15,11 +16,17 @@ use crate::reencode::Reencoder;
 use crate::stub::{StubBuf, StubError, StubRunError, MAX_INSN_LEN, XSAVE_AREA_SIZE};
 use crate::writeback::{element_mask, XsaveLayout};
 
+mod cache;
 mod fetch;
+mod gather;
+mod implicit;
 mod operand;
+mod state;
 mod vector;
 
-use fetch::fetch;
+use fetch::{fetch, undecodable};
+pub(crate) use gather::is_vsib_move;
+pub(crate) use implicit::is_masked_implicit_store;
 use vector::{check_vector_enabled, is_masked_access};
 
 const PAGE_SIZE: u64 = 4096;
@@ -133,6 +140,7 @@ pub struct Emulator {
     info: InstructionInfoFactory,
     reencoder: Reencoder,
     layout: XsaveLayout,
+    state_layout: state::StateLayout,
     last_mnemonic: Mnemonic,
     cached: Option<Decoded>,
     system: crate::system::SystemFeatures,
@@ -146,6 +154,7 @@ impl Emulator {
             info: InstructionInfoFactory::new(),
             reencoder: Reencoder::new(),
             layout: XsaveLayout::from_host(),
+            state_layout: state::StateLayout::from_host(),
             last_mnemonic: Mnemonic::INVALID,
             cached: None,
             system: Default::default(),
@@ -189,9 +198,13 @@ impl Emulator {
         let hit = self.cached.filter(|c| c.matches(cpu.rip, bitness, insn));
         // Only instructions decoded from the reported bytes are cached: the
         // key is those bytes.
+        let mut raw = [0u8; MAX_INSN_LEN];
         let (instr, cacheable) = match hit {
-            Some(c) => (c.instr, true),
-            None => match self.decode(cpu, bitness, insn, mem) {
+            Some(c) => {
+                raw = c.bytes;
+                (c.instr, true)
+            }
+            None => match self.decode(cpu, bitness, insn, &mut raw, mem) {
                 Ok(decoded) => decoded,
                 Err(stop) => return self.outcome(stop, None),
             },
@@ -200,7 +213,7 @@ impl Emulator {
         if let Some(out) = crate::system::emulate(&self.system, cpu, &instr, vec, mem) {
             return out;
         }
-        match self.execute(cpu, bitness, &instr, hit, cacheable, insn, vec, mem) {
+        match self.execute(cpu, bitness, &instr, hit, cacheable, &raw, vec, mem) {
             Ok(()) => Outcome::Done {
                 mnemonic: instr.mnemonic(),
             },
@@ -226,12 +239,13 @@ impl Emulator {
 
     /// Decodes from the reported bytes, or from guest memory when they are
     /// absent or end inside the instruction; the flag says whether the
-    /// reported bytes were used.
+    /// reported bytes were used. `bytes` receives the instruction's bytes.
     fn decode(
         &mut self,
         cpu: &CpuState,
         bitness: u32,
         insn: &[u8],
+        bytes: &mut [u8; MAX_INSN_LEN],
         mem: &mut dyn Platform,
     ) -> Result<(Instruction, bool), Stop> {
         let given = &insn[..insn.len().min(MAX_INSN_LEN)];
@@ -240,19 +254,19 @@ impl Emulator {
             let i = d.decode();
             if d.last_error() != DecoderError::NoMoreBytes {
                 return if i.is_invalid() {
-                    Err(Exception::ud().into())
+                    Err(undecodable(given, bitness).into())
                 } else {
+                    bytes[..given.len()].copy_from_slice(given);
                     Ok((i, true))
                 };
             }
         }
-        let mut bytes = [0u8; MAX_INSN_LEN];
-        let (len, pending) = fetch(cpu, bitness, &mut bytes, mem)?;
+        let (len, pending) = fetch(cpu, bitness, bytes, mem)?;
         let mut d = Decoder::with_ip(bitness, &bytes[..len], cpu.rip, DecoderOptions::NONE);
         let i = d.decode();
         match (d.last_error(), pending) {
             (DecoderError::NoMoreBytes, Some(fault)) => Err(fault.into()),
-            _ if i.is_invalid() => Err(Exception::ud().into()),
+            _ if i.is_invalid() => Err(undecodable(&bytes[..len], bitness).into()),
             _ => Ok((i, false)),
         }
     }
@@ -265,18 +279,43 @@ impl Emulator {
         instr: &Instruction,
         hit: Option<Decoded>,
         cacheable: bool,
-        insn: &[u8],
+        raw: &[u8; MAX_INSN_LEN],
         vec: &mut dyn VectorState,
         mem: &mut dyn Platform,
     ) -> Result<(), Stop> {
         let (class, used) = match hit {
             Some(c) => (c.class, c.used),
-            None => (
-                classify(instr).map_err(Stop::Unsupported)?,
-                self.used_memory(instr)?,
-            ),
+            None => {
+                let class = classify(instr).map_err(Stop::Unsupported)?;
+                match class.kind {
+                    Kind::CacheLine | Kind::CacheHint => {
+                        self.cache_line(cpu, bitness, instr, class.kind, mem)?;
+                        advance_rip(cpu, bitness, instr);
+                        return Ok(());
+                    }
+                    Kind::MaskedImplicit => {
+                        check_vector_enabled(cpu, instr, class, vec)?;
+                        self.masked_implicit_store(cpu, bitness, instr, vec, mem)?;
+                        advance_rip(cpu, bitness, instr);
+                        return Ok(());
+                    }
+                    Kind::Vsib => {
+                        check_vector_enabled(cpu, instr, class, vec)?;
+                        self.vsib(cpu, bitness, instr, vec, mem)?;
+                        advance_rip(cpu, bitness, instr);
+                        return Ok(());
+                    }
+                    Kind::WholeState => {
+                        self.whole_state(cpu, bitness, instr, class, vec, mem)?;
+                        advance_rip(cpu, bitness, instr);
+                        return Ok(());
+                    }
+                    Kind::Plain => {}
+                }
+                (class, self.used_memory(instr)?)
+            }
         };
-        check_vector_enabled(cpu, instr, class)?;
+        check_vector_enabled(cpu, instr, class, vec)?;
         // A masked access only touches its selected elements: the mask
         // (from the vector state) decides which pages it may fault on.
         let selected = match used {
@@ -285,7 +324,21 @@ impl Emulator {
             }
             _ => None,
         };
-        let operand = self.operand(cpu, bitness, instr, used, selected, mem)?;
+        let operand = match self.operand(cpu, bitness, instr, used, selected, mem) {
+            Err(Stop::Exception(pf)) if pf.vector == VEC_PF => {
+                // The operand's start (the fault may be on its second page).
+                let lin = used.and_then(|u| {
+                    let size = u.memory_size().size() as u64;
+                    linear_address(cpu, bitness, &u, size, false).ok()
+                });
+                return Err(match lin {
+                    Some(lin) => self.fault_before_walk(cpu, instr, class, lin, pf, vec),
+                    None => pf,
+                }
+                .into());
+            }
+            other => other?,
+        };
 
         // Stage the operand and build the instruction for the stub.
         let bounce_off = operand.map_or(0, |o| BOUNCE_BASE + (o.lin & 63) as usize);
@@ -306,7 +359,7 @@ impl Emulator {
         if cacheable {
             let mut bytes = [0u8; MAX_INSN_LEN];
             let n = instr.len().min(MAX_INSN_LEN);
-            bytes[..n].copy_from_slice(&insn[..n]);
+            bytes[..n].copy_from_slice(&raw[..n]);
             self.cached = Some(Decoded {
                 rip: cpu.rip,
                 bitness,
@@ -352,14 +405,20 @@ impl Emulator {
             area[..n].copy_from_slice(&image[..n]);
             area[n..].fill(0);
             let ran = self.stub.run_with_vector(&code[..len], &mut gprs);
-            map_run(cpu, ran)?;
-            self.fix_x87_pointers(cpu, bitness, used, operand);
+            // After #XM or #MF the image holds the state the exception left
+            // (MXCSR's flags, a pending x87 exception), which the guest sees
+            // too; other faults leave it as it was.
+            // A faulting instruction (#MF for an earlier one's exception)
+            // leaves the pointers alone.
+            let ran_ok = ran.is_ok().then_some(instr);
+            self.fix_x87_pointers(cpu, bitness, used, operand, raw, ran_ok);
             let after = &self.stub.guest_xsave()[..n];
             let dirty = after != &image[..n];
             if dirty {
                 image[..n].copy_from_slice(after);
                 vec.mark_dirty();
             }
+            map_run(cpu, ran)?;
         } else {
             map_run(cpu, self.stub.run(&code[..len], &mut gprs))?;
         }
@@ -369,14 +428,73 @@ impl Emulator {
         }
         gprs.rflags = (gprs.rflags & !RFLAGS_AC) | (cpu.gprs.rflags & RFLAGS_AC);
         cpu.gprs = gprs;
-        let next = cpu.rip.wrapping_add(instr.len() as u64);
-        cpu.rip = match bitness {
-            64 => next,
-            32 => next & 0xffff_ffff,
-            _ => next & 0xffff,
-        };
+        advance_rip(cpu, bitness, instr);
         Ok(())
     }
+}
+
+impl Emulator {
+    /// The exception for an operand whose page walk failed with `pf`.
+    ///
+    /// Hardware checks alignment before it walks the page tables: a
+    /// misaligned operand of an aligned-only form (MOVAPS, ADDPS m128,
+    /// CMPXCHG16B, FXSAVE...) on a not-present page raises #GP(0), not #PF
+    /// (measured on the host: see `stub::tests`). Rather than keep a table
+    /// of aligned-only forms, run the instruction once on a zeroed operand
+    /// at the same offset modulo 64 and keep its #GP; its results are
+    /// discarded. Zeros pass every data-dependent check (LDMXCSR's reserved
+    /// bits, XRSTOR's header), so only the alignment check can fire.
+    pub(super) fn fault_before_walk(
+        &mut self,
+        cpu: &CpuState,
+        instr: &Instruction,
+        class: Class,
+        lin: u64,
+        pf: Exception,
+        vec: &mut dyn VectorState,
+    ) -> Exception {
+        if lin & 63 == 0 {
+            return pf;
+        }
+        let off = BOUNCE_BASE + (lin & 63) as usize;
+        let mut code = [0u8; MAX_INSN_LEN];
+        let target = self.stub.bounce_exec_addr() + off as u64;
+        let Ok(len) =
+            self.reencoder
+                .encode(instr, self.stub.insn_exec_addr(), Some(target), &mut code)
+        else {
+            return pf;
+        };
+        self.stub.bounce_mut().fill(0);
+        let mut gprs = cpu.gprs;
+        gprs.rflags &= !RFLAGS_AC;
+        let ran = if class.vector {
+            let Ok(image) = vec.image() else {
+                return pf;
+            };
+            let n = image.len().min(XSAVE_AREA_SIZE);
+            let area = self.stub.guest_xsave_mut();
+            area[..n].copy_from_slice(&image[..n]);
+            area[n..].fill(0);
+            self.stub.run_with_vector(&code[..len], &mut gprs)
+        } else {
+            self.stub.run(&code[..len], &mut gprs)
+        };
+        match ran {
+            Err(StubRunError::Fault(f)) if f.vector == VEC_GP => Exception::gp0(),
+            _ => pf,
+        }
+    }
+}
+
+/// Moves RIP past `instr`, wrapping at the code size.
+fn advance_rip(cpu: &mut CpuState, bitness: u32, instr: &Instruction) {
+    let next = cpu.rip.wrapping_add(instr.len() as u64);
+    cpu.rip = match bitness {
+        64 => next,
+        32 => next & 0xffff_ffff,
+        _ => next & 0xffff,
+    };
 }
 
 /// Turns a stub result into the guest's view.

@@ -2,29 +2,40 @@
 //! #UD/#NM checks before any memory access, which masked forms suppress
 //! faults on masked-out elements, and the x87 pointers the stub leaves.
 
-use iced_x86::{CpuidFeature, Instruction, Mnemonic, OpKind, Register, UsedMemory};
+use iced_x86::{CpuidFeature, EncodingKind, Instruction, Mnemonic, OpKind, Register, UsedMemory};
 
+use super::fetch::is_prefix;
 use super::operand::Operand;
 use super::{Emulator, Stop};
 use crate::classify::Class;
 use crate::cpu::{CpuState, CR0_EM, CR0_TS, CR4_OSFXSR, CR4_OSXSAVE};
 use crate::exception::Exception;
+use crate::platform::VectorState;
 use crate::stub::{BOUNCE_SIZE, STUB_BUF_SIZE};
 
 impl Emulator {
-    /// A non-control x87 instruction records its own address (FIP) and its
-    /// operand's (FDP) in the x87 state. Run in the stub, those are the
-    /// stub's and the bounce buffer's; the guest must see its RIP and its
-    /// operand's effective address. (Control instructions leave both
-    /// alone, so they still hold the guest's earlier values.)
+    /// A non-control x87 instruction records its own address (FIP), its
+    /// operand's (FDP) and its opcode (FOP: the low 3 bits of the D8-DF
+    /// byte, then ModRM) in the x87 state. Run in the stub, those are the
+    /// stub's, the bounce buffer's and the re-encoded ModRM's; the guest
+    /// must see its RIP, its operand's effective address and its own
+    /// opcode. (Control instructions leave all three alone, so they still
+    /// hold the guest's earlier values.) AMD CPUs store zero pointers with
+    /// XSAVE while no x87 exception is pending (measured here: FXSAVE64
+    /// after `fld` stores FIP 0, FNSTENV stores the real FIP), so the image
+    /// may hold zeros rather than stub addresses: a non-control x87
+    /// instruction always gets its own pointers.
     pub(super) fn fix_x87_pointers(
         &mut self,
         cpu: &CpuState,
         bitness: u32,
         used: Option<UsedMemory>,
         op: Option<Operand>,
+        raw: &[u8],
+        instr: Option<&Instruction>,
     ) {
-        // XSAVE64 layout: FIP at 8, FDP at 16.
+        // XSAVE64 layout: FOP at 6, FIP at 8, FDP at 16.
+        const FOP: usize = 6;
         const FIP: usize = 8;
         const FDP: usize = 16;
         let stub = self.stub.stub_exec_addr()..self.stub.stub_exec_addr() + STUB_BUF_SIZE as u64;
@@ -36,11 +47,15 @@ impl Emulator {
             b.copy_from_slice(&a[off..off + 8]);
             u64::from_le_bytes(b)
         };
-        if stub.contains(&word(area, FIP)) {
+        let own = instr.is_some_and(is_x87_non_control);
+        if own || stub.contains(&word(area, FIP)) {
             area[FIP..FIP + 8].copy_from_slice(&cpu.rip.to_le_bytes());
+            if let Some(fop) = x87_opcode(raw, bitness) {
+                area[FOP..FOP + 2].copy_from_slice(&fop.to_le_bytes());
+            }
         }
         if let (Some(used), Some(op)) = (used, op) {
-            if bounce.contains(&word(area, FDP)) {
+            if own || bounce.contains(&word(area, FDP)) {
                 let base = match (bitness, used.segment()) {
                     (64, Register::FS) => cpu.fs.base,
                     (64, Register::GS) => cpu.gs.base,
@@ -52,6 +67,48 @@ impl Emulator {
             }
         }
     }
+}
+
+/// An x87 instruction that records its address, operand and opcode: every
+/// one but the control instructions (SDM vol. 1, 8.1.8) and MMX.
+fn is_x87_non_control(instr: &Instruction) -> bool {
+    use Mnemonic as M;
+    let x87 = instr.cpuid_features().iter().any(|f| {
+        matches!(
+            f,
+            CpuidFeature::FPU | CpuidFeature::FPU287 | CpuidFeature::FPU387
+        )
+    });
+    x87 && !matches!(
+        instr.mnemonic(),
+        M::Fninit
+            | M::Finit
+            | M::Fnclex
+            | M::Fclex
+            | M::Fldcw
+            | M::Fnstcw
+            | M::Fstcw
+            | M::Fnstsw
+            | M::Fstsw
+            | M::Fnstenv
+            | M::Fstenv
+            | M::Fldenv
+            | M::Fnsave
+            | M::Fsave
+            | M::Frstor
+            | M::Wait
+    )
+}
+
+/// FOP of an x87 instruction's bytes: `(opcode & 7) << 8 | ModRM`, after
+/// any prefixes; `None` when the bytes are not an x87 instruction.
+fn x87_opcode(raw: &[u8], bitness: u32) -> Option<u16> {
+    let at = raw.iter().position(|&b| !is_prefix(b, bitness))?;
+    let opcode = *raw.get(at)?;
+    let modrm = *raw.get(at + 1)?;
+    (0xd8..=0xdf)
+        .contains(&opcode)
+        .then_some(u16::from(opcode & 7) << 8 | u16::from(modrm))
 }
 
 /// A masked access whose mask bits select memory elements one to one, so
@@ -128,13 +185,19 @@ pub(super) fn is_masked_access(instr: &Instruction) -> bool {
     evex_move || (elementwise && full_vector)
 }
 
-/// The #UD/#NM checks of CR0.EM/TS and CR4.OSFXSR/OSXSAVE that precede
-/// any memory access of an x87/SSE/AVX instruction. (The guest's XCR0 is
-/// not known here; the host's applies.)
+/// XCR0 bits a VEX instruction needs (SSE and AVX state), and those an
+/// EVEX one needs besides (opmask, ZMM_Hi256, Hi16_ZMM): SDM vol. 2, 2.8
+/// and 2.9, exception classes: #UD unless all are set.
+const XCR0_VEX: u64 = 0b110;
+const XCR0_EVEX: u64 = 0b1110_0110;
+
+/// The #UD/#NM checks of CR0.EM/TS, CR4.OSFXSR/OSXSAVE and the guest's
+/// XCR0 that precede any memory access of an x87/SSE/AVX instruction.
 pub(super) fn check_vector_enabled(
     cpu: &CpuState,
     instr: &Instruction,
     class: Class,
+    vec: &mut dyn VectorState,
 ) -> Result<(), Stop> {
     if !class.vector {
         return Ok(());
@@ -155,8 +218,20 @@ pub(super) fn check_vector_enabled(
         if em || cpu.cr4 & CR4_OSFXSR == 0 {
             return Err(Exception::ud().into());
         }
-        if class.vex && cpu.cr4 & CR4_OSXSAVE == 0 {
-            return Err(Exception::ud().into());
+        if class.vex {
+            if cpu.cr4 & CR4_OSXSAVE == 0 {
+                return Err(Exception::ud().into());
+            }
+            // The stub runs under the host's XCR0: a component the guest
+            // turned off must fault here, as it would on the guest's CPU.
+            let needed = if instr.encoding() == EncodingKind::EVEX {
+                XCR0_EVEX
+            } else {
+                XCR0_VEX
+            };
+            if vec.xcr0()? & needed != needed {
+                return Err(Exception::ud().into());
+            }
         }
     }
     if ts {

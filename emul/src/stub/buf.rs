@@ -7,7 +7,7 @@ use super::builder::MAX_INSN_LEN;
 use super::builder::{self, BuiltStub, STUB_BUF_SIZE};
 use super::cursor::INT3;
 use super::error::{StubError, StubRunError};
-use super::fault::{self, ControlBlock, StubFault, NO_FAULT};
+use super::fault::{self, ControlBlock, StubFault, EXC_MF, EXC_XM, NO_FAULT};
 use super::helpers::{self, HelperLayout, VecSwitch};
 use super::region::{StubRegion, XSAVE_AREA_SIZE};
 use super::regs::GuestGprs;
@@ -264,8 +264,9 @@ impl StubBuf {
     /// (components [`vector_mask`](Self::vector_mask)) before the
     /// instruction and XSAVEs it after, inside the region where faults are
     /// recovered. The host's own state of those components is saved before
-    /// the stub and restored after it, also after a fault. On a fault the
-    /// image is left as it was before the run.
+    /// the stub and restored after it, also after a fault. After #XM or #MF
+    /// the image holds the state the exception left (MXCSR flags, a pending
+    /// x87 exception); after any other fault it is left as it was.
     pub fn run_with_vector(
         &mut self,
         insn: &[u8],
@@ -376,8 +377,16 @@ impl StubBuf {
     /// The asm call of a vector run: the host's state of the switched
     /// components goes to the host XSAVE area before the call and comes back
     /// after it (the landing pad of a fault returns to the same place).
+    ///
+    /// After #XM or #MF the registers hold what the exception left (the
+    /// signal return restored them from the frame): MXCSR's exception
+    /// flags, a pending x87 exception. That is guest state the guest must
+    /// see, so it is XSAVEd into the guest image before the host's comes
+    /// back. Other faults (in the image's XRSTOR too) leave the image alone.
     fn invoke_with_vec(&mut self, stub: &BuiltStub, gprs: &mut GuestGprs) {
         let host_area = self.region.host_xsave_ptr();
+        let ctl = self.region.control_ptr().cast::<ControlBlock>();
+        let guest_area = self.region.guest_xsave_addr();
         debug_assert!(XSAVE_AREA_SIZE >= 2688 && (host_area as usize).is_multiple_of(64));
         // SAFETY: as for the plain call in `invoke`. In addition, r12 holds
         // the page-aligned host XSAVE area (XSAVE_AREA_SIZE bytes, large
@@ -386,7 +395,10 @@ impl StubBuf {
         // landing pad (callee-saved there). XSAVE/XRSTOR of host-written
         // data with a mask within XCR0 cannot fault; RAX and RDX are
         // clobbered, and the restore rewrites every vector and x87 register
-        // the clobber list names.
+        // the clobber list names. r14 (the control block) and r15 (the guest
+        // image, XSAVE_AREA_SIZE bytes, 64-byte aligned) are callee-saved
+        // too; the guest image is only written here after a fault the
+        // instruction raised, when no other reference to it is live.
         unsafe {
             asm!(
                 "mov rax, r13",
@@ -401,11 +413,24 @@ impl StubBuf {
                 "mov rax, r13",
                 "mov rdx, r13",
                 "shr rdx, 32",
+                "mov rcx, [r14 + {fault_vector}]",
+                "cmp rcx, {xm}",
+                "je 4f",
+                "cmp rcx, {mf}",
+                "jne 5f",
+                "4:",
+                "xsave64 [r15]",
+                "5:",
                 "xrstor64 [r12]",
+                fault_vector = const core::mem::offset_of!(ControlBlock, fault_vector),
+                xm = const EXC_XM,
+                mf = const EXC_MF,
                 in("r11") stub.entry,
                 in("rdi") ptr::from_mut(gprs),
                 in("r12") host_area,
                 in("r13") self.vec_mask,
+                in("r14") ctl,
+                in("r15") guest_area,
                 clobber_abi("C"),
             );
         }

@@ -42,7 +42,9 @@ const PD0: u64 = 0x4000;
 /// Vector instructions at CPL 0 (each completed by the VMM) touching a
 /// not-present page and, with CR0.WP set, writing a read-only one: the
 /// emulator's page walk raises #PF, the VMM injects it, and the guest's
-/// handler sees vector 14 with the error code; CR2 holds the address.
+/// handler sees vector 14 with the error code; CR2 holds the address. A
+/// misaligned `addps` on the not-present page gets #GP(0) instead, as on
+/// the CPU (alignment before the walk: `emul`'s stub tests measure it).
 pub fn emul_page_fault() -> Result<Program, IcedError> {
     let image = assemble(Mode::Long, LOAD_ADDR, |a| {
         let k = Kernel64::new(a)?;
@@ -56,7 +58,13 @@ pub fn emul_page_fault() -> Result<Program, IcedError> {
         a.mov(cr0, rax)?;
         a.mov(rax, cr3)?;
         a.mov(cr3, rax)?;
-        for (addr, store) in [(UNMAPPED + 0x123, false), (READ_ONLY + 0x40, true)] {
+        // Last, a misaligned aligned-only operand on the not-present page:
+        // alignment is checked before the walk, so #GP(0), CR2 unchanged.
+        for (addr, store) in [
+            (UNMAPPED + 0x120, false),
+            (READ_ONLY + 0x40, true),
+            (UNMAPPED + 0x123, false),
+        ] {
             let mut resume = a.create_label();
             a.lea(rax, ptr(resume))?;
             a.mov(qword_ptr(k.resume_rip), rax)?;
@@ -78,12 +86,22 @@ pub fn emul_page_fault() -> Result<Program, IcedError> {
         exit(a, EXIT_PASS)?;
         k.finish(a)
     })?;
-    Ok(Program::new("emul-page-fault", "CPL 0 addps from a not-present page and movups to a read-only one (WP=1): #PF injected with error code and CR2", Mode::Long, LOAD_ADDR, image, expect(
+    Ok(Program::new("emul-page-fault", "CPL 0 addps from a not-present page and movups to a read-only one (WP=1): #PF injected with error code and CR2; a misaligned addps there: #GP(0)", Mode::Long, LOAD_ADDR, image, expect(
             status_of(EXIT_PASS),
             "page faults injected",
             // #PF, error 0 (not present, read, supervisor), CR2; then
-            // #PF, error 3 (present, write), CR2.
-            Some(vec![14, 0, UNMAPPED + 0x123, 14, 3, READ_ONLY + 0x40]),
+            // #PF, error 3 (present, write), CR2; then #GP(0), CR2 as before.
+            Some(vec![
+                14,
+                0,
+                UNMAPPED + 0x120,
+                14,
+                3,
+                READ_ONLY + 0x40,
+                13,
+                0,
+                READ_ONLY + 0x40,
+            ]),
         )))
 }
 

@@ -4,6 +4,7 @@ mod basic;
 pub mod bench;
 mod bios;
 pub mod emulation;
+pub mod exactness;
 mod masked;
 mod mmio;
 mod pio;
@@ -49,6 +50,8 @@ const CATALOGUE: &[(&str, Builder)] = &[
     ("system-cpl0", system::system_cpl0),
     ("bios-state", bios::bios_state),
     ("acpi-s3", bios::acpi_s3),
+    ("exactness", exactness::exactness),
+    ("kvm-defects", exactness::kvm_defects),
     ("multiboot-info", testdev::multiboot_info),
     ("testdev-ports", testdev::testdev_ports),
     ("testdev-irq", testdev::testdev_irq),
