@@ -42,15 +42,22 @@ pub const EFER_NXE: u64 = 1 << 11;
 /// A segment register's hidden part, as in `kvm_segment`.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Segment {
+    /// The selector (KVM's `selector`).
     pub selector: u16,
+    /// The segment base (hidden part).
     pub base: u64,
+    /// The limit in bytes, granularity already applied (as KVM reports it).
     pub limit: u32,
     /// Descriptor type (4 bits: for data segments bit 1 = writable,
     /// bit 2 = expand-down; bit 3 = code).
     pub type_: u8,
+    /// Descriptor privilege level.
     pub dpl: u8,
+    /// D/B: 32-bit default operand/stack size.
     pub db: bool,
+    /// L: 64-bit code segment.
     pub l: bool,
+    /// P: present.
     pub present: bool,
     /// A null selector loaded in protected mode.
     pub unusable: bool,
@@ -73,22 +80,36 @@ impl Segment {
 /// What the emulator needs of the vCPU (from KVM's sync regs/sregs).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct CpuState {
+    /// General-purpose registers and RFLAGS; updated on [`Outcome::Done`](crate::Outcome::Done).
     pub gprs: GuestGprs,
+    /// RIP of the instruction; advanced past it on [`Outcome::Done`](crate::Outcome::Done).
     pub rip: u64,
+    /// CR0 (PE, PG, WP, AM, EM, TS are read).
     pub cr0: u64,
+    /// CR2 (not changed here: a #PF's address comes back in the outcome).
     pub cr2: u64,
+    /// CR3: the root of the guest page tables.
     pub cr3: u64,
+    /// CR4 (PAE, LA57, SMEP, SMAP, OSFXSR, OSXSAVE... are read).
     pub cr4: u64,
+    /// EFER (LMA, NXE are read).
     pub efer: u64,
+    /// Code segment: decides the code size (CS.L, CS.D).
     pub cs: Segment,
+    /// Stack segment.
     pub ss: Segment,
+    /// Data segment.
     pub ds: Segment,
+    /// Extra segment.
     pub es: Segment,
+    /// FS (its base applies in 64-bit mode).
     pub fs: Segment,
+    /// GS (its base applies in 64-bit mode).
     pub gs: Segment,
+    /// Current privilege level (SS.DPL in protected mode, 0 in real mode).
     pub cpl: u8,
     /// The guest's physical-address width (MAXPHYADDR, CPUID
-    /// 0x80000008 EAX[7:0]): page-table entry bits from it up to 51 are
+    /// 0x80000008 EAX\[7:0\]): page-table entry bits from it up to 51 are
     /// reserved and give #PF with the RSVD bit. The walk clamps it to
     /// 32..=52, so a forgotten 0 shows at once as faults above 4 GiB.
     pub max_phys_bits: u8,

@@ -22,12 +22,16 @@ pub const VEC_XM: u8 = 19;
 /// An exception to inject, with its error code and (for #PF) CR2.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Exception {
+    /// Exception vector (0-31).
     pub vector: u8,
+    /// The error code, for vectors that push one.
     pub error_code: Option<u32>,
+    /// The faulting linear address, for #PF (goes to CR2).
     pub cr2: Option<u64>,
 }
 
 impl Exception {
+    /// An exception without a CR2 value.
     pub const fn new(vector: u8, error_code: Option<u32>) -> Self {
         Exception {
             vector,
@@ -35,18 +39,23 @@ impl Exception {
             cr2: None,
         }
     }
+    /// #GP(0).
     pub const fn gp0() -> Self {
         Self::new(VEC_GP, Some(0))
     }
+    /// #SS(0).
     pub const fn ss0() -> Self {
         Self::new(VEC_SS, Some(0))
     }
+    /// #UD.
     pub const fn ud() -> Self {
         Self::new(VEC_UD, None)
     }
+    /// #NM.
     pub const fn nm() -> Self {
         Self::new(VEC_NM, None)
     }
+    /// #PF with `error_code` for the linear address `addr`.
     pub const fn page_fault(error_code: u32, addr: u64) -> Self {
         Exception {
             vector: VEC_PF,

@@ -20,9 +20,13 @@ const PTE_NX: u64 = 1 << 63;
 
 /// #PF error code bits.
 pub const PFEC_P: u32 = 1 << 0;
+/// #PF error code: the access was a write.
 pub const PFEC_W: u32 = 1 << 1;
+/// #PF error code: the access was from user mode.
 pub const PFEC_U: u32 = 1 << 2;
+/// #PF error code: a reserved bit was set in an entry.
 pub const PFEC_RSVD: u32 = 1 << 3;
+/// #PF error code: the access was an instruction fetch.
 pub const PFEC_ID: u32 = 1 << 4;
 
 /// The deepest walk (5-level paging).
@@ -31,7 +35,9 @@ const MAX_LEVELS: usize = 5;
 /// What an access wants of a page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Access {
+    /// A write (checks R/W, sets dirty bits).
     pub write: bool,
+    /// An instruction fetch (checks NX and SMEP).
     pub fetch: bool,
     /// A user-mode access (CPL 3).
     pub user: bool,
@@ -40,7 +46,9 @@ pub struct Access {
 /// Why a translation failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WalkError {
+    /// The walk failed: this exception (#PF with its error code and CR2) is due.
     Fault(Exception),
+    /// Reading or updating a page-table entry failed in the VMM.
     Platform(PlatformError),
 }
 

@@ -7,8 +7,11 @@ use thiserror::Error;
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 #[error("guest-physical access of {len} bytes at {gpa:#x} failed: {reason}")]
 pub struct PlatformError {
+    /// Guest-physical address of the access.
     pub gpa: u64,
+    /// Its length in bytes.
     pub len: usize,
+    /// What went wrong, for the VMM's message.
     pub reason: &'static str,
 }
 
@@ -19,7 +22,9 @@ pub struct PlatformError {
 /// (all-ones, like an open bus) is the VMM's choice; returning an error
 /// aborts the emulation with [`Outcome::Platform`](crate::Outcome::Platform).
 pub trait Platform {
+    /// Reads `buf.len()` bytes at guest-physical `gpa` (RAM or a device).
     fn read_phys(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), PlatformError>;
+    /// Writes `buf` at guest-physical `gpa` (RAM or a device).
     fn write_phys(&mut self, gpa: u64, buf: &[u8]) -> Result<(), PlatformError>;
 }
 
@@ -68,7 +73,9 @@ impl VectorState for NoVectorState {
 /// An owned XSAVE image with a dirty flag: the simplest [`VectorState`].
 #[derive(Debug, Clone)]
 pub struct XsaveImage {
+    /// The image, [`KVM_XSAVE_SIZE`] bytes.
     pub bytes: Vec<u8>,
+    /// Whether the emulator changed it (write it back to the vCPU).
     pub dirty: bool,
     /// How many times [`VectorState::image`] was called.
     pub fetches: u32,

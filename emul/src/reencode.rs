@@ -22,6 +22,7 @@ impl Default for Reencoder {
 }
 
 impl Reencoder {
+    /// A re-encoder for 64-bit stub code.
     pub fn new() -> Self {
         Reencoder {
             encoder: Encoder::new(64),

@@ -10,15 +10,19 @@ use crate::stub::XSAVE_HEADER_OFFSET;
 /// host's CPUID leaf 0xD (the image is in the host's standard layout).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct XsaveLayout {
+    /// Offset of the YMM_Hi128 component (AVX).
     pub ymm_hi128: usize,
+    /// Offset of the opmask component (AVX-512 K0-K7).
     pub opmask: usize,
-    /// ZMM0-15 bits 511:256 (component 6) and ZMM16-31 (component 7);
-    /// 0 when the host has no AVX-512.
+    /// Offset of ZMM0-15 bits 511:256 (component 6); 0 when the host has
+    /// no AVX-512.
     pub zmm_hi256: usize,
+    /// Offset of ZMM16-31 (component 7); 0 when the host has no AVX-512.
     pub hi16_zmm: usize,
 }
 
 impl XsaveLayout {
+    /// The offsets this CPU uses (CPUID leaf 0xD).
     pub fn from_host() -> Self {
         let off = |sub| core::arch::x86_64::__cpuid_count(0xd, sub).ebx as usize;
         XsaveLayout {
@@ -47,7 +51,9 @@ fn read_u64(image: &[u8], off: usize) -> u64 {
 /// A per-element write mask: bit `i` set means element `i` is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ElementMask {
+    /// Element size in bytes.
     pub element_size: usize,
+    /// Bit `i` set: element `i` is written.
     pub bits: u64,
 }
 

@@ -1,7 +1,8 @@
 //! Scripted guest programs, assembled with iced-x86's CodeAssembler.
 //!
 //! Each [`Program`] states the entry mode it needs, the devices it expects
-//! and the outcome it must produce; `cargo run -p guest -- NAME OUT.bin`
+//! and the outcome it must produce; `./target/release/guest NAME OUT.bin`
+//! (built by `cargo build --release`)
 //! writes one as a flat image for `vmm run`. The runtime in [`rt`] gives
 //! every mode a way to print, report values and exit, and 64-bit programs a
 //! mini kernel that runs their payload at CPL 3.
@@ -61,6 +62,8 @@ pub struct Program {
     pub mem: Option<u64>,
     /// Further `vmm run` flags it needs (format, devices, CPUs...).
     pub extra_args: Vec<&'static str>,
+    /// The file it expects as `--initrd` (Multiboot module 0), if any.
+    pub initrd: Option<Vec<u8>>,
     pub image: Vec<u8>,
     pub expect: Expect,
 }
@@ -83,6 +86,7 @@ impl Program {
             mmio_ram: Vec::new(),
             mem: None,
             extra_args: Vec::new(),
+            initrd: None,
             image,
             expect,
         }
@@ -103,6 +107,12 @@ impl Program {
     /// Adds further `vmm run` flags.
     pub fn with_args(mut self, args: Vec<&'static str>) -> Self {
         self.extra_args = args;
+        self
+    }
+
+    /// Asks for `data` as `--initrd`.
+    pub fn with_initrd(mut self, data: Vec<u8>) -> Self {
+        self.initrd = Some(data);
         self
     }
 
@@ -131,6 +141,17 @@ impl Program {
     }
 }
 
+/// `arg` quoted for a POSIX shell: as is when it holds only characters no
+/// shell treats specially, else in single quotes.
+pub fn shell_quote(arg: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_-+=./:,@%".contains(c);
+    if !arg.is_empty() && arg.chars().all(plain) {
+        arg.to_string()
+    } else {
+        format!("'{}'", arg.replace('\'', "'\\''"))
+    }
+}
+
 /// Every program, by name.
 pub fn all() -> Vec<Program> {
     programs::all()
@@ -142,4 +163,31 @@ pub fn by_name(name: &str) -> Option<Program> {
         .contains(&name)
         .then(|| programs::build(name))
         .flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each quoted argument reaches a real shell's command as one word,
+    /// unchanged.
+    #[test]
+    fn quoted_arguments_survive_a_shell() {
+        let args = ["plain", "mbtest arg1", "it's", "", "$HOME", "a\\b", "*"];
+        let line: Vec<String> = args.iter().map(|a| shell_quote(a)).collect();
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("printf '%s\\n' {}", line.join(" ")))
+            .output()
+            .expect("run sh");
+        let got = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(got.lines().collect::<Vec<_>>(), args);
+        assert_eq!(shell_quote("--mem"), "--mem");
+    }
+
+    #[test]
+    fn multiboot_info_names_its_initrd() {
+        let p = by_name("multiboot-info").unwrap();
+        assert_eq!(p.initrd.as_deref(), Some(&b"INITRD0123456789"[..]));
+    }
 }

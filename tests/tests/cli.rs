@@ -43,6 +43,9 @@ fn triple_fault_names_rip_and_cause() {
         err.contains("triple fault") && err.contains("rip 0x"),
         "{err}"
     );
+    // The clue: the guest loaded a zero-length IDT, then ran ud2.
+    assert!(err.contains("no present gate for vectors 0-31"), "{err}");
+    assert!(err.contains("`ud2` (bytes 0f 0b)"), "{err}");
 }
 
 #[test]
@@ -170,7 +173,7 @@ fn image_larger_than_ram_is_rejected() {
         "too-large",
         &vec![0x90; 3 << 20],
         &["--mem", "2M", "--load-addr", "0x0"],
-        "bytes of RAM",
+        "larger than guest RAM",
     );
 }
 
@@ -244,4 +247,172 @@ fn elf64_image_runs() {
     let o = vmm(&["run", path.to_str().unwrap()]);
     assert_eq!(status(&o), 11, "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(String::from_utf8_lossy(&o.stdout), "E");
+}
+
+#[test]
+fn mem_that_is_not_page_aligned_is_rejected() {
+    let img = program("hello-long").image;
+    common::require_kvm();
+    for mem in ["1", "5000", "0x1001"] {
+        let o = vmm(&["run", "--mem", mem, "/nonexistent"]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(status(&o), vmm::status::SETUP_ERROR, "{err}");
+        assert!(err.contains("not a multiple of 4 KiB"), "{mem}: {err}");
+    }
+    // The VM itself refuses it too (embedders bypass the command line).
+    let mut cfg = vmm::config::VmConfig::new(img);
+    cfg.mem_size = (64 << 20) + 1;
+    let e = vmm::vm::run(&cfg, Box::new(std::io::sink())).unwrap_err();
+    assert!(e.to_string().contains("multiple of 4 KiB"), "{e}");
+}
+
+/// /dev/zero has no size in its metadata: the read stops at guest RAM + 1
+/// byte instead of running the host out of memory.
+#[test]
+fn endless_image_or_initrd_is_refused_at_the_ram_size() {
+    let o = vmm(&["run", "--mem", "2M", "/dev/zero"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(status(&o), vmm::status::SETUP_ERROR, "{err}");
+    assert!(
+        err.contains("image /dev/zero is larger than guest RAM"),
+        "{err}"
+    );
+    let dir = scratch("endless-initrd");
+    let img = dir.join("k.bin");
+    std::fs::write(&img, [0xf4]).unwrap();
+    let o = vmm(&[
+        "run",
+        "--mem",
+        "2M",
+        "--initrd",
+        "/dev/zero",
+        img.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(status(&o), vmm::status::SETUP_ERROR, "{err}");
+    assert!(
+        err.contains("initrd /dev/zero is larger than guest RAM"),
+        "{err}"
+    );
+}
+
+#[test]
+fn huge_mmio_ram_window_is_refused_and_large_ones_cost_nothing_until_used() {
+    let p = program("hello-long");
+    expect_bad(
+        "huge-window",
+        &p.image,
+        &["--mmio-ram", "0x100000000:0x400000000000"],
+        "at most 0x100000000",
+    );
+    // A 4 GiB window (the bound) is mapped lazily: the VM starts at once.
+    let o = vmm_program(&p, &["--mmio-ram", "0x100000000:4G"]);
+    assert_eq!(
+        status(&o),
+        p.expect.status,
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[test]
+fn trace_write_failure_is_reported_once() {
+    let p = program("pio-widths");
+    let o = vmm_program(&p, &["--trace", "/dev/full"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    // The guest's own outcome stands; the lost trace is an error on stderr.
+    assert_eq!(status(&o), p.expect.status, "{err}");
+    assert_eq!(err.matches("write failed").count(), 1, "{err}");
+    assert!(err.contains("--trace /dev/full"), "{err}");
+}
+
+#[test]
+fn long_cmdline_is_named_as_the_culprit() {
+    let p = program("multiboot-info");
+    let dir = scratch("long-cmdline");
+    let initrd = dir.join("initrd");
+    std::fs::write(&initrd, p.initrd.as_ref().unwrap()).unwrap();
+    let img = dir.join("mb.bin");
+    std::fs::write(&img, &p.image).unwrap();
+    let long = "x".repeat(5000);
+    let o = vmm(&[
+        "run",
+        "--format",
+        "multiboot",
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--cmdline",
+        &long,
+        img.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(status(&o), vmm::status::SETUP_ERROR, "{err}");
+    assert!(err.contains("command line (5000 bytes"), "{err}");
+    assert!(!err.contains("vmm: image"), "{err}");
+}
+
+#[test]
+fn debug_exit_reports_the_status_the_process_returns() {
+    // mov dx, 0xf4; mov eax, 0x87; out dx, eax: (0x87 << 1) | 1 = 0x10f.
+    let code = [0x66, 0xba, 0xf4, 0x00, 0xb8, 0x87, 0, 0, 0, 0xef, 0xf4];
+    let dir = scratch("debug-exit-8bit");
+    let img = dir.join("k.bin");
+    std::fs::write(&img, code).unwrap();
+    let o = vmm(&["run", img.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(status(&o), 0x0f, "{err}");
+    assert!(
+        err.contains("wrote 0x87") && err.contains("(status 15)"),
+        "{err}"
+    );
+}
+
+/// Without the in-kernel irqchip nothing can wake a halted vCPU, so
+/// `sti; hlt` ends the VM with 0 like `cli; hlt` (the README says so).
+#[test]
+fn sti_hlt_without_an_interrupt_source_ends_with_zero() {
+    let dir = scratch("sti-hlt");
+    let img = dir.join("k.bin");
+    std::fs::write(&img, [0xfb, 0xf4]).unwrap();
+    let o = vmm(&["run", img.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(status(&o), 0, "{err}");
+    assert!(
+        err.contains("interrupts on but no interrupt source"),
+        "{err}"
+    );
+}
+
+#[test]
+fn run_help_lists_the_exit_statuses() {
+    let o = vmm(&["run", "--help"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(status(&o), 0);
+    assert!(out.contains("Exit statuses:"), "{out}");
+    for line in ["  4 ", "  10 ", "  14 "] {
+        assert!(out.contains(line), "{line:?} missing: {out}");
+    }
+}
+
+#[test]
+fn trace_names_emulated_instructions() {
+    let p = program("regonly-cpl0");
+    let dir = scratch("trace-emul");
+    let trace = dir.join("trace.jsonl");
+    let o = vmm_program(&p, &["--trace", trace.to_str().unwrap()]);
+    assert_eq!(
+        status(&o),
+        p.expect.status,
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let text = std::fs::read_to_string(&trace).unwrap();
+    // `adcx` at CPL 0 is completed by the VMM: its record names RIP, the
+    // mnemonic and its bytes as KVM reported them (adcx rax, rbx).
+    let line = text
+        .lines()
+        .find(|l| l.contains(r#""reason":"emulation""#) && l.contains(r#""mnemonic":"adcx""#))
+        .unwrap_or_else(|| panic!("no adcx emulation record in:\n{text}"));
+    assert!(line.contains(r#""rip":"#), "{line}");
+    assert!(line.contains(r#""bytes":"66 48 0f 38 f6 c3","#), "{line}");
 }

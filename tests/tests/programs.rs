@@ -38,6 +38,9 @@ const TESTED_ELSEWHERE: &[&str] = &[
     "masked-fault-suppression",
     "system-cpl0",
     "bios-state",
+    "mmio-split-windows",
+    "exactness",
+    "kvm-defects",
 ];
 
 program_tests! {
@@ -156,4 +159,15 @@ fn cpu_host_exposes_the_hosts_leaves() {
         0,
         "leaf 7 EBX within the host's"
     );
+}
+
+/// Accesses across two adjacent MMIO windows and unassigned space are
+/// split byte by byte, for KVM's exits and for the VMM's emulated AVX moves.
+#[test]
+fn mmio_access_is_split_across_windows() {
+    if !std::arch::is_x86_feature_detected!("avx2") {
+        eprintln!("skipped: the host has no AVX2, the program's vextracti128 needs it");
+        return;
+    }
+    common::check_program("mmio-split-windows");
 }

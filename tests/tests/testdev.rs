@@ -101,7 +101,11 @@ fn sigterm_stops_the_vm_cleanly() {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    assert!(String::from_utf8_lossy(&o.stderr).contains("SIGINT/SIGTERM"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("SIGINT/SIGTERM"), "{err}");
+    // The end line says where each vCPU was: in the spin loop, inside the
+    // image at the load address.
+    assert!(err.contains("vcpu 0 at rip 0x1000"), "{err}");
     assert!(String::from_utf8_lossy(&o.stdout).contains("spinning"));
 }
 

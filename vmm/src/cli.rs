@@ -7,7 +7,7 @@ use crate::loader::ImageFormat;
 use crate::vcpu::OnUnsupported;
 use clap::{Args, Parser, Subcommand};
 use emul::stub::ItsMode;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -29,6 +29,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a guest image.
+    #[command(after_help = crate::status::HELP)]
     Run(RunArgs),
     /// Build and run the stub self-test cases with ITS on and off.
     Selftest,
@@ -66,8 +67,9 @@ impl BenchArgs {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Guest RAM (K/M/G suffixes).
-    #[arg(long, default_value = "128M", value_parser = parse_size)]
+    /// Guest RAM (K/M/G suffixes), a multiple of 4 KiB; the image and
+    /// --initrd must each fit in it.
+    #[arg(long, default_value = "128M", value_parser = parse_mem)]
     pub mem: u64,
     /// Image format: auto, flat, elf, multiboot.
     #[arg(long, default_value = "auto", value_parser = parse_format)]
@@ -81,7 +83,8 @@ pub struct RunArgs {
     /// CPU state at entry: real, protected, long.
     #[arg(long, default_value = "long", value_parser = parse_mode)]
     pub mode: EntryMode,
-    /// A RAM-like MMIO window ADDR:SIZE (repeatable).
+    /// A RAM-like MMIO window ADDR:SIZE (repeatable; backed lazily, 4 GiB in
+    /// all at most).
     #[arg(long = "mmio-ram", value_parser = parse_window)]
     pub mmio_ram: Vec<(u64, u64)>,
     /// Write one JSON line per exit to FILE.
@@ -125,6 +128,17 @@ fn parse_its(s: &str) -> Result<ItsMode, String> {
     }
 }
 
+/// `--mem`: a size KVM can map, in whole 4 KiB pages.
+fn parse_mem(s: &str) -> Result<u64, String> {
+    let size = parse_size(s)?;
+    if !size.is_multiple_of(4096) {
+        return Err(format!(
+            "{size:#x} bytes is not a multiple of 4 KiB (KVM maps guest RAM in whole pages)"
+        ));
+    }
+    Ok(size)
+}
+
 fn parse_format(s: &str) -> Result<ImageFormat, String> {
     s.parse()
         .map_err(|e: crate::loader::UnknownImageFormat| e.to_string())
@@ -155,8 +169,10 @@ fn parse_cpu(s: &str) -> Result<CpuModel, String> {
 impl RunArgs {
     /// The VM description, with the image read from disk.
     pub fn to_config(&self, its: ItsMode) -> Result<VmConfig, String> {
-        let image = std::fs::read(&self.image)
-            .map_err(|e| format!("cannot read image {}: {e}", self.image.display()))?;
+        // Nothing larger than guest RAM can be loaded: refuse it before
+        // reading, and stop reading there for files whose size the metadata
+        // does not tell (/dev/zero, pipes).
+        let image = read_bounded(&self.image, "image", self.mem)?;
         let mut cfg = VmConfig::new(image);
         cfg.image_name = self.image.display().to_string();
         cfg.mem_size = self.mem;
@@ -173,8 +189,7 @@ impl RunArgs {
         cfg.on_unsupported = self.on_unsupported;
         cfg.cmdline = self.cmdline.clone();
         if let Some(p) = &self.initrd {
-            let data =
-                std::fs::read(p).map_err(|e| format!("cannot read initrd {}: {e}", p.display()))?;
+            let data = read_bounded(p, "initrd", self.mem)?;
             cfg.initrd = Some((p.display().to_string(), data));
         }
         cfg.test_devices = if self.testdev {
@@ -186,4 +201,30 @@ impl RunArgs {
         };
         Ok(cfg)
     }
+}
+
+/// Reads the file at `path`, refusing one of more than `limit` bytes (the
+/// guest's RAM) before reading it, and reading at most `limit + 1` bytes of
+/// files that do not know their size.
+pub fn read_bounded(path: &Path, what: &str, limit: u64) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let name = path.display();
+    let too_large = || {
+        format!(
+            "{what} {name} is larger than guest RAM ({limit:#x} bytes, --mem); it cannot be loaded"
+        )
+    };
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read {what} {name}: {e}"))?;
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    if len > limit {
+        return Err(too_large());
+    }
+    let mut data = Vec::with_capacity(len as usize);
+    file.take(limit.saturating_add(1))
+        .read_to_end(&mut data)
+        .map_err(|e| format!("cannot read {what} {name}: {e}"))?;
+    if data.len() as u64 > limit {
+        return Err(too_large());
+    }
+    Ok(data)
 }

@@ -3,7 +3,8 @@
 use crate::boot::{self, EntryMode};
 use crate::bus::{BusError, MmioBus, PioBus};
 use crate::config::{TestDevice, VmConfig};
-use crate::devices::{acpi_pm1, debug_exit, i8042, mmio_ram::MmioRam, rtc, serial, test_report};
+use crate::devices::mmio_ram::{MmioRam, MmioRamError, MAX_MMIO_RAM_TOTAL};
+use crate::devices::{acpi_pm1, debug_exit, i8042, rtc, serial, test_report};
 use crate::halt_probe::HaltProbe;
 use crate::kvm::{self, cpuid, ioctl_err, KvmError};
 use crate::layout;
@@ -27,6 +28,13 @@ pub enum VmError {
     Memory(#[from] crate::kvm::memory::MemoryError),
     #[error("image {name}: {err}")]
     Load { name: String, err: LoadError },
+    #[error("initrd {name}: {err}")]
+    Initrd { name: String, err: LoadError },
+    #[error(
+        "the Multiboot command line ({cmdline_len} bytes; --cmdline, default the image path) \
+         and module names do not fit the Multiboot information area: {err}"
+    )]
+    MultibootInfo { cmdline_len: usize, err: LoadError },
     #[error("entry state: {0}")]
     Boot(#[from] boot::BootError),
     #[error("device set-up: {0}")]
@@ -35,6 +43,16 @@ pub enum VmError {
     WindowOverRam { addr: u64, size: u64 },
     #[error("--mmio-ram {addr:#x}+{size:#x} overlaps the in-kernel IOAPIC or LAPIC page")]
     WindowOverIrqchip { addr: u64, size: u64 },
+    #[error(
+        "--mmio-ram windows span {total:#x} bytes together; at most {:#x} ({} GiB) are allowed",
+        MAX_MMIO_RAM_TOTAL,
+        MAX_MMIO_RAM_TOTAL >> 30
+    )]
+    WindowsTooLarge { total: u64 },
+    #[error(transparent)]
+    MmioRam(MmioRamError),
+    #[error("--mem {0:#x} is not a multiple of 4 KiB (KVM maps guest RAM in whole pages)")]
+    MemNotPageAligned(u64),
     #[error("--cpus must be between 1 and 255, not {0}")]
     Cpus(u8),
     #[error("cannot install the vCPU kick signal handler (errno {0})")]
@@ -169,6 +187,9 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
     if cfg.cpus == 0 {
         return Err(VmError::Cpus(cfg.cpus));
     }
+    if !cfg.mem_size.is_multiple_of(4096) || cfg.mem_size == 0 {
+        return Err(VmError::MemNotPageAligned(cfg.mem_size));
+    }
     crate::signals::install_kick().map_err(|e| VmError::Signal(e.errno()))?;
     let vm = kvm.create_vm().map_err(ioctl_err("KVM_CREATE_VM"))?;
     kvm::enable_exit_on_emulation_failure(&vm)?;
@@ -246,7 +267,10 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
                 if let Some(end) = vcpu.run() {
                     shared.finish(end);
                 }
-                vcpu.take_stats()
+                // Where it stopped, for an end no vCPU reported itself
+                // (SIGINT/SIGTERM): sync regs are stored on every KVM_RUN
+                // return, the kick's EINTR included.
+                (vcpu.take_stats(), vcpu.id, vcpu.rip())
             })
             .map_err(VmError::Thread)?;
         handles.push(h);
@@ -255,8 +279,13 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
 
     let mut stats = cfg.stats.then(ExitStats::new);
     let mut emulated: Vec<(iced_x86::Mnemonic, u64)> = Vec::new();
+    let mut stopped_at = Vec::with_capacity(handles.len());
     for h in handles {
-        match h.join() {
+        let joined = h.join().map(|(stats, id, rip)| {
+            stopped_at.push(format!("vcpu {id} at rip {rip:#x}"));
+            stats
+        });
+        match joined {
             Ok(Some((s, counts))) => {
                 if let Some(all) = &mut stats {
                     all.merge(&s);
@@ -276,14 +305,18 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
         }
     }
     if let Some(t) = &shared.tracer {
-        t.flush();
+        // A failed write was reported (once) when it happened.
+        let _ = t.flush();
     }
-    let end = shared
+    let mut end = shared
         .end
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .take()
         .unwrap_or_else(|| VmEnd::new(status::INTERRUPTED, "stopped".into()));
+    if end.status == status::INTERRUPTED {
+        end.message = format!("{} ({})", end.message, stopped_at.join(", "));
+    }
     let reports = reports.lock().unwrap_or_else(|p| p.into_inner()).clone();
     emulated.sort_by_key(|e| std::cmp::Reverse(e.1));
     let dumps = cfg
@@ -418,9 +451,14 @@ fn load_guest(cfg: &VmConfig, mem: &GuestMemoryMmap, buses: &Buses) -> Result<Bo
     if image.kind.is_multiboot() {
         let initrd_name = cfg.initrd.as_ref().map(|(n, _)| n.as_str()).unwrap_or("");
         let module = match &cfg.initrd {
-            Some((_, data)) => {
-                Some(loader::load_module(mem, image.end(), data, &reserved).map_err(load_err)?)
-            }
+            Some((name, data)) => Some(
+                loader::load_module(mem, image.end(), data, &reserved).map_err(|err| {
+                    VmError::Initrd {
+                        name: name.clone(),
+                        err,
+                    }
+                })?,
+            ),
             None => None,
         };
         let modules: Vec<loader::MultibootModule> = module
@@ -443,7 +481,10 @@ fn load_guest(cfg: &VmConfig, mem: &GuestMemoryMmap, buses: &Buses) -> Result<Bo
                 modules: &modules,
             },
         )
-        .map_err(load_err)?;
+        .map_err(|err| VmError::MultibootInfo {
+            cmdline_len: cmdline.len(),
+            err,
+        })?;
         mb = Some((loader::MULTIBOOT_BOOTLOADER_MAGIC, info as u32));
     } else if cfg.initrd.is_some() {
         log::warn!("--initrd is only passed to Multiboot kernels; ignored");
@@ -585,7 +626,7 @@ fn build_buses(
                 b.mmio.register(
                     TESTDEV_IOMEM_ADDR,
                     TESTDEV_IOMEM_LEN,
-                    Arc::new(Mutex::new(TestdevMmio::new())),
+                    Arc::new(Mutex::new(TestdevMmio::new().map_err(VmError::MmioRam)?)),
                 )?;
             }
             TestDevice::FwCfg => {
@@ -630,6 +671,7 @@ fn build_buses(
     for d in &cfg.extra_mmio {
         b.mmio.insert(d.base, d.len, d.device.clone())?;
     }
+    let mut total_mmio_ram = 0u64;
     for &(addr, size) in &cfg.mmio_ram {
         let over_ram = mem.iter().any(|r| {
             let (s, e) = (r.start_addr().0, r.start_addr().0 + r.len());
@@ -648,11 +690,14 @@ fn build_buses(
         {
             return Err(VmError::WindowOverIrqchip { addr, size });
         }
-        b.mmio.register(
-            addr,
-            size,
-            Arc::new(Mutex::new(MmioRam::new(size as usize))),
-        )?;
+        total_mmio_ram = total_mmio_ram.saturating_add(size);
+        if total_mmio_ram > MAX_MMIO_RAM_TOTAL {
+            return Err(VmError::WindowsTooLarge {
+                total: total_mmio_ram,
+            });
+        }
+        let window = MmioRam::new(size as usize).map_err(VmError::MmioRam)?;
+        b.mmio.register(addr, size, Arc::new(Mutex::new(window)))?;
     }
     Ok((b, power))
 }

@@ -42,25 +42,40 @@ const MAX_OPERAND: usize = 64;
 pub enum Outcome {
     /// The instruction completed: registers, memory, vector state and RIP
     /// are updated.
-    Done { mnemonic: Mnemonic },
+    Done {
+        /// What completed (for statistics and traces).
+        mnemonic: Mnemonic,
+    },
     /// Inject this exception; nothing was changed (RIP still points at the
     /// instruction).
     Exception {
+        /// Exception vector.
         vector: u8,
+        /// Error code, for vectors that push one.
         error_code: Option<u32>,
+        /// For #PF: the faulting linear address, to load into CR2.
         cr2: Option<u64>,
     },
     /// The instruction is outside the allow-list (or cannot be staged);
     /// `text` names it in Intel syntax and says why. Nothing was changed.
-    Unsupported { text: String },
+    Unsupported {
+        /// The instruction in Intel syntax and why it was refused.
+        text: String,
+    },
     /// A memory or vector-state access through the VMM failed.
     Platform(PlatformError),
     /// INT n, INT3 or a taken INTO ([`crate::system`]): GPRs and RIP are
     /// updated (RIP is the return address, past the instruction); the VMM
     /// delivers `vector` through the guest's IDT.
-    SoftwareInterrupt { vector: u8 },
+    SoftwareInterrupt {
+        /// The IDT vector to deliver.
+        vector: u8,
+    },
     /// INVPCID completed (RIP updated); the VMM must flush the guest's TLB.
-    FlushTlb { mnemonic: Mnemonic },
+    FlushTlb {
+        /// The instruction (for per-mnemonic statistics).
+        mnemonic: Mnemonic,
+    },
 }
 
 impl From<Exception> for Outcome {
@@ -105,6 +120,7 @@ impl From<PlatformError> for Stop {
 #[derive(Debug, thiserror::Error)]
 pub enum EmulError {
     #[error("stub buffer: {0}")]
+    /// The stub buffer could not be set up.
     Stub(#[from] StubError),
 }
 

@@ -50,6 +50,7 @@ pub struct BuiltStub {
     pub insn_addr: u64,
     /// Offset of the stub in the buffer and its length in bytes.
     pub start: usize,
+    /// Length of the stub in bytes.
     pub len: usize,
 }
 

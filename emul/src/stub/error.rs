@@ -12,7 +12,10 @@ pub enum StubError {
     /// A stub (or a helper) would run past the end of the space reserved
     /// for it; nothing is executed.
     #[error("stub code needs more than the {limit} bytes reserved for it")]
-    TooLong { limit: usize },
+    TooLong {
+        /// Bytes reserved.
+        limit: usize,
+    },
     /// The instruction is empty or longer than the architectural 15 bytes.
     #[error("instruction length {0} is not 1..=15 bytes")]
     BadInsnLength(usize),
@@ -21,7 +24,12 @@ pub enum StubError {
     BadStartOffset(usize),
     /// A rel32 branch or RIP-relative operand cannot reach its target.
     #[error("target {target:#x} is out of rel32 range from {from:#x}")]
-    OutOfRange { from: u64, target: u64 },
+    OutOfRange {
+        /// Address of the end of the branch or operand.
+        from: u64,
+        /// Address it must reach.
+        target: u64,
+    },
     /// A vector run was asked for on a host without XSAVE enabled.
     #[error("the host has no XSAVE support for vector stubs")]
     NoXsave,
@@ -32,7 +40,9 @@ pub enum StubError {
     /// memfd_create, mmap or sigaction failed.
     #[error("{what} failed: {source}")]
     Os {
+        /// The call that failed.
         what: &'static str,
+        /// Its error.
         #[source]
         source: io::Error,
     },

@@ -24,7 +24,9 @@ pub enum ItsMode {
 /// The outcome of [`ItsMode::resolve`], with the reason for the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ItsDecision {
+    /// Whether stubs use the ITS-safe return thunk.
     pub enabled: bool,
+    /// Why, for the log.
     pub reason: String,
 }
 
@@ -97,11 +99,13 @@ pub fn decide_from_sysfs(status: &str) -> ItsDecision {
 /// The identity of the host CPU as far as the ITS list needs it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CpuId {
+    /// CPUID vendor string ("GenuineIntel", "AuthenticAMD").
     pub vendor: [u8; 12],
     /// Display family (base + extended).
     pub family: u32,
     /// Display model (extended model << 4 | base model).
     pub model: u32,
+    /// Stepping.
     pub stepping: u32,
 }
 

@@ -5,7 +5,7 @@ use core::mem::offset_of;
 
 /// The arithmetic flags (CF, PF, AF, ZF, SF, OF) a stub carries between the
 /// guest register file and the real RFLAGS. Every other RFLAGS bit but AC
-/// (see [`RFLAGS_AC`]) stays the host's while the stub runs (so DF and TF
+/// (see `RFLAGS_AC`) stays the host's while the stub runs (so DF and TF
 /// are clear) and keeps its guest value in [`GuestGprs::rflags`].
 pub const ARITH_FLAGS_MASK: u64 = 0x8d5;
 
@@ -44,22 +44,39 @@ const _: () = assert!(
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct GuestGprs {
+    /// RAX.
     pub rax: u64,
+    /// RCX.
     pub rcx: u64,
+    /// RDX.
     pub rdx: u64,
+    /// RBX.
     pub rbx: u64,
+    /// RSP.
     pub rsp: u64,
+    /// RBP.
     pub rbp: u64,
+    /// RSI.
     pub rsi: u64,
+    /// RDI.
     pub rdi: u64,
+    /// R8.
     pub r8: u64,
+    /// R9.
     pub r9: u64,
+    /// R10.
     pub r10: u64,
+    /// R11.
     pub r11: u64,
+    /// R12.
     pub r12: u64,
+    /// R13.
     pub r13: u64,
+    /// R14.
     pub r14: u64,
+    /// R15.
     pub r15: u64,
+    /// RFLAGS (the stub loads and saves the arithmetic flags, and AC).
     pub rflags: u64,
 }
 

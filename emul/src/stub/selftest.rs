@@ -12,9 +12,19 @@ use super::regs::{GuestGprs, ARITH_FLAGS_MASK, RFLAGS_AF, RFLAGS_OF, RFLAGS_PF, 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// The instruction completed with this RAX and these arithmetic flags.
-    Completed { rax: u64, arith_flags: u64 },
+    Completed {
+        /// RAX after the instruction.
+        rax: u64,
+        /// The arithmetic flags after it (CF, PF, AF, ZF, SF, OF).
+        arith_flags: u64,
+    },
     /// The instruction raised this exception.
-    Fault { vector: u8, error_code: u64 },
+    Fault {
+        /// Exception vector.
+        vector: u8,
+        /// Error code (0 for vectors without one).
+        error_code: u64,
+    },
     /// The stub could not be built or the buffer not set up.
     Error(String),
 }
@@ -41,13 +51,18 @@ impl fmt::Display for Outcome {
 /// One self-test case.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SelftestCase {
+    /// What the case runs.
     pub name: &'static str,
+    /// Whether the stub was built with the ITS-safe return.
     pub its_on: bool,
+    /// What the CPU must do.
     pub expected: Outcome,
+    /// What the stub did.
     pub seen: Outcome,
 }
 
 impl SelftestCase {
+    /// Whether the stub did what the CPU must.
     pub fn passed(&self) -> bool {
         self.expected == self.seen
     }

@@ -15,7 +15,7 @@ use crate::{Mode, Program};
 use iced_x86::code_asm::*;
 use iced_x86::IcedError;
 
-/// Values each way records (see [`emit_way`]).
+/// Values each way records (see `emit_way`).
 pub const EXACTNESS_VALUES: usize = 7;
 /// The names of those values, for the test's messages.
 pub const EXACTNESS_NAMES: [&str; EXACTNESS_VALUES] = [

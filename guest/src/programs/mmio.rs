@@ -142,3 +142,78 @@ pub fn mmio_cross_page() -> Result<Program, IcedError> {
     .with_mmio_ram(vec![(RAM, 0x1000)])
     .with_mem(RAM))
 }
+
+/// Two adjacent `--mmio-ram` windows, 0xd0000000:0x10 and 0xd0000010:0x20,
+/// and accesses that straddle them or start in unassigned space: KVM's own
+/// 8-byte MMIO exits and the VMM-emulated 32-byte AVX moves are split
+/// across the windows and the gaps (reads all-ones, writes dropped) byte by
+/// byte, as a bus's address decoder would. Needs AVX2 on the host.
+pub fn mmio_split_windows() -> Result<Program, IcedError> {
+    const W1: u64 = MMIO_BASE;
+    const W2: u64 = MMIO_BASE + 0x10;
+    let image = assemble(Mode::Long, LOAD_ADDR, |a| {
+        let mut pattern = a.create_label();
+        let mut code = a.create_label();
+        a.jmp(code)?;
+        a.set_label(&mut pattern)?;
+        a.db(&(0u8..32).collect::<Vec<u8>>())?;
+        a.set_label(&mut code)?;
+        // KVM exit: 8 bytes at W1+0xc, 4 in each window.
+        a.mov(rax, 0x1122_3344_5566_7788u64)?;
+        a.mov(rbx, W1 + 0xc)?;
+        a.mov(qword_ptr(rbx), rax)?;
+        a.mov(rbx, W1 + 8)?;
+        a.mov(rax, qword_ptr(rbx))?;
+        report_rax(a)?;
+        a.mov(rbx, W2)?;
+        a.mov(eax, dword_ptr(rbx))?;
+        report_rax(a)?;
+        // From unassigned space into W1: the first 4 bytes are dropped /
+        // read all-ones, the rest reach the window.
+        a.mov(rcx, 0xaabb_ccdd_eeff_0011u64)?;
+        a.mov(rbx, W1 - 4)?;
+        a.mov(qword_ptr(rbx), rcx)?;
+        a.mov(rax, qword_ptr(rbx))?;
+        report_rax(a)?;
+        // The emulator's path: a 32-byte AVX store at W1+8 (8 bytes to W1,
+        // 24 to W2), read back by plain loads; a 32-byte load at W2+0x10
+        // (16 bytes of W2, then 16 unassigned).
+        a.vmovdqu(ymm0, ymmword_ptr(pattern))?;
+        a.mov(rbx, W1 + 8)?;
+        a.vmovdqu(ymmword_ptr(rbx), ymm0)?;
+        a.mov(rax, qword_ptr(rbx))?;
+        report_rax(a)?;
+        a.mov(rbx, W2 + 0x10)?;
+        a.mov(rax, qword_ptr(rbx))?;
+        report_rax(a)?;
+        a.vmovdqu(ymm1, ymmword_ptr(rbx))?;
+        a.vmovq(rax, xmm1)?;
+        report_rax(a)?;
+        a.vextracti128(xmm2, ymm1, 1)?;
+        a.vmovq(rax, xmm2)?;
+        report_rax(a)?;
+        print(a, "split ok\n")?;
+        exit(a, EXIT_PASS)
+    })?;
+    Ok(Program::new(
+        "mmio-split-windows",
+        "8-byte MMIO stores and 32-byte AVX moves across two adjacent MMIO windows and unassigned space (needs AVX2)",
+        Mode::Long,
+        LOAD_ADDR,
+        image,
+        expect(
+            status_of(EXIT_PASS),
+            "split ok",
+            Some(vec![
+                0x5566_7788_0000_0000,
+                0x1122_3344,
+                0xaabb_ccdd_ffff_ffff,
+                0x0706_0504_0302_0100,
+                0x1f1e_1d1c_1b1a_1918,
+                0x1f1e_1d1c_1b1a_1918,
+                u64::MAX,
+            ]),
+        ),
+    )
+    .with_mmio_ram(vec![(W1, 0x10), (W2, 0x20)]))
+}

@@ -41,6 +41,7 @@ const CATALOGUE: &[(&str, Builder)] = &[
     ("mmio-widths", mmio::mmio_widths),
     ("mmio-user-sse", mmio::mmio_user_sse),
     ("mmio-cross-page", mmio::mmio_cross_page),
+    ("mmio-split-windows", mmio::mmio_split_windows),
     ("user-simd", user::user_simd),
     ("user-exception", user::user_exception),
     ("regonly-cpl0", regonly::regonly_cpl0),

@@ -21,6 +21,9 @@ const IOAPIC: u32 = 0xfec0_0000;
 
 /// The command line and module the `multiboot-info` test passes.
 pub const MB_CMDLINE: &str = "mbtest arg1";
+/// The module `multiboot-info` expects as `--initrd` (it checks the size
+/// and the first four bytes).
+pub const MB_INITRD: &[u8] = b"INITRD0123456789";
 pub const MB_MEM: u64 = 64 << 20;
 
 fn program(
@@ -91,7 +94,8 @@ pub fn multiboot_info() -> Result<Program, IcedError> {
                 1,
             ]),
         ),
-    ))
+    )
+    .with_initrd(MB_INITRD.to_vec()))
 }
 
 /// fw_cfg, the pc-testdev latch and MMIO buffer, and the PM timer.

@@ -69,5 +69,5 @@ pub const EXIT_PASS: u32 = 0x10;
 
 /// The process status `vmm` exits with for debug-exit `code`.
 pub const fn status_of(code: u32) -> i32 {
-    ((code << 1) | 1) as i32
+    (((code << 1) | 1) & 0xff) as i32
 }

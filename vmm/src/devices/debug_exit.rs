@@ -21,9 +21,10 @@ impl PioDevice for DebugExit {
         v[..n].copy_from_slice(&data[..n]);
         let value = u32::from_le_bytes(v);
         BusAction::Stop {
-            // The process status only keeps the low 8 bits, as with QEMU.
-            status: ((value << 1) | 1) as i32,
-            reason: StopReason::DebugExit,
+            // A process status keeps only the low 8 bits (QEMU's too): the
+            // status reported is the one the process returns.
+            status: ((value << 1) | 1) as i32 & 0xff,
+            reason: StopReason::DebugExit { value },
         }
     }
 }
@@ -40,6 +41,8 @@ mod tests {
             (&[1], 3),
             (&[0x10, 0], 0x21),
             (&[3, 0, 0, 0], 7),
+            // 0x87 << 1 | 1 = 0x10f: the process exits with 0x0f.
+            (&[0x87, 0, 0, 0], 0x0f),
         ] {
             match d.pio_write(0, data) {
                 BusAction::Stop { status, .. } => assert_eq!(status, want),

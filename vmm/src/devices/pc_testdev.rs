@@ -132,19 +132,14 @@ impl PioDevice for TestdevIrq {
 /// there and drop those bytes (QEMU would overrun its buffer).
 pub struct TestdevMmio(MmioRam);
 
-impl Default for TestdevMmio {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl TestdevMmio {
-    pub fn new() -> Self {
-        TestdevMmio(MmioRam::new(TESTDEV_IOMEM_LEN as usize))
+    pub fn new() -> Result<Self, crate::devices::mmio_ram::MmioRamError> {
+        MmioRam::new(TESTDEV_IOMEM_LEN as usize).map(TestdevMmio)
     }
 
-    pub fn bytes(&self) -> &[u8] {
-        self.0.bytes()
+    /// A copy of the buffer's contents.
+    pub fn contents(&self) -> Vec<u8> {
+        self.0.contents()
     }
 }
 
@@ -230,14 +225,14 @@ mod tests {
 
     #[test]
     fn iomem_reads_back_writes_and_clips_at_the_end() {
-        let mut m = TestdevMmio::new();
+        let mut m = TestdevMmio::new().unwrap();
         m.mmio_write(0x1000, &0x0123_4567_89ab_cdefu64.to_le_bytes());
         let mut b = [0u8; 8];
         m.mmio_read(0x1000, &mut b);
         assert_eq!(u64::from_le_bytes(b), 0x0123_4567_89ab_cdef);
         // Cross-page access, as in the emulator test.
         m.mmio_write(0xfff, &0x88aau16.to_le_bytes());
-        assert_eq!(&m.bytes()[0xfff..0x1001], &[0xaa, 0x88]);
+        assert_eq!(&m.contents()[0xfff..0x1001], &[0xaa, 0x88]);
         m.mmio_write(TESTDEV_IOMEM_LEN - 2, &[1, 2, 3, 4]);
         let mut b = [0u8; 4];
         m.mmio_read(TESTDEV_IOMEM_LEN - 2, &mut b);

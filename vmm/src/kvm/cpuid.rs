@@ -55,7 +55,7 @@ pub fn build(kvm: &Kvm, model: CpuModel) -> Result<CpuId, KvmError> {
     CpuId::from_entries(&entries).map_err(|_| KvmError::MissingCap("room for the CPUID entries"))
 }
 
-/// The guest CPUID for vCPU `id`: leaf 1 EBX[31:24] and leaf 0xB EDX carry the
+/// The guest CPUID for vCPU `id`: leaf 1 EBX\[31:24\] and leaf 0xB EDX carry the
 /// APIC id.
 pub fn for_vcpu(base: &CpuId, id: u8) -> CpuId {
     let mut c = base.clone();

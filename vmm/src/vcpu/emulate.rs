@@ -74,6 +74,11 @@ impl Emulator {
         self.emu.set_system_features(f);
     }
 
+    /// The guest's MAXPHYADDR this emulator walks page tables with.
+    pub fn max_phys_bits(&self) -> u8 {
+        self.max_phys_bits
+    }
+
     /// Runs the stub self-test on this vCPU's own buffer; `Err` lists the
     /// cases that did not match.
     pub fn selftest(&mut self) -> Result<(), String> {

@@ -59,30 +59,24 @@ pub fn handle_exit(exit: Exit<'_>, buses: &Buses) -> ExitAction {
             }
             for item in data.chunks_exact_mut(size) {
                 if out {
-                    match buses.pio.write(port, item) {
-                        Some(BusAction::Continue) => {}
-                        Some(BusAction::Stop { status, reason }) => {
-                            return ExitAction::Stop { status, reason }
-                        }
-                        None => log::debug!("write to unassigned port {port:#x} dropped"),
+                    if let BusAction::Stop { status, reason } = buses.pio.write(port, item) {
+                        return ExitAction::Stop { status, reason };
                     }
-                } else if !buses.pio.read(port, item) {
-                    log::debug!("read from unassigned port {port:#x}");
+                } else {
+                    buses.pio.read(port, item);
                 }
             }
             ExitAction::Resume
         }
+        // KVM splits nothing: an access may run across devices and gaps,
+        // which the bus splits as an address decoder would.
         Exit::Mmio { addr, write, data } => {
             if write {
-                match buses.mmio.write(addr, data) {
-                    Some(BusAction::Continue) => {}
-                    Some(BusAction::Stop { status, reason }) => {
-                        return ExitAction::Stop { status, reason }
-                    }
-                    None => log::debug!("MMIO write to unassigned {addr:#x} dropped"),
+                if let BusAction::Stop { status, reason } = buses.mmio.write(addr, data) {
+                    return ExitAction::Stop { status, reason };
                 }
-            } else if !buses.mmio.read(addr, data) {
-                log::debug!("MMIO read from unassigned {addr:#x}");
+            } else {
+                buses.mmio.read(addr, data);
             }
             ExitAction::Resume
         }
@@ -112,7 +106,11 @@ mod tests {
             .register(0xf4, 4, Arc::new(Mutex::new(DebugExit)))
             .unwrap();
         b.mmio
-            .register(0x1000, 0x100, Arc::new(Mutex::new(MmioRam::new(0x100))))
+            .register(
+                0x1000,
+                0x100,
+                Arc::new(Mutex::new(MmioRam::new(0x100).unwrap())),
+            )
             .unwrap();
         b
     }
@@ -134,7 +132,7 @@ mod tests {
             a,
             ExitAction::Stop {
                 status: 11,
-                reason: StopReason::DebugExit
+                reason: StopReason::DebugExit { value: 5 }
             }
         );
     }
@@ -185,5 +183,37 @@ mod tests {
             &b,
         );
         assert_eq!(u, [0xff; 8]);
+    }
+
+    #[test]
+    fn kvm_mmio_exit_is_split_across_windows() {
+        let mut b = Buses::default();
+        let first = Arc::new(Mutex::new(MmioRam::new(0x10).unwrap()));
+        let second = Arc::new(Mutex::new(MmioRam::new(0x20).unwrap()));
+        b.mmio.register(0xd000_0000, 0x10, first.clone()).unwrap();
+        b.mmio.register(0xd000_0010, 0x20, second.clone()).unwrap();
+        // KVM hands over at most 8 bytes: one at 0xd000000c runs into the
+        // second window, one at 0xcffffffc starts in unassigned space.
+        let mut w = *b"ABCDEFGH";
+        handle_exit(
+            Exit::Mmio {
+                addr: 0xd000_000c,
+                write: true,
+                data: &mut w,
+            },
+            &b,
+        );
+        assert_eq!(first.lock().unwrap().contents()[12..], *b"ABCD");
+        assert_eq!(second.lock().unwrap().contents()[..4], *b"EFGH");
+        let mut r = [0u8; 8];
+        handle_exit(
+            Exit::Mmio {
+                addr: 0xcfff_fffc,
+                write: false,
+                data: &mut r,
+            },
+            &b,
+        );
+        assert_eq!(r, [0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0]);
     }
 }

@@ -4,6 +4,7 @@
 //! registers come through KVM_CAP_SYNC_REGS), does not allocate, and only
 //! reads the clock when `--stats` or `--trace` asked for it.
 
+mod diagnose;
 mod emulate;
 pub mod exit;
 mod platform;
@@ -62,7 +63,8 @@ impl Vcpu {
         Some((s, self.emulator.mnemonic_counts()))
     }
 
-    fn rip(&mut self) -> u64 {
+    /// RIP as of the last KVM_RUN return (from the sync-regs page).
+    pub fn rip(&mut self) -> u64 {
         self.fd.sync_regs_mut().regs.rip
     }
 
@@ -92,8 +94,12 @@ impl Vcpu {
             }
             let exit = run_page::decode(self.fd.get_kvm_run());
             let reason = exit.reason();
-            let rec = self.shared.tracer.as_ref().map(|_| TraceRecord::of(&exit));
+            let mut rec = self.shared.tracer.as_ref().map(|_| TraceRecord::of(&exit));
             let action = handle_exit(exit, &self.shared.buses);
+            if let Some(rec) = &mut rec {
+                let s = self.fd.sync_regs_mut();
+                rec.set_regs(&s.regs, &s.sregs);
+            }
             let end = match action {
                 ExitAction::Resume => self.check_sleep(),
                 ExitAction::Interrupted => None,
@@ -105,9 +111,10 @@ impl Vcpu {
                 ExitAction::Shutdown => Some(VmEnd::new(
                     status::TRIPLE_FAULT,
                     format!(
-                        "vcpu {}: triple fault (KVM shutdown) at rip {:#x}",
+                        "vcpu {}: triple fault (KVM shutdown) at rip {:#x}: {}",
                         id,
-                        self.rip()
+                        self.rip(),
+                        self.triple_fault_clue()
                     ),
                 )),
                 ExitAction::Emulate { bytes, len } => self.emulate(&bytes[..len]),
@@ -287,6 +294,18 @@ impl Vcpu {
                 ),
             )
         })
+    }
+
+    /// What the guest last did before a triple fault (see `diagnose`).
+    fn triple_fault_clue(&mut self) -> String {
+        let sync = self.fd.sync_regs();
+        let cpu = emulate::cpu_state(&sync.regs, &sync.sregs, self.emulator.max_phys_bits());
+        let mut phys = platform::GuestPhys {
+            mem: &self.shared.mem,
+            mmio: &self.shared.buses.mmio,
+            stop: None,
+        };
+        diagnose::triple_fault_clue(&sync, &cpu, &mut phys)
     }
 
     fn halt(&mut self) -> Option<VmEnd> {
