@@ -35,6 +35,10 @@ pub enum Kind {
     /// PREFETCHh, PREFETCHW(T1), PREFETCH, CLDEMOTE: hints that never
     /// fault.
     CacheHint,
+    /// CLZERO (AMD): zeroes the 64-byte line holding DS:rAX.
+    CacheZero,
+    /// UD0, UD1, UD2: #UD, whatever their operands.
+    Undefined,
     /// FXSAVE/FXRSTOR, the XSAVE family and the x87 environment
     /// instructions: operands of 14 bytes to a few KiB whose extent depends
     /// on state.
@@ -79,6 +83,9 @@ fn whole_state(mnemonic: Mnemonic) -> Option<Class> {
 fn cache_kind(mnemonic: Mnemonic) -> Option<Kind> {
     match mnemonic {
         M::Clflush | M::Clflushopt | M::Clwb => Some(Kind::CacheLine),
+        M::Clzero => Some(Kind::CacheZero),
+        // Multi-byte and reserved NOPs: a ModRM operand, never an access.
+        M::Nop | M::Reservednop => Some(Kind::CacheHint),
         M::Prefetchnta
         | M::Prefetcht0
         | M::Prefetcht1
@@ -312,8 +319,25 @@ pub fn classify(instr: &Instruction) -> Result<Class, Deny> {
     if instr.is_invalid() {
         return Err("invalid instruction");
     }
+    if matches!(instr.mnemonic(), M::Ud0 | M::Ud1 | M::Ud2) {
+        return Ok(Class {
+            vector: false,
+            x87_mmx: false,
+            vex: false,
+            kind: Kind::Undefined,
+        });
+    }
+    if matches!(instr.mnemonic(), M::Lar | M::Lsl | M::Verr | M::Verw) {
+        return Err("descriptor-table access (reads the guest's GDT/LDT)");
+    }
     if instr.flow_control() != FlowControl::Next {
-        return Err("control flow");
+        return Err(
+            if instr.is_jmp_far_indirect() || instr.is_call_far_indirect() {
+                "far transfer through memory (a segment load)"
+            } else {
+                "control flow"
+            },
+        );
     }
     if instr.is_stack_instruction() || instr.stack_pointer_increment() != 0 {
         return Err("uses the stack");
@@ -383,7 +407,7 @@ pub fn classify(instr: &Instruction) -> Result<Class, Deny> {
         return Err("more than one memory operand");
     }
     let mnemonic = instr.mnemonic();
-    if memory_ops == 1 && matches!(mnemonic, M::Lea | M::Nop) {
+    if memory_ops == 1 && mnemonic == M::Lea {
         return Err("address-only memory operand");
     }
     // BT* with a register bit offset reach beyond the operand.

@@ -159,6 +159,7 @@ pub mod stub;
 pub mod system;
 pub mod vregs;
 pub mod writeback;
+pub mod xstate;
 
 #[cfg(test)]
 mod tests;

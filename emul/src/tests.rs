@@ -1465,3 +1465,76 @@ fn frstor_loads_the_registers() {
     assert_eq!(img.bytes[32..42], [0x10; 10]);
     assert_eq!(img.bytes[32 + 16 * 7..42 + 16 * 7], [0x17; 10]);
 }
+
+/// CLZERO (AMD) zeroes the whole 64-byte line holding rAX, as a store
+/// (checked against the host CPU when it has CLZERO); UD0/UD1/UD2 are #UD.
+#[test]
+fn clzero_and_undefined_opcodes() {
+    let (mut cpu, mut mem) = setup();
+    let mut e = emul();
+    if cpu_has_clzero() {
+        let mut native = [0xaau8; 192];
+        let base = native.as_mut_ptr() as usize;
+        let line = (base + 64) & !63;
+        // SAFETY: CLZERO writes the 64-byte line at `line`, inside `native`.
+        unsafe { core::arch::asm!("clzero", in("rax") line + 13) };
+        let off = line - base;
+        assert!(native[off..off + 64].iter().all(|&b| b == 0));
+        assert!(native[..off].iter().all(|&b| b == 0xaa));
+    }
+    mem.mmio[0x40..0xc0].fill(0xaa);
+    cpu.gprs.rax = MMIO_BASE + 0x40 + 13;
+    done(&e.emulate(&mut cpu, &[0x0f, 0x01, 0xfc], &mut NoVectorState, &mut mem));
+    assert!(mem.mmio[0x40..0x80].iter().all(|&b| b == 0));
+    assert!(mem.mmio[0x80..0xc0].iter().all(|&b| b == 0xaa));
+    cpu.rip = CODE;
+    cpu.gprs.rax = 0x7f_0000;
+    assert_eq!(
+        exc(&e.emulate(&mut cpu, &[0x0f, 0x01, 0xfc], &mut NoVectorState, &mut mem)).0,
+        VEC_PF
+    );
+    for ud in [&[0x0f, 0x0b][..], &[0x0f, 0xb9, 0x00], &[0x0f, 0xff, 0x00]] {
+        cpu.rip = CODE;
+        assert_eq!(
+            exc(&e.emulate(&mut cpu, ud, &mut NoVectorState, &mut mem)),
+            (VEC_UD, None)
+        );
+    }
+}
+
+fn cpu_has_clzero() -> bool {
+    core::arch::x86_64::__cpuid(0x8000_0008).ebx & 1 != 0
+}
+
+/// Multi-byte and reserved NOPs with a memory operand never access it or
+/// fault (the CPU: `nop [unmapped]` runs); LAR/LSL stay refused, naming
+/// why.
+#[test]
+fn memory_nops_and_descriptor_reads() {
+    let (mut cpu, mut mem) = setup();
+    let mut e = emul();
+    cpu.gprs.rsi = 0x7f_0000; // not mapped
+    for code in [
+        asm64(|a| a.nop_1(dword_ptr(rsi))),
+        vec![0x0f, 0x1d, 0x0e],
+        vec![0x90],
+    ] {
+        cpu.rip = CODE;
+        mem.log.clear();
+        let o = e.emulate(&mut cpu, &code, &mut NoVectorState, &mut mem);
+        assert!(matches!(o, Outcome::Done { .. }), "{code:02x?}: {o:?}");
+        assert_eq!(cpu.rip, CODE + code.len() as u64);
+        assert!(mem.log.is_empty());
+    }
+    cpu.rip = CODE;
+    let o = e.emulate(
+        &mut cpu,
+        &asm64(|a| a.lar(ecx, word_ptr(rsi))),
+        &mut NoVectorState,
+        &mut mem,
+    );
+    assert!(
+        matches!(&o, Outcome::Unsupported { text } if text.contains("descriptor-table")),
+        "{o:?}"
+    );
+}

@@ -47,8 +47,10 @@ fn json_names_every_path_with_its_floor() {
     let names: Vec<&str> = paths.iter().filter_map(|p| p["name"].as_str()).collect();
     let expected = [
         ("floor-pio", None),
+        ("same-image-pio", None),
         ("pio", Some("floor-pio")),
         ("floor-mmio", None),
+        ("same-image-mmio", None),
         ("mmio", Some("floor-mmio")),
         ("floor-emul", None),
         ("emul-gpr", Some("floor-emul")),
@@ -56,7 +58,9 @@ fn json_names_every_path_with_its_floor() {
         ("emul-reg", Some("floor-emul-reg")),
         ("floor-emulx", None),
         ("emul-vec", Some("floor-emulx")),
+        ("emul-vec-nonzero", Some("floor-emulx")),
         ("floor-user-mmio", None),
+        ("same-image-user-mmio", None),
         ("user-mmio", Some("floor-user-mmio")),
         ("floor-user-emul", None),
         ("user-emul", Some("floor-user-emul")),
@@ -103,13 +107,35 @@ fn json_names_every_path_with_its_floor() {
                 assert_eq!(p["floor_median_ns"], floor_entry["median_ns"], "{p}");
             }
         }
+        // pio, mmio and user-mmio are also compared with the bare loop
+        // over the VMM's own set-up of the same image.
+        let same = ["pio", "mmio", "user-mmio"].contains(&name);
+        assert_eq!(obj.contains_key("same_image_floor"), same, "{p}");
+        if same {
+            let f = format!("same-image-{name}");
+            assert_eq!(p["same_image_floor"].as_str(), Some(f.as_str()), "{p}");
+            let floor_entry = paths
+                .iter()
+                .find(|q| q["name"] == f.as_str())
+                .expect("entry");
+            assert_eq!(p["same_image_median_ns"], floor_entry["median_ns"], "{p}");
+            assert!(p["same_image_ratio"].is_f64(), "{p}");
+        }
         if name == "simd-cpl0" && !failed {
             assert!(p["per_second"].is_number(), "{p}");
         }
         assert!(stdout.contains(name), "table lacks {name}:\n{stdout}");
     }
     // Paths the VMM serves without its emulator always work.
-    for name in ["floor-pio", "pio", "floor-mmio", "mmio", "in-kernel"] {
+    for name in [
+        "floor-pio",
+        "same-image-pio",
+        "pio",
+        "floor-mmio",
+        "same-image-mmio",
+        "mmio",
+        "in-kernel",
+    ] {
         let p = paths.iter().find(|p| p["name"] == name).expect("path");
         assert!(p.get("error").is_none(), "{p}");
     }

@@ -38,6 +38,8 @@ const TESTED_ELSEWHERE: &[&str] = &[
     "masked-fault-suppression",
     "system-cpl0",
     "bios-state",
+    "mxcsr-cpl0",
+    "vector-unchanged",
     "mmio-split-windows",
     "exactness",
     "kvm-defects",

@@ -69,6 +69,9 @@ pub struct VmConfig {
     /// Devices added by an embedder, beside the standard ones.
     pub extra_pio: Vec<ExtraPio>,
     pub extra_mmio: Vec<ExtraMmio>,
+    /// `vmm bench`'s same-image floor: vCPUs run a bare KVM_RUN loop
+    /// (`Vcpu::run_bare`) instead of serving exits.
+    pub bare_loop: bool,
 }
 
 impl VmConfig {
@@ -95,6 +98,7 @@ impl VmConfig {
             cmdline: None,
             initrd: None,
             test_devices: Vec::new(),
+            bare_loop: false,
         }
     }
 

@@ -12,7 +12,7 @@ use crate::loader::{self, ImageFormat, LoadError, LoadRequest};
 use crate::stats::ExitStats;
 use crate::status;
 use crate::trace::Tracer;
-use crate::vcpu::{Emulator, Vcpu};
+use crate::vcpu::{Emulator, IoctlCounts, Vcpu};
 use kvm_bindings::kvm_xcrs;
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -111,6 +111,10 @@ pub struct Shared {
     /// the current probe round, and per vCPU the last round it answered
     /// and whether it was parked for good then.
     pub probe: HaltProbe,
+    /// The thread waiting for the VM's end (unparked when it comes).
+    waiter: std::thread::Thread,
+    /// vCPU threads still inside their run loop.
+    running: std::sync::atomic::AtomicUsize,
     /// ACPI sleep states (with the acpi-pm device).
     pub power: Option<Power>,
 }
@@ -129,6 +133,12 @@ impl Shared {
         self.stop.load(Ordering::Relaxed)
     }
 
+    /// Wakes the thread waiting for the VM's end (to look at the halt
+    /// probe's answers).
+    pub fn wake_waiter(&self) {
+        self.waiter.unpark();
+    }
+
     /// Records how the VM ended (the first end wins) and tells every vCPU
     /// to stop.
     fn finish(&self, end: VmEnd) {
@@ -138,6 +148,18 @@ impl Shared {
         }
         drop(slot);
         self.stop.store(true, Ordering::SeqCst);
+        self.waiter.unpark();
+    }
+}
+
+/// Counts a vCPU thread out of its run loop and wakes the waiting thread,
+/// however the loop ends (also by a panic).
+struct WakeOnExit<'a>(&'a Shared);
+
+impl Drop for WakeOnExit<'_> {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::AcqRel);
+        self.0.waiter.unpark();
     }
 }
 
@@ -170,6 +192,8 @@ pub struct VmOutcome {
     pub emulated: Vec<(iced_x86::Mnemonic, u64)>,
     /// Guest memory copied out at the end, one per `VmConfig::dump_ranges`.
     pub dumps: Vec<Vec<u8>>,
+    /// vCPU state ioctls made while serving exits, all vCPUs together.
+    pub ioctls: IoctlCounts,
 }
 
 /// Builds the VM described by `cfg` and runs it; the guest's serial output
@@ -223,8 +247,14 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
         end: Mutex::new(None),
         probe: HaltProbe::new(usize::from(cfg.cpus)),
         power,
+        waiter: std::thread::current(),
+        running: std::sync::atomic::AtomicUsize::new(usize::from(cfg.cpus)),
     });
 
+    // iced-x86's tables take ~1 ms to build: now, not in front of the
+    // first emulated instruction. (A helper thread overlapping the VM's
+    // set-up measured slower on a loaded 2-vCPU host.)
+    crate::vcpu::warm_up_tables();
     let mut vcpus = Vec::with_capacity(usize::from(cfg.cpus));
     for id in 0..cfg.cpus {
         let fd = vm
@@ -259,18 +289,28 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
     }
 
     let mut handles = Vec::with_capacity(vcpus.len());
+    let bare = cfg.bare_loop;
     for mut vcpu in vcpus {
         let shared = shared.clone();
         let h = std::thread::Builder::new()
             .name(format!("vcpu{}", vcpu.id))
             .spawn(move || {
-                if let Some(end) = vcpu.run() {
+                let end = {
+                    let _wake = WakeOnExit(&shared);
+                    if bare {
+                        vcpu.run_bare()
+                    } else {
+                        vcpu.run()
+                    }
+                };
+                if let Some(end) = end {
                     shared.finish(end);
                 }
+                // The ioctls serving exits took (before `rip` may add one).
+                let ioctls = vcpu.ioctl_counts();
                 // Where it stopped, for an end no vCPU reported itself
-                // (SIGINT/SIGTERM): sync regs are stored on every KVM_RUN
-                // return, the kick's EINTR included.
-                (vcpu.take_stats(), vcpu.id, vcpu.rip())
+                // (SIGINT/SIGTERM).
+                (vcpu.take_stats(), vcpu.id, vcpu.rip(), ioctls)
             })
             .map_err(VmError::Thread)?;
         handles.push(h);
@@ -279,10 +319,12 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
 
     let mut stats = cfg.stats.then(ExitStats::new);
     let mut emulated: Vec<(iced_x86::Mnemonic, u64)> = Vec::new();
+    let mut ioctls = IoctlCounts::default();
     let mut stopped_at = Vec::with_capacity(handles.len());
     for h in handles {
-        let joined = h.join().map(|(stats, id, rip)| {
+        let joined = h.join().map(|(stats, id, rip, vcpu_ioctls)| {
             stopped_at.push(format!("vcpu {id} at rip {rip:#x}"));
+            ioctls.add(&vcpu_ioctls);
             stats
         });
         match joined {
@@ -336,67 +378,87 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
         stats,
         emulated,
         dumps,
+        ioctls,
     })
 }
 
 /// Waits until some vCPU ended the VM (or SIGINT/SIGTERM asked for it), then
 /// kicks every vCPU thread out of KVM_RUN until all have returned.
 ///
+/// The waiting thread sleeps until woken: [`Shared::finish`] and every
+/// vCPU thread's end unpark it, and SIGINT/SIGTERM interrupt its sleep.
 /// With an in-kernel irqchip it also probes every `HALT_PROBE_PERIOD` for
 /// vCPUs halted with interrupts off (see [`HaltProbe`]).
 fn wait_for_end<T>(shared: &Shared, handles: &[std::thread::JoinHandle<T>], irqchip: bool) {
+    use std::time::{Duration, Instant};
     use vmm_sys_util::signal::Killable;
-    const HALT_PROBE_PERIOD: std::time::Duration = std::time::Duration::from_millis(100);
-    let tick = std::time::Duration::from_millis(2);
-    let mut last_probe = std::time::Instant::now();
+    const HALT_PROBE_PERIOD: Duration = Duration::from_millis(100);
+    // Only a backstop: a signal can land just before the sleep starts.
+    const SIGNAL_BACKSTOP: Duration = Duration::from_millis(250);
+    let kick_all = || {
+        for h in handles {
+            let _ = h.kill(crate::signals::kick_signal());
+        }
+    };
+    let mut next_probe = Instant::now() + HALT_PROBE_PERIOD;
     let mut probing: Option<u64> = None;
-    while !shared.stopping() && !handles.iter().all(|h| h.is_finished()) {
+    let all_returned = || shared.running.load(Ordering::Acquire) == 0;
+    while !shared.stopping() && !all_returned() {
         if crate::signals::stop_requested() {
             shared.finish(VmEnd::new(
                 status::INTERRUPTED,
                 "stopped by SIGINT/SIGTERM".into(),
             ));
+            break;
         }
+        let mut sleep = SIGNAL_BACKSTOP;
         if irqchip {
+            let now = Instant::now();
             match probing {
-                None if last_probe.elapsed() >= HALT_PROBE_PERIOD => {
+                None if now >= next_probe => {
                     probing = Some(shared.probe.start());
-                    for h in handles {
-                        let _ = h.kill(crate::signals::kick_signal());
-                    }
+                    kick_all();
+                    // Each answer unparks this thread; without all of
+                    // them by then, kick again.
+                    next_probe = now + HALT_PROBE_PERIOD;
                 }
                 Some(round) => match shared.probe.result(round) {
-                    Some(true) => shared.finish(VmEnd::new(
-                        status::GUEST_DONE,
-                        "every vCPU halted with interrupts off (or never started)".into(),
-                    )),
+                    Some(true) => {
+                        shared.finish(VmEnd::new(
+                            status::GUEST_DONE,
+                            "every vCPU halted with interrupts off (or never started)".into(),
+                        ));
+                        break;
+                    }
                     Some(false) => {
                         probing = None;
-                        last_probe = std::time::Instant::now();
+                        next_probe = now + HALT_PROBE_PERIOD;
                     }
                     // A vCPU that has not answered yet missed the kick
                     // (it was between exits): kick it again.
-                    None if last_probe.elapsed() >= 2 * HALT_PROBE_PERIOD => {
-                        for h in handles {
-                            let _ = h.kill(crate::signals::kick_signal());
-                        }
-                        last_probe = std::time::Instant::now() - HALT_PROBE_PERIOD;
+                    None if now >= next_probe => {
+                        kick_all();
+                        next_probe = now + HALT_PROBE_PERIOD;
                     }
                     None => {}
                 },
                 None => {}
             }
+            sleep = sleep.min(next_probe.saturating_duration_since(Instant::now()));
         }
-        std::thread::park_timeout(tick);
+        std::thread::park_timeout(sleep);
     }
     shared.stop.store(true, Ordering::SeqCst);
-    while !handles.iter().all(|h| h.is_finished()) {
+    // Each vCPU thread unparks this one when its run loop returns; the
+    // caller then joins them.
+    let retry = Duration::from_millis(2);
+    while !all_returned() {
         for h in handles.iter().filter(|h| !h.is_finished()) {
             // A vCPU between exits sees the flag; one inside KVM_RUN (halted,
             // or waiting for SIPI) needs the signal. Repeat until it returns.
             let _ = h.kill(crate::signals::kick_signal());
         }
-        std::thread::sleep(tick);
+        std::thread::park_timeout(retry);
     }
 }
 

@@ -11,7 +11,7 @@
 use iced_x86::Instruction;
 
 use super::{map_run, Emulator, Stop, BOUNCE_BASE};
-use crate::address::linear_address;
+use crate::address::{linear_address, linear_from_effective};
 use crate::classify::Kind;
 use crate::cpu::CpuState;
 use crate::paging::{translate, Access};
@@ -19,6 +19,34 @@ use crate::platform::Platform;
 use crate::stub::MAX_INSN_LEN;
 
 impl Emulator {
+    /// CLZERO: the 64-byte line holding DS:rAX (at the address size) is
+    /// written with zeros, as a store: segment checks, the walk for a
+    /// write, then one platform write.
+    pub(super) fn cache_zero(
+        &mut self,
+        cpu: &CpuState,
+        bitness: u32,
+        instr: &Instruction,
+        mem: &mut dyn Platform,
+    ) -> Result<(), Stop> {
+        // iced names the address register (AX, EAX or RAX) as operand 0.
+        let mask = match instr.op_register(0).size() {
+            2 => 0xffff,
+            4 => 0xffff_ffff,
+            _ => u64::MAX,
+        };
+        let ea = cpu.gprs.rax & mask & !63;
+        let lin = linear_from_effective(cpu, bitness, instr.memory_segment(), ea, 64, true)?;
+        let access = Access {
+            write: true,
+            fetch: false,
+            user: cpu.cpl == 3,
+        };
+        let gpa = translate(cpu, lin, access, mem)?;
+        mem.write_phys(gpa, &[0; 64])?;
+        Ok(())
+    }
+
     /// Completes a cache instruction (RIP is advanced by the caller).
     pub(super) fn cache_line(
         &mut self,
@@ -42,10 +70,12 @@ impl Emulator {
             offset += (lin & 63) as usize;
         }
         let mut code = [0u8; MAX_INSN_LEN];
-        let target = self.stub.bounce_exec_addr() + offset as u64;
+        // Hints and NOPs may name memory they never access (no used memory).
+        let has_mem = (0..instr.op_count()).any(|i| instr.op_kind(i) == iced_x86::OpKind::Memory);
+        let target = has_mem.then(|| self.stub.bounce_exec_addr() + offset as u64);
         let len = self
             .reencoder
-            .encode(instr, self.stub.insn_exec_addr(), Some(target), &mut code)
+            .encode(instr, self.stub.insn_exec_addr(), target, &mut code)
             .map_err(Stop::Unsupported)?;
         let mut gprs = cpu.gprs;
         map_run(cpu, self.stub.run(&code[..len], &mut gprs))

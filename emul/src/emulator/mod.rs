@@ -304,6 +304,12 @@ impl Emulator {
             None => {
                 let class = classify(instr).map_err(Stop::Unsupported)?;
                 match class.kind {
+                    Kind::Undefined => return Err(Exception::ud().into()),
+                    Kind::CacheZero => {
+                        self.cache_zero(cpu, bitness, instr, mem)?;
+                        advance_rip(cpu, bitness, instr);
+                        return Ok(());
+                    }
                     Kind::CacheLine | Kind::CacheHint => {
                         self.cache_line(cpu, bitness, instr, class.kind, mem)?;
                         advance_rip(cpu, bitness, instr);
@@ -429,9 +435,9 @@ impl Emulator {
             let ran_ok = ran.is_ok().then_some(instr);
             self.fix_x87_pointers(cpu, bitness, used, operand, raw, ran_ok);
             let after = &self.stub.guest_xsave()[..n];
-            let dirty = after != &image[..n];
-            if dirty {
+            if crate::xstate::registers_differ(&image[..n], after) {
                 image[..n].copy_from_slice(after);
+                crate::xstate::keep_mxcsr(&mut image[..n]);
                 vec.mark_dirty();
             }
             map_run(cpu, ran)?;

@@ -285,8 +285,9 @@ impl Emulator {
             }
         }
         let after = &self.stub.guest_xsave()[..n];
-        if after != &image[..n] {
+        if crate::xstate::registers_differ(&image[..n], after) {
             image[..n].copy_from_slice(after);
+            crate::xstate::keep_mxcsr(&mut image[..n]);
             vec.mark_dirty();
         }
 

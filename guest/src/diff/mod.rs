@@ -14,16 +14,22 @@
 //!   interpret CPL 0 code, so every x87/SSE/AVX instruction reaches the VMM;
 //! - (G) CPL 3, operand in RAM: native, the ground truth;
 //! - (a) CPL 3, operand on `--mmio-ram`: what hardware KVM users get (KVM
-//!   emulates the access or exits to the VMM's emulator).
+//!   emulates the access or exits to the VMM's emulator);
+//! - (c) CPL 3, operand split between RAM and MMIO: the buffer starts 2 KiB
+//!   below the end of guest RAM, where a second `--mmio-ram` window begins.
+//!   Compared only for forms whose window is larger than 2 KiB (whole-state
+//!   operands, gathers and scatters with far elements); for the others it
+//!   is the ground truth again.
 
 pub mod gen;
 pub mod host;
+pub mod operands;
 pub mod program;
 pub mod record;
 
-pub use gen::{generate, Form, Generated, Skip};
+pub use gen::{generate, Buffers, Form, Generated, Skip};
 
-/// The four ways a form runs, in the order of the result tables.
+/// The ways a form runs, in the order of the result tables.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Way {
     /// CPL 3, RAM operand: native ground truth.
@@ -34,10 +40,18 @@ pub enum Way {
     KernelRam,
     /// CPL 0, MMIO operand.
     KernelMmio,
+    /// CPL 3, operand straddling the end of RAM and an MMIO window.
+    UserSplit,
 }
 
 impl Way {
-    pub const ALL: [Way; 4] = [Way::Truth, Way::UserMmio, Way::KernelRam, Way::KernelMmio];
+    pub const ALL: [Way; 5] = [
+        Way::Truth,
+        Way::UserMmio,
+        Way::KernelRam,
+        Way::KernelMmio,
+        Way::UserSplit,
+    ];
 
     /// Index of this way's result table.
     pub fn index(self) -> usize {
@@ -51,6 +65,7 @@ impl Way {
             Way::UserMmio => "a",
             Way::KernelRam => "b1",
             Way::KernelMmio => "b2",
+            Way::UserSplit => "c",
         }
     }
 }

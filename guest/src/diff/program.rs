@@ -38,7 +38,17 @@ const INIT_MEM: u64 = INIT_K + 8 * KREG_COUNT as u64;
 const VAR_MEM_BASE: u64 = INIT_MEM + MEM_LEN as u64;
 const VAR_CUR_REC: u64 = VAR_MEM_BASE + 8;
 const VAR_SCRATCH: u64 = VAR_CUR_REC + 8;
-const DATA_END: u64 = VAR_SCRATCH + 8;
+/// The state image whole-state forms start from (its length depends on the
+/// host's XSAVE size), 64-byte aligned.
+const INIT_STATE: u64 = (VAR_SCRATCH + 8 + 63) & !63;
+
+/// Element offsets in vector register 0, the VSIB index of every gather and
+/// scatter: dword lanes 2i hold `VSIB_INDEX[i]`, odd dword lanes hold 0, so
+/// read as dwords or as qwords the indices are small and every element of
+/// a 4- or 8-byte gather lands in the 64-byte window. Several lanes (all
+/// odd dword lanes, and qword lane 7) point at offset 0: overlapping
+/// scatter elements show which one wins.
+pub const VSIB_INDEX: [u32; 8] = [52, 8, 44, 20, 36, 28, 4, 0];
 
 /// Initial GPRs (RAX..R15 in encoding order; RSP and RBP are not loaded).
 /// Distinct patterns, CL a small shift count, and RAX/RDX equal to the
@@ -118,9 +128,16 @@ pub fn init_fx() -> [u8; 512] {
 }
 
 /// Initial bytes of vector register `r`: dword lanes alternate between
-/// small floats and integer patterns.
+/// small floats and integer patterns; register 0 holds the VSIB indices.
 fn vreg_bytes(r: usize, len: usize) -> Vec<u8> {
     let mut v = Vec::with_capacity(len);
+    if r == 0 {
+        for j in 0..len / 4 {
+            let x = if j % 2 == 0 { VSIB_INDEX[j / 2 % 8] } else { 0 };
+            v.extend_from_slice(&x.to_le_bytes());
+        }
+        return v;
+    }
     for j in 0..len / 4 {
         let x: u32 = if j % 2 == 0 {
             ((r as f32 + 1.0) * (j as f32 + 1.0) * 0.75).to_bits()
@@ -130,6 +147,51 @@ fn vreg_bytes(r: usize, len: usize) -> Vec<u8> {
         v.extend_from_slice(&x.to_le_bytes());
     }
     v
+}
+
+/// The state image whole-state forms start from: a valid standard-format
+/// XSAVE image (so FXRSTOR and XRSTOR load it, and FRSTOR/FLDENV read
+/// well-defined bytes) whose values differ from the registers' initial
+/// ones, so that a load shows in the registers.
+pub fn init_state(len: usize) -> Vec<u8> {
+    let mut b = vec![0u8; len.max(576)];
+    b[..512].copy_from_slice(&init_fx());
+    // FCW: another precision control; MXCSR: the invalid-operation flag.
+    b[0..2].copy_from_slice(&0x027fu16.to_le_bytes());
+    b[24..28].copy_from_slice(&0x1f81u32.to_le_bytes());
+    // ST/MM slots and XMM0-15: other values.
+    for x in &mut b[32..416] {
+        *x ^= 0x5a;
+    }
+    // XSAVE header: XSTATE_BV names the components filled in below; the
+    // compaction bit and the reserved bytes stay zero.
+    let mut bv: u64 = 0b11;
+    if host::avx() {
+        bv |= 1 << 2;
+    }
+    if host::avx512() {
+        bv |= 0b111 << 5;
+    }
+    for c in [2u32, 5, 6, 7] {
+        if bv & (1 << c) == 0 {
+            continue;
+        }
+        let (off, size) = host::xsave_component(c);
+        if off + size > b.len() || off < 576 {
+            bv &= !(1 << c);
+            continue;
+        }
+        for (i, x) in b[off..off + size].iter_mut().enumerate() {
+            *x = (i as u8).wrapping_mul(37) ^ (0xa5 + c as u8);
+        }
+    }
+    b[512..520].copy_from_slice(&bv.to_le_bytes());
+    // Past the XSAVE area (where far gather elements land): a pattern.
+    let end = host::xsave_size().min(b.len());
+    for (i, x) in b[end..].iter_mut().enumerate() {
+        *x = (i as u8).wrapping_mul(29).wrapping_add(7);
+    }
+    b
 }
 
 /// A chunk's image and where each form's routine starts.
@@ -142,6 +204,10 @@ pub struct Chunk {
     pub mem_size: u64,
     /// Bytes of each saved vector register (64, 32, or 0 for XMM only).
     pub vreg_bytes: usize,
+    /// Offset of each form's record in a way's table.
+    pub record_offsets: Vec<usize>,
+    /// Bytes of one way's table.
+    pub table_len: usize,
 }
 
 impl Chunk {
@@ -168,10 +234,15 @@ fn kind_of(f: &Form) -> Kind {
     }
 }
 
-/// Assembles the VM image running `forms` four ways.
+/// Assembles the VM image running `forms` every way.
 pub fn build(forms: &[Form]) -> Result<Chunk, String> {
     assemble(forms).map_err(|e| e.to_string()).and_then(|c| {
-        if LOAD_ADDR + c.image.len() as u64 > IMAGE_LIMIT {
+        if table_addr(Way::ALL.len(), c.table_len) > SPLIT_BUF {
+            Err(format!(
+                "diff result tables of {} bytes per way do not fit below the split buffer: use smaller chunks",
+                c.table_len
+            ))
+        } else if LOAD_ADDR + c.image.len() as u64 > IMAGE_LIMIT {
             Err(format!(
                 "diff chunk image of {} bytes is too large: use smaller chunks",
                 c.image.len()
@@ -190,6 +261,18 @@ fn assemble(forms: &[Form]) -> Result<Chunk, IcedError> {
     } else {
         0
     };
+    let state_len = forms
+        .iter()
+        .filter(|f| f.state_image)
+        .map(|f| f.mem_len)
+        .max()
+        .unwrap_or(0);
+    let mut record_offsets = Vec::with_capacity(forms.len());
+    let mut table_len = 0;
+    for f in forms {
+        record_offsets.push(table_len);
+        table_len += record_size(f.mem_len);
+    }
     let mut a = CodeAssembler::new(64)?;
     let k = Kernel64::new(&mut a)?;
     let mut start = a.create_label();
@@ -197,7 +280,8 @@ fn assemble(forms: &[Form]) -> Result<Chunk, IcedError> {
     a.jmp(start)?;
     a.set_prefer_short_branch(true);
     // Data block at fixed addresses.
-    let mut data = vec![0u8; (DATA_END - LOAD_ADDR) as usize - 5];
+    let data_end = INIT_STATE + state_len as u64;
+    let mut data = vec![0u8; (data_end - LOAD_ADDR) as usize - 5];
     let put = |data: &mut Vec<u8>, addr: u64, bytes: &[u8]| {
         let at = (addr - LOAD_ADDR) as usize - 5;
         data[at..at + bytes.len()].copy_from_slice(bytes);
@@ -211,6 +295,9 @@ fn assemble(forms: &[Form]) -> Result<Chunk, IcedError> {
     let kb: Vec<u8> = INIT_K_VALUES.iter().flat_map(|v| v.to_le_bytes()).collect();
     put(&mut data, INIT_K, &kb);
     put(&mut data, INIT_MEM, &init_mem());
+    if state_len > 0 {
+        put(&mut data, INIT_STATE, &init_state(state_len)[..state_len]);
+    }
     a.db(&data)?;
 
     let mut run_all = a.create_label();
@@ -220,26 +307,43 @@ fn assemble(forms: &[Form]) -> Result<Chunk, IcedError> {
     let n = forms.len();
     // CPL 0 first: PVM interprets it only before the first drop to CPL 3.
     for way in [Way::KernelRam, Way::KernelMmio] {
-        drive(&mut a, way, n, run_all)?;
+        drive(&mut a, way, table_len, run_all)?;
     }
     k.enter_user(&mut a, user)?;
     a.set_label(&mut user)?;
-    for way in [Way::Truth, Way::UserMmio] {
-        drive(&mut a, way, n, run_all)?;
+    for way in [Way::Truth, Way::UserMmio, Way::UserSplit] {
+        drive(&mut a, way, table_len, run_all)?;
     }
     sys_exit(&mut a, EXIT_PASS)?;
 
-    // Prologues and epilogues per kind.
-    let mut pro = [a.create_label(), a.create_label(), a.create_label()];
-    let mut epi = [a.create_label(), a.create_label(), a.create_label()];
-    for (i, kind) in [Kind::Integer, Kind::Vector, Kind::VectorK]
-        .into_iter()
-        .enumerate()
-    {
-        a.set_label(&mut pro[i])?;
-        prologue(&mut a, kind, vbytes)?;
+    // Prologues (with and without the 64-byte window fill) and epilogues
+    // per kind, and the copy loop.
+    let kinds = [Kind::Integer, Kind::Vector, Kind::VectorK];
+    let mut pro: Vec<[CodeLabel; 2]> = kinds
+        .iter()
+        .map(|_| [a.create_label(), a.create_label()])
+        .collect();
+    let mut epi: Vec<CodeLabel> = kinds.iter().map(|_| a.create_label()).collect();
+    for (i, kind) in kinds.into_iter().enumerate() {
+        for (fill, label) in pro[i].iter_mut().enumerate() {
+            a.set_label(label)?;
+            prologue(&mut a, kind, vbytes, fill == 0)?;
+        }
         a.set_label(&mut epi[i])?;
         epilogue(&mut a, &k, kind, vbytes)?;
+    }
+    // RSI -> RDI, ECX qwords (a plain loop: KVM completes each MMIO
+    // access, where a string move could be refused).
+    let mut copy_qwords = a.create_label();
+    {
+        a.set_label(&mut copy_qwords)?;
+        a.mov(rax, qword_ptr(rsi))?;
+        a.mov(qword_ptr(rdi), rax)?;
+        a.add(rsi, 8)?;
+        a.add(rdi, 8)?;
+        a.dec(ecx)?;
+        a.jnz(copy_qwords)?;
+        a.ret()?;
     }
 
     let mut case_labels = Vec::with_capacity(n);
@@ -260,10 +364,53 @@ fn assemble(forms: &[Form]) -> Result<Chunk, IcedError> {
         a.set_label(label)?;
         a.lea(rax, ptr(resume))?;
         a.mov(qword_ptr(k.resume_rip), rax)?;
-        a.call(pro[i])?;
-        a.db(&f.bytes)?;
+        let prologue_label = if f.state_image {
+            a.mov(rbp, qword_ptr(VAR_MEM_BASE))?;
+            a.mov(rsi, INIT_STATE)?;
+            a.mov(rdi, rbp)?;
+            a.mov(ecx, (f.mem_len / 8) as u32)?;
+            a.call(copy_qwords)?;
+            pro[i][1]
+        } else {
+            pro[i][0]
+        };
+        let run = |a: &mut Asm, bytes: &[u8]| -> AsmResult {
+            a.call(prologue_label)?;
+            for b in [&f.pre[..], bytes, &f.post[..]] {
+                if !b.is_empty() {
+                    a.db(b)?;
+                }
+            }
+            Ok(())
+        };
+        match &f.mmio_bytes {
+            // moffs: the address is in the instruction, so each buffer has
+            // its own encoding. The flags are set by the prologue after
+            // the comparison.
+            Some(mmio) => {
+                let mut on_mmio = a.create_label();
+                a.mov(rax, qword_ptr(VAR_MEM_BASE))?;
+                a.mov(rcx, MMIO_BASE)?;
+                a.cmp(rax, rcx)?;
+                a.je(on_mmio)?;
+                run(&mut a, &f.bytes)?;
+                a.jmp(resume)?;
+                a.set_label(&mut on_mmio)?;
+                run(&mut a, mmio)?;
+            }
+            None => run(&mut a, &f.bytes)?,
+        }
         a.set_label(&mut resume)?;
         a.call(epi[i])?;
+        if f.mem_len > MEM_LEN {
+            // The rest of the window follows the fixed record.
+            let extra = f.mem_len - MEM_LEN;
+            a.lea(rsi, ptr(rbp + MEM_LEN as i32))?;
+            a.mov(rdi, qword_ptr(VAR_CUR_REC))?;
+            a.mov(ecx, (extra / 8) as u32)?;
+            a.call(copy_qwords)?;
+            a.add(qword_ptr(VAR_CUR_REC), extra as i32)?;
+        }
         a.ret()?;
     }
     k.finish(&mut a)?;
@@ -277,12 +424,13 @@ fn assemble(forms: &[Form]) -> Result<Chunk, IcedError> {
     for l in &case_labels {
         case_rips.push(res.label_ip(l)?);
     }
-    let mem_size = (table_addr(4, n) + 0xf_ffff) & !0xf_ffff;
     Ok(Chunk {
         image,
         case_rips,
-        mem_size: mem_size.max(16 << 20),
+        mem_size: GUEST_RAM,
         vreg_bytes: vbytes,
+        record_offsets,
+        table_len,
     })
 }
 
@@ -291,24 +439,29 @@ pub fn buffer_of(way: Way) -> u64 {
     match way {
         Way::Truth | Way::KernelRam => RAM_BUF,
         Way::UserMmio | Way::KernelMmio => MMIO_BASE,
+        Way::UserSplit => SPLIT_BUF,
     }
 }
 
 /// Runs every form once in `way`: sets the buffer address and the table.
-fn drive(a: &mut Asm, way: Way, n: usize, run_all: CodeLabel) -> AsmResult {
+fn drive(a: &mut Asm, way: Way, table_len: usize, run_all: CodeLabel) -> AsmResult {
     let buf = buffer_of(way);
     a.mov(rax, buf)?;
     a.mov(qword_ptr(VAR_MEM_BASE), rax)?;
-    a.mov(rax, table_addr(way.index(), n))?;
+    a.mov(rax, table_addr(way.index(), table_len))?;
     a.mov(qword_ptr(VAR_CUR_REC), rax)?;
     a.call(run_all)
 }
 
-fn prologue(a: &mut Asm, kind: Kind, vbytes: usize) -> AsmResult {
+/// Sets up a form's state; `fill_window` copies the 64-byte data pattern
+/// into the operand window (whole-state forms have filled theirs).
+fn prologue(a: &mut Asm, kind: Kind, vbytes: usize, fill_window: bool) -> AsmResult {
     a.mov(rbp, qword_ptr(VAR_MEM_BASE))?;
-    for i in 0..(MEM_LEN / 8) as i32 {
-        a.mov(rax, qword_ptr(INIT_MEM + 8 * i as u64))?;
-        a.mov(qword_ptr(rbp + 8 * i), rax)?;
+    if fill_window {
+        for i in 0..(MEM_LEN / 8) as i32 {
+            a.mov(rax, qword_ptr(INIT_MEM + 8 * i as u64))?;
+            a.mov(qword_ptr(rbp + 8 * i), rax)?;
+        }
     }
     if kind != Kind::Integer {
         // Whole x87/SSE state in one instruction, which KVM's own emulator

@@ -7,14 +7,29 @@
 /// `TABLES + w * table_size(forms)`.
 pub const TABLES: u64 = 0x40_0000;
 /// The RAM copy of the operand buffer (inside the first 2 MiB, clear of the
-/// image and the kernel's stacks).
-pub const RAM_BUF: u64 = 0x1f_8000;
+/// image and the kernel's stacks, which grow down from 0x1f0000). Its low
+/// 16 bits equal [`MMIO_BASE`]'s, so a 16-bit LEA of the operand gives the
+/// same value in every way.
+pub const RAM_BUF: u64 = 0x1f_0000;
 /// The `--mmio-ram` window and the operand buffer at its start. It must not
 /// overlap RAM.
 pub const MMIO_BASE: u64 = 0xd000_0000;
-pub const MMIO_SIZE: u64 = 0x1000;
+/// Large enough for the largest operand window (the XSAVE area: 2.5 KiB
+/// with AVX-512, 11 KiB with AMX state enabled).
+pub const MMIO_SIZE: u64 = 0x4000;
 
-/// Size of one record; a multiple of 64 so FXSAVE and ZMM stores are aligned.
+/// Guest RAM of every diff VM: it ends where the split way's MMIO window
+/// begins.
+pub const GUEST_RAM: u64 = 0x400_0000;
+/// Bytes of the split way's operand buffer that lie in RAM; the rest is on
+/// the MMIO window at [`GUEST_RAM`].
+pub const SPLIT_AT: u64 = 0x800;
+/// The split way's operand buffer (64-byte aligned, as XSAVE needs).
+pub const SPLIT_BUF: u64 = GUEST_RAM - SPLIT_AT;
+
+/// Size of the fixed part of a record; a multiple of 64 so FXSAVE and ZMM
+/// stores are aligned. A form whose operand window is larger than
+/// [`MEM_LEN`] has the rest of the window right after it.
 pub const RECORD: usize = 1152;
 
 /// Exception vector, or [`NO_EXCEPTION`].
@@ -23,7 +38,7 @@ pub const EXC_ERROR: usize = 8;
 /// RAX..R15 in encoding order (RSP's slot stays zero).
 pub const GPRS: usize = 16;
 pub const RFLAGS: usize = 144;
-/// The operand buffer after the instruction.
+/// The operand buffer after the instruction (its first [`MEM_LEN`] bytes).
 pub const MEM: usize = 160;
 pub const MEM_LEN: usize = 64;
 /// K1..K4 (KMOVQ), AVX-512 forms only.
@@ -45,14 +60,15 @@ pub const GPR_NAMES: [&str; 16] = [
     "r14", "r15",
 ];
 
-/// Bytes of the result tables for a chunk of `forms` forms (one way).
-pub fn table_size(forms: usize) -> u64 {
-    (forms * RECORD) as u64
+/// Bytes of the record of a form whose operand window is `mem_len` bytes.
+pub fn record_size(mem_len: usize) -> usize {
+    RECORD + mem_len.max(MEM_LEN) - MEM_LEN
 }
 
-/// Guest-physical address of `way`'s table.
-pub fn table_addr(way: usize, forms: usize) -> u64 {
-    TABLES + way as u64 * table_size(forms)
+/// Guest-physical address of `way`'s table, when one table is `table_len`
+/// bytes.
+pub fn table_addr(way: usize, table_len: usize) -> u64 {
+    TABLES + (way * table_len) as u64
 }
 
 /// One field of a record that two ways must agree on.
@@ -77,7 +93,7 @@ fn field(name: impl Into<String>, offset: usize, len: usize) -> Field {
 /// The fields of a record, by what the form touches. RSP and RBP are left
 /// out: RSP differs between CPL 0 and CPL 3 stacks, and RBP is the operand
 /// buffer's address, which differs between RAM and MMIO.
-pub fn fields(vector: bool, kregs: bool, vreg_bytes: usize) -> Vec<Field> {
+pub fn fields(vector: bool, kregs: bool, vreg_bytes: usize, mem_len: usize) -> Vec<Field> {
     let mut v = vec![
         field("exception vector", EXC_VECTOR, 8),
         field("exception error code", EXC_ERROR, 8),
@@ -94,6 +110,15 @@ pub fn fields(vector: bool, kregs: bool, vreg_bytes: usize) -> Vec<Field> {
         mask: Some(FLAGS_MASK),
     });
     v.push(field("memory operand", MEM, MEM_LEN));
+    // The rest of a large window, in 64-byte pieces so a mismatch says
+    // where it is.
+    for at in (MEM_LEN..mem_len).step_by(64) {
+        v.push(field(
+            format!("memory operand +{at:#x}"),
+            RECORD + at - MEM_LEN,
+            64.min(mem_len - at),
+        ));
+    }
     if kregs {
         for i in 0..KREG_COUNT {
             v.push(field(format!("k{}", i + 1), KREGS + 8 * i, 8));

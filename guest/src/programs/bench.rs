@@ -98,6 +98,26 @@ pub fn vmovdqu(iters: u32) -> Result<Program, IcedError> {
     )
 }
 
+/// CPL 0: the load of [`vmovdqu`] from MMIO RAM holding non-zero bytes
+/// (written once before the loop).
+pub fn vmovdqu_nonzero(iters: u32) -> Result<Program, IcedError> {
+    cpl0(
+        "bench-vmovdqu-nonzero",
+        "bench: CPL 0 loop of vmovdqu ymm0 from --mmio-ram 0xd0000000 holding non-zero data",
+        iters,
+        true,
+        |a| {
+            a.mov(rsi, BENCH_MMIO)?;
+            a.mov(rax, 0x0123_4567_89ab_cdefu64)?;
+            for off in (0..32).step_by(8) {
+                a.mov(qword_ptr(rsi + off), rax)?;
+            }
+            Ok(())
+        },
+        |a| a.vmovdqu(ymm0, ymmword_ptr(rsi)),
+    )
+}
+
 /// CPL 0: AVX2 arithmetic on RAM; on PVM every instruction reaches the VMM.
 pub fn simd_cpl0(iters: u32) -> Result<Program, IcedError> {
     let image = assemble(Mode::Long, LOAD_ADDR, |a| {
@@ -278,6 +298,7 @@ mod tests {
             (cmpxchg16b(5), Mnemonic::Cmpxchg16b),
             (adcx(5), Mnemonic::Adcx),
             (vmovdqu(5), Mnemonic::Vmovdqu),
+            (vmovdqu_nonzero(5), Mnemonic::Vmovdqu),
             (simd_cpl0(5), Mnemonic::Vpaddd),
         ] {
             let p = p.unwrap();

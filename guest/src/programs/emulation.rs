@@ -109,3 +109,33 @@ pub fn emul_page_fault() -> Result<Program, IcedError> {
 
 /// The exit code `unsupported-insn` ends with under `--on-unsupported ud`.
 pub const UD_STATUS: i32 = status_of(EXIT_EXCEPTION);
+
+/// `bursts` times: `pio` port writes (to the unassigned port 0x5a0), then
+/// one `adcx` the VMM completes. With more than 32 writes per burst the
+/// VMM has dropped the registers from the run page's sync set by the time
+/// the `adcx` comes, so each one fetches them (`vmm::vcpu::SYNC_IDLE_EXITS`).
+pub fn emulation_after_pio_bursts(bursts: u32, pio: u32) -> Result<Program, IcedError> {
+    let image = assemble(Mode::Long, LOAD_ADDR, |a| {
+        a.mov(dx, 0x5a0u32)?;
+        a.mov(r8d, bursts.max(1))?;
+        let mut burst = a.create_label();
+        a.set_label(&mut burst)?;
+        let mut write = a.create_label();
+        a.mov(ecx, pio.max(1))?;
+        a.set_label(&mut write)?;
+        a.out(dx, al)?;
+        a.loop_(write)?;
+        a.adcx(rax, rbx)?;
+        a.dec(r8d)?;
+        a.jnz(burst)?;
+        exit(a, EXIT_PASS)
+    })?;
+    Ok(Program::new(
+        "emulation-after-pio-bursts",
+        "bursts of port writes, each followed by one adcx completed by the VMM",
+        Mode::Long,
+        LOAD_ADDR,
+        image,
+        expect(status_of(EXIT_PASS), "", None),
+    ))
+}

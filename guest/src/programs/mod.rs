@@ -12,6 +12,7 @@ mod regonly;
 pub mod system;
 pub mod testdev;
 mod user;
+pub mod xstate;
 
 use crate::rt::{Asm, AsmResult};
 use crate::{Expect, Mode, Program};
@@ -51,6 +52,8 @@ const CATALOGUE: &[(&str, Builder)] = &[
     ("system-cpl0", system::system_cpl0),
     ("bios-state", bios::bios_state),
     ("acpi-s3", bios::acpi_s3),
+    ("mxcsr-cpl0", xstate::mxcsr_cpl0),
+    ("vector-unchanged", xstate::catalogue_vector_unchanged),
     ("exactness", exactness::exactness),
     ("kvm-defects", exactness::kvm_defects),
     ("multiboot-info", testdev::multiboot_info),

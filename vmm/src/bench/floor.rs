@@ -3,11 +3,12 @@
 //! no logging. It times each round trip like the VMM's run loop does: an
 //! `Instant` taken before KVM_RUN, read after the exit has been served.
 
-use super::BenchError;
+use super::{BenchError, Measure};
 use crate::boot::{self, EntryMode};
-use crate::kvm::run_page::{self, Exit, ExitReason};
+use crate::kvm::run_page::{self, Exit};
 use crate::kvm::{self, cpuid, ioctl_err};
 use crate::loader::{self, ImageFormat, LoadRequest};
+use crate::stats::InstructionChain;
 use crate::stats::LatencyHistogram;
 use guest::Program;
 use iced_x86::{Decoder, DecoderOptions};
@@ -80,10 +81,12 @@ impl FloorVm {
     /// `ExitStats` does). Returns the number of exits recorded.
     pub fn run_to_end(
         &mut self,
-        measured: ExitReason,
+        measured: Measure,
         serve: Serve,
         hist: &mut LatencyHistogram,
     ) -> Result<u64, BenchError> {
+        // Per instruction: the RIP of each exit comes from the synced GPRs.
+        let mut chain = InstructionChain::default();
         if serve != Serve::Bare {
             self.vcpu.set_sync_valid_reg(SyncReg::Register);
         }
@@ -95,6 +98,7 @@ impl FloorVm {
             if !self.enter()? {
                 continue;
             }
+            let rip = (serve != Serve::Bare).then(|| self.vcpu.sync_regs_mut().regs.rip);
             let exit = run_page::decode(self.vcpu.get_kvm_run());
             let reason = exit.reason();
             let done = match exit {
@@ -120,9 +124,19 @@ impl FloorVm {
                     )))
                 }
             };
-            if reason == measured {
-                hist.record(t0.elapsed().as_nanos() as u64);
-                recorded += 1;
+            let ns = t0.elapsed().as_nanos() as u64;
+            match measured {
+                Measure::Exit(r) if r == reason => {
+                    hist.record(ns);
+                    recorded += 1;
+                }
+                Measure::Exit(_) => {}
+                Measure::Instruction => {
+                    if let Some(total) = chain.exit(reason, rip, ns) {
+                        hist.record(total);
+                        recorded += 1;
+                    }
+                }
             }
             if done {
                 return Ok(recorded);

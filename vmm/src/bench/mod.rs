@@ -61,11 +61,20 @@ pub struct BenchOptions {
 /// Builds a bench guest for an iteration count.
 type BuildGuest = fn(u32) -> Result<Program, iced_x86::IcedError>;
 
+/// What a path's numbers time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Measure {
+    /// One exit of this reason: KVM_RUN entry to the end of serving it.
+    Exit(ExitReason),
+    /// One emulated instruction: its emulation exit plus the MMIO exits
+    /// KVM made at its RIP before giving up (what the guest pays for it).
+    Instruction,
+}
+
 /// One measured path's VMM side.
 struct VmmPath {
     name: &'static str,
     build: BuildGuest,
-    reason: ExitReason,
     /// Throughput paths report emulated instructions per second.
     throughput: bool,
 }
@@ -73,66 +82,77 @@ struct VmmPath {
 /// A floor and the VMM paths compared against it.
 struct Group {
     floor: Option<(&'static str, BuildGuest, Serve)>,
-    reason: ExitReason,
+    /// The same-image floor: the VMM's own set-up of the very same image,
+    /// run by a bare KVM_RUN loop ([`crate::vcpu::Vcpu::run_bare`]).
+    same_image: Option<&'static str>,
+    measure: Measure,
     paths: Vec<VmmPath>,
 }
 
 fn groups() -> Vec<Group> {
-    let p = |name, build, reason| VmmPath {
+    let p = |name, build| VmmPath {
         name,
         build,
-        reason,
         throughput: false,
     };
+    let exit = Measure::Exit;
     vec![
         Group {
             floor: Some(("floor-pio", programs::pio, Serve::Bare)),
-            reason: ExitReason::IoOut,
-            paths: vec![p("pio", programs::pio, ExitReason::IoOut)],
+            same_image: Some("same-image-pio"),
+            measure: exit(ExitReason::IoOut),
+            paths: vec![p("pio", programs::pio)],
         },
         Group {
             floor: Some(("floor-mmio", programs::mmio, Serve::Bare)),
-            reason: ExitReason::MmioWrite,
-            paths: vec![p("mmio", programs::mmio, ExitReason::MmioWrite)],
+            same_image: Some("same-image-mmio"),
+            measure: exit(ExitReason::MmioWrite),
+            paths: vec![p("mmio", programs::mmio)],
         },
+        // Per instruction: KVM exits three times for it (two 8-byte MMIO
+        // reads of the operand, then the emulation failure).
         Group {
             floor: Some(("floor-emul", programs::cmpxchg16b, Serve::SkipRip)),
-            reason: ExitReason::Emulation,
-            paths: vec![p("emul-gpr", programs::cmpxchg16b, ExitReason::Emulation)],
+            same_image: None,
+            measure: Measure::Instruction,
+            paths: vec![p("emul-gpr", programs::cmpxchg16b)],
         },
         // The register-only instruction gets a floor running the same guest:
         // KVM's own work before giving up differs between the two guests.
         Group {
             floor: Some(("floor-emul-reg", programs::adcx, Serve::SkipRip)),
-            reason: ExitReason::Emulation,
-            paths: vec![p("emul-reg", programs::adcx, ExitReason::Emulation)],
+            same_image: None,
+            measure: exit(ExitReason::Emulation),
+            paths: vec![p("emul-reg", programs::adcx)],
         },
         Group {
             floor: Some(("floor-emulx", programs::vmovdqu, Serve::SkipRipXsave)),
-            reason: ExitReason::Emulation,
-            paths: vec![p("emul-vec", programs::vmovdqu, ExitReason::Emulation)],
+            same_image: None,
+            measure: exit(ExitReason::Emulation),
+            paths: vec![
+                p("emul-vec", programs::vmovdqu),
+                p("emul-vec-nonzero", programs::vmovdqu_nonzero),
+            ],
         },
         Group {
             floor: Some(("floor-user-mmio", programs::user_mmio, Serve::Bare)),
-            reason: ExitReason::MmioWrite,
-            paths: vec![p("user-mmio", programs::user_mmio, ExitReason::MmioWrite)],
+            same_image: Some("same-image-user-mmio"),
+            measure: exit(ExitReason::MmioWrite),
+            paths: vec![p("user-mmio", programs::user_mmio)],
         },
         Group {
             floor: Some(("floor-user-emul", programs::user_vmovdqu, Serve::SkipRip)),
-            reason: ExitReason::Emulation,
-            paths: vec![p(
-                "user-emul",
-                programs::user_vmovdqu,
-                ExitReason::Emulation,
-            )],
+            same_image: None,
+            measure: exit(ExitReason::Emulation),
+            paths: vec![p("user-emul", programs::user_vmovdqu)],
         },
         Group {
             floor: None,
-            reason: ExitReason::Emulation,
+            same_image: None,
+            measure: exit(ExitReason::Emulation),
             paths: vec![VmmPath {
                 name: "simd-cpl0",
                 build: programs::simd_cpl0,
-                reason: ExitReason::Emulation,
                 throughput: true,
             }],
         },
@@ -146,6 +166,7 @@ pub fn path_names() -> Vec<&'static str> {
         if let Some((f, _, _)) = g.floor {
             v.push(f);
         }
+        v.extend(g.same_image);
         v.extend(g.paths.iter().map(|p| p.name));
     }
     v.push("in-kernel");
@@ -189,13 +210,28 @@ impl Side {
 
 fn run_group(g: &Group, iters: u32, runs: u32, its: emul::stub::ItsMode) -> Vec<PathResult> {
     let mut floor_side = Side::new();
+    let mut same_side = Side::new();
     let mut sides: Vec<Side> = g.paths.iter().map(|_| Side::new()).collect();
     for _ in 0..runs {
         if let Some((name, build, serve)) = g.floor {
             if floor_side.error.is_none() {
-                if let Err(e) = floor_once(build, iters, g.reason, serve, &mut floor_side.hist) {
+                if let Err(e) = floor_once(build, iters, g.measure, serve, &mut floor_side.hist) {
                     floor_side.error = Some(format!("{name}: {e}"));
                 }
+            }
+        }
+        // The same-image floor runs the group's first guest.
+        if let (Some(_), Some(first)) = (g.same_image, g.paths.first()) {
+            if same_side.error.is_none() {
+                let run = vmm_once(
+                    first.build,
+                    g.measure,
+                    true,
+                    iters,
+                    its,
+                    &mut same_side.hist,
+                );
+                same_side.error = run.err();
             }
         }
         for (p, side) in g.paths.iter().zip(sides.iter_mut()) {
@@ -203,7 +239,7 @@ fn run_group(g: &Group, iters: u32, runs: u32, its: emul::stub::ItsMode) -> Vec<
             if side.error.is_some() {
                 continue;
             }
-            if let Err(e) = vmm_once(p, iters, its, &mut side.hist) {
+            if let Err(e) = vmm_once(p.build, g.measure, false, iters, its, &mut side.hist) {
                 side.error = Some(e);
             }
         }
@@ -217,9 +253,19 @@ fn run_group(g: &Group, iters: u32, runs: u32, its: emul::stub::ItsMode) -> Vec<
     if let Some(f) = floor_result {
         out.push(f);
     }
+    let same_result = g
+        .same_image
+        .map(|name| PathResult::from_side(name, None, &same_side.hist, same_side.error));
+    let same_median = same_result.as_ref().and_then(|f| f.median_ns);
+    if let Some(f) = same_result {
+        out.push(f);
+    }
     for (p, side) in g.paths.iter().zip(sides) {
         let mut r = PathResult::from_side(p.name, floor_name, &side.hist, side.error);
         r.set_floor(floor_median);
+        if let Some(name) = g.same_image {
+            r.set_same_image(name, same_median);
+        }
         if p.throughput {
             r.per_second = r.mean_ns.filter(|m| *m > 0.0).map(|m| 1e9 / m);
         }
@@ -231,13 +277,13 @@ fn run_group(g: &Group, iters: u32, runs: u32, its: emul::stub::ItsMode) -> Vec<
 fn floor_once(
     build: BuildGuest,
     iters: u32,
-    reason: ExitReason,
+    measure: Measure,
     serve: Serve,
     hist: &mut LatencyHistogram,
 ) -> Result<(), BenchError> {
     let p = build(iters)?;
     let mut vm = FloorVm::new(&p)?;
-    let n = vm.run_to_end(reason, serve, hist)?;
+    let n = vm.run_to_end(measure, serve, hist)?;
     if n < u64::from(iters) {
         return Err(BenchError::Guest(format!(
             "{} ended after {n} of {iters} exits",
@@ -269,15 +315,18 @@ impl MmioDevice for NoOp {
     }
 }
 
-/// One run of `p` through the normal VMM; merges its exit histogram for
-/// `p.reason` into `hist`. `Err` says why the VMM did not complete it.
+/// One run of the guest `build` makes through the normal VMM (or, with
+/// `bare`, the same VM set-up run by a bare KVM_RUN loop); merges its
+/// histogram for `measure` into `hist`. `Err` says why it did not complete.
 fn vmm_once(
-    p: &VmmPath,
+    build: BuildGuest,
+    measure: Measure,
+    bare: bool,
     iters: u32,
     its: emul::stub::ItsMode,
     hist: &mut LatencyHistogram,
 ) -> Result<(), String> {
-    let prog = (p.build)(iters).map_err(|e| e.to_string())?;
+    let prog = build(iters).map_err(|e| e.to_string())?;
     let mut cfg = VmConfig::new(prog.image.clone());
     cfg.image_name = prog.name.to_string();
     cfg.format = ImageFormat::Flat;
@@ -285,6 +334,7 @@ fn vmm_once(
     cfg.mmio_ram = prog.mmio_ram.clone();
     cfg.stats = true;
     cfg.its = its;
+    cfg.bare_loop = bare;
     let noop = Arc::new(Mutex::new(NoOp));
     cfg.extra_pio.push(ExtraPio {
         base: programs::BENCH_PORT,
@@ -305,14 +355,19 @@ fn vmm_once(
     let stats = out
         .stats
         .ok_or_else(|| "the VMM returned no exit statistics".to_string())?;
-    let h = stats
-        .histogram(p.reason)
-        .ok_or_else(|| format!("no {} histogram", p.reason.name()))?;
+    let (h, what) = match measure {
+        Measure::Exit(reason) => (
+            stats
+                .histogram(reason)
+                .ok_or_else(|| format!("no {} histogram", reason.name()))?,
+            reason.name(),
+        ),
+        Measure::Instruction => (stats.instructions(), "emulated instruction"),
+    };
     if h.count() < u64::from(iters) {
         return Err(format!(
-            "{} {} exits recorded, {iters} expected",
-            h.count(),
-            p.reason.name()
+            "{} {what} samples recorded, {iters} expected",
+            h.count()
         ));
     }
     hist.merge(h);

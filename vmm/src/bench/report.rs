@@ -21,6 +21,11 @@ pub struct PathResult {
     pub count: u64,
     pub error: Option<String>,
     pub notes: Option<String>,
+    /// The same-image floor this path is also compared with, its median
+    /// and the ratio to it.
+    pub same_image: Option<&'static str>,
+    pub same_image_median_ns: Option<u64>,
+    pub same_image_ratio: Option<f64>,
 }
 
 impl PathResult {
@@ -61,7 +66,20 @@ impl PathResult {
             count,
             error,
             notes: None,
+            same_image: None,
+            same_image_median_ns: None,
+            same_image_ratio: None,
         }
+    }
+
+    /// Sets the same-image floor's name and median, and the ratio to it.
+    pub fn set_same_image(&mut self, name: &'static str, median: Option<u64>) {
+        self.same_image = Some(name);
+        self.same_image_median_ns = median;
+        self.same_image_ratio = match (self.median_ns, median) {
+            (Some(m), Some(f)) if f > 0 => Some(m as f64 / f as f64),
+            _ => None,
+        };
     }
 
     /// Sets the floor's median and the ratio of this path's median to it.
@@ -91,6 +109,17 @@ impl PathResult {
             }
             if let Some(n) = &self.notes {
                 m.insert("notes".into(), json!(n));
+            }
+            if let Some(f) = self.same_image {
+                m.insert("same_image_floor".into(), json!(f));
+                m.insert(
+                    "same_image_median_ns".into(),
+                    json!(self.same_image_median_ns),
+                );
+                m.insert(
+                    "same_image_ratio".into(),
+                    json!(self.same_image_ratio.map(|r| (r * 1000.0).round() / 1000.0)),
+                );
             }
         }
         v
@@ -136,6 +165,9 @@ impl BenchReport {
             let mut notes = String::new();
             if let Some(ps) = p.per_second {
                 let _ = write!(notes, "{ps:.0} insn/s");
+            }
+            if let (Some(f), Some(r)) = (p.same_image, p.same_image_ratio) {
+                let _ = write!(notes, "{r:.3} x {f}");
             }
             if let Some(e) = &p.error {
                 let _ = write!(notes, "error: {e}");

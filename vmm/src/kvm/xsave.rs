@@ -1,6 +1,7 @@
 //! The guest's x87/SSE/AVX state for the emulator: fetched with
 //! KVM_GET_XSAVE only when an instruction touches it, written back with
-//! KVM_SET_XSAVE only when the instruction changed it.
+//! KVM_SET_XSAVE only when the instruction changed a register (compared by
+//! value, see `emul::xstate`; the image then always carries MXCSR).
 
 use emul::{PlatformError, VectorState};
 use kvm_bindings::kvm_xsave;
@@ -44,10 +45,21 @@ impl<'a> KvmVectorState<'a> {
         }
     }
 
-    /// Writes the image back if the instruction changed it.
-    pub fn write_back(self) -> Result<(), kvm_ioctls::Error> {
+    /// Whether this exit fetched the image (one KVM_GET_XSAVE).
+    pub fn fetched(&self) -> bool {
+        self.fetched
+    }
+
+    /// Whether this exit read XCR0 (one KVM_GET_XCRS).
+    pub fn read_xcr0(&self) -> bool {
+        self.xcr0.is_some()
+    }
+
+    /// Writes the image back if the instruction changed a register
+    /// (`Ok(true)`: one KVM_SET_XSAVE).
+    pub fn write_back(self) -> Result<bool, kvm_ioctls::Error> {
         if !self.dirty {
-            return Ok(());
+            return Ok(false);
         }
         let mut x = kvm_xsave::default();
         for (word, chunk) in x.region.iter_mut().zip(self.buf.bytes.chunks_exact(4)) {
@@ -55,7 +67,7 @@ impl<'a> KvmVectorState<'a> {
         }
         // SAFETY: `x` is a complete legacy 4096-byte kvm_xsave; the VM never
         // enabled XSAVE2-sized state (AMX), so KVM reads nothing beyond it.
-        unsafe { self.fd.set_xsave(&x) }
+        unsafe { self.fd.set_xsave(&x) }.map(|()| true)
     }
 }
 

@@ -3,11 +3,12 @@
 //! translates between KVM's register state and the emulator's.
 
 use super::platform::GuestPhys;
+use super::IoctlCounts;
 use crate::kvm::xsave::{KvmVectorState, XsaveBuf};
 use crate::vm::Shared;
 use emul::{CpuState, Outcome, Segment};
 use iced_x86::Mnemonic;
-use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs, kvm_sync_regs};
+use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 use kvm_ioctls::VcpuFd;
 
 /// What to do with an instruction outside the emulator's allow-list.
@@ -51,6 +52,7 @@ pub struct Emulator {
     /// Emulated instructions per mnemonic (`--stats`), indexed by
     /// `Mnemonic as usize`; allocated once.
     per_mnemonic: Option<Vec<u64>>,
+    ioctls: IoctlCounts,
 }
 
 impl Emulator {
@@ -66,6 +68,7 @@ impl Emulator {
             max_phys_bits,
             on_unsupported,
             per_mnemonic: stats.then(|| vec![0; Mnemonic::values().count()]),
+            ioctls: IoctlCounts::default(),
         })
     }
 
@@ -94,17 +97,23 @@ impl Emulator {
         }
     }
 
-    /// Completes the instruction at RIP. `sync` holds the vCPU's registers
-    /// (from KVM_CAP_SYNC_REGS); on `Done` its GPRs and RIP are updated.
+    /// The XSAVE ioctls made so far.
+    pub fn ioctl_counts(&self) -> IoctlCounts {
+        self.ioctls
+    }
+
+    /// Completes the instruction at RIP. `regs` and `sregs` are the vCPU's
+    /// registers; on `Done` the GPRs and RIP in `regs` are updated.
     pub fn complete(
         &mut self,
         vcpu: u8,
         fd: &VcpuFd,
-        sync: &mut kvm_sync_regs,
+        regs: &mut kvm_regs,
+        sregs: &kvm_sregs,
         bytes: &[u8],
         shared: &Shared,
     ) -> Completion {
-        let mut cpu = cpu_state(&sync.regs, &sync.sregs, self.max_phys_bits);
+        let mut cpu = cpu_state(regs, sregs, self.max_phys_bits);
         let mut phys = GuestPhys {
             mem: &shared.mem,
             mmio: &shared.buses.mmio,
@@ -112,11 +121,16 @@ impl Emulator {
         };
         let mut vec = KvmVectorState::new(fd, &mut self.xsave);
         let outcome = self.emu.emulate(&mut cpu, bytes, &mut vec, &mut phys);
-        if let Err(e) = vec.write_back() {
-            return Completion::Stop(format!(
-                "vcpu {vcpu}: KVM_SET_XSAVE failed at rip {:#x}: {e}",
-                sync.regs.rip
-            ));
+        self.ioctls.get_xsave += u64::from(vec.fetched());
+        self.ioctls.get_xcrs += u64::from(vec.read_xcr0());
+        match vec.write_back() {
+            Ok(wrote) => self.ioctls.set_xsave += u64::from(wrote),
+            Err(e) => {
+                return Completion::Stop(format!(
+                    "vcpu {vcpu}: KVM_SET_XSAVE failed at rip {:#x}: {e}",
+                    regs.rip
+                ))
+            }
         }
         if let Some(stop) = phys.stop {
             return Completion::DeviceStop(stop);
@@ -128,7 +142,7 @@ impl Emulator {
                         *c += 1;
                     }
                 }
-                write_gprs(&cpu, &mut sync.regs);
+                write_gprs(&cpu, regs);
                 Completion::Done
             }
             Outcome::Exception {
@@ -143,14 +157,14 @@ impl Emulator {
             Outcome::Unsupported { text } => match self.on_unsupported {
                 OnUnsupported::Stop => Completion::Stop(format!(
                     "vcpu {vcpu}: unsupported instruction `{text}` at rip {:#x} ({}-bit, bytes {})",
-                    sync.regs.rip,
+                    regs.rip,
                     cpu.bitness(),
                     hex(bytes)
                 )),
                 OnUnsupported::InjectUd => {
                     log::warn!(
                         "vcpu {vcpu}: unsupported `{text}` at rip {:#x}: injecting #UD",
-                        sync.regs.rip
+                        regs.rip
                     );
                     Completion::Inject {
                         vector: 6,
@@ -160,10 +174,10 @@ impl Emulator {
                 }
             },
             Outcome::Platform(e) => {
-                Completion::Stop(format!("vcpu {vcpu}: at rip {:#x}: {e}", sync.regs.rip))
+                Completion::Stop(format!("vcpu {vcpu}: at rip {:#x}: {e}", regs.rip))
             }
             Outcome::SoftwareInterrupt { vector } => {
-                write_gprs(&cpu, &mut sync.regs);
+                write_gprs(&cpu, regs);
                 Completion::Interrupt { vector }
             }
             Outcome::FlushTlb { mnemonic } => {
@@ -174,8 +188,42 @@ impl Emulator {
                 {
                     *c += 1;
                 }
-                write_gprs(&cpu, &mut sync.regs);
+                write_gprs(&cpu, regs);
                 Completion::FlushTlb
+            }
+        }
+    }
+
+    /// Builds now what the first emulated instruction would otherwise
+    /// build while the guest waits (~0.6 ms): iced-x86's decoder,
+    /// instruction-info and encoder tables (built on first use, once per
+    /// process), the stub's bounce and XSAVE pages, this vCPU's XSAVE
+    /// buffer and KVM's XSAVE path. Runs a GPR, a vector and a fetched
+    /// instruction on a mock guest (32-bit flat, no paging) and reads the
+    /// vCPU's XSAVE image once. Called on the vCPU's own thread (the stub's
+    /// fault recovery is per thread) before its first KVM_RUN.
+    pub fn warm_up(&mut self, fd: &VcpuFd) {
+        let mut vec = KvmVectorState::new(fd, &mut self.xsave);
+        if let Err(e) = emul::VectorState::image(&mut vec) {
+            log::debug!("warm-up: {e}");
+        }
+        let mut image = emul::XsaveImage::new();
+        let mut mem = WarmUpMemory(vec![0u8; 3 * 4096]);
+        // lock cmpxchg8b [esi]; vmovdqu ymm0, [esi]; adcx eax, ebx
+        let code: [&[u8]; 3] = [
+            &[0xf0, 0x0f, 0xc7, 0x0e],
+            &[0xc5, 0xfe, 0x6f, 0x06],
+            &[0x66, 0x0f, 0x38, 0xf6, 0xc3],
+        ];
+        mem.0[WARM_UP_CODE as usize..][..5].copy_from_slice(code[2]);
+        for (i, insn) in code.iter().chain([&[][..]].iter()).enumerate() {
+            // The last one is fetched from the mock's memory.
+            for _ in 0..2 {
+                let mut cpu = warm_up_cpu();
+                let out = self.emu.emulate(&mut cpu, insn, &mut image, &mut mem);
+                if !matches!(out, Outcome::Done { .. }) {
+                    log::debug!("warm-up instruction {i}: {out:?}");
+                }
             }
         }
     }
@@ -191,6 +239,90 @@ impl Emulator {
         v.sort_by_key(|e| std::cmp::Reverse(e.1));
         v
     }
+}
+
+/// Builds iced-x86's process-wide tables (decoder, instruction info,
+/// encoder) and the emulator's allow-list view of them, for instructions of
+/// each encoding the emulator meets (legacy, VEX, EVEX). About 1 ms on
+/// first use; [`crate::vm::run`] runs this on a helper thread while it sets
+/// the VM up, so a guest never waits for it.
+pub fn warm_up_tables() {
+    use iced_x86::{Decoder, DecoderOptions, Encoder, InstructionInfoFactory};
+    // lock cmpxchg16b [rsi]; vmovdqu ymm0, [rsi]; vpaddd zmm0{k1}, zmm1,
+    // [rsi]; adcx rax, rbx; fld dword [rsi]
+    let code: [&[u8]; 5] = [
+        &[0xf0, 0x48, 0x0f, 0xc7, 0x0e],
+        &[0xc5, 0xfe, 0x6f, 0x06],
+        &[0x62, 0xf1, 0x75, 0x49, 0xfe, 0x06],
+        &[0x66, 0x48, 0x0f, 0x38, 0xf6, 0xc3],
+        &[0xd9, 0x06],
+    ];
+    let mut info = InstructionInfoFactory::new();
+    let mut encoder = Encoder::new(64);
+    for bytes in code {
+        let insn = Decoder::with_ip(64, bytes, 0x1000, DecoderOptions::NONE).decode();
+        let _ = info.info(&insn).used_memory().len();
+        let _ = emul::classify::classify(&insn);
+        let _ = encoder.encode(&insn, 0x2000);
+        let _ = encoder.take_buffer();
+    }
+}
+
+/// Where the warm-up's mock guest has its code and its data.
+const WARM_UP_CODE: u64 = 0x1000;
+const WARM_UP_DATA: u64 = 0x2000;
+
+/// The warm-up's mock guest memory: all RAM.
+struct WarmUpMemory(Vec<u8>);
+
+impl emul::Platform for WarmUpMemory {
+    fn read_phys(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), emul::PlatformError> {
+        let src = usize::try_from(gpa)
+            .ok()
+            .and_then(|at| self.0.get(at..at + buf.len()))
+            .ok_or(emul::PlatformError {
+                gpa,
+                len: buf.len(),
+                reason: "outside the warm-up memory",
+            })?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+
+    fn write_phys(&mut self, gpa: u64, buf: &[u8]) -> Result<(), emul::PlatformError> {
+        let dst = usize::try_from(gpa)
+            .ok()
+            .and_then(|at| self.0.get_mut(at..at + buf.len()))
+            .ok_or(emul::PlatformError {
+                gpa,
+                len: buf.len(),
+                reason: "outside the warm-up memory",
+            })?;
+        dst.copy_from_slice(buf);
+        Ok(())
+    }
+}
+
+/// 32-bit flat protected mode without paging, CPL 0, SSE and XSAVE on.
+fn warm_up_cpu() -> CpuState {
+    use emul::cpu::{CR0_MP, CR0_PE, CR4_OSFXSR, CR4_OSXMMEXCPT, CR4_OSXSAVE};
+    let data = Segment::flat_data();
+    let mut cpu = CpuState {
+        rip: WARM_UP_CODE,
+        cr0: CR0_PE | CR0_MP,
+        cr4: CR4_OSFXSR | CR4_OSXMMEXCPT | CR4_OSXSAVE,
+        cs: Segment { type_: 0xb, ..data },
+        ss: data,
+        ds: data,
+        es: data,
+        fs: data,
+        gs: data,
+        ..CpuState::default()
+    };
+    cpu.max_phys_bits = 52;
+    cpu.gprs.rsi = WARM_UP_DATA;
+    cpu.gprs.rflags = 0x2;
+    cpu
 }
 
 fn segment(s: &kvm_segment) -> Segment {

@@ -1,8 +1,19 @@
 //! One vCPU thread: KVM_RUN, decode the exit, serve it, repeat.
 //!
-//! The hot path (PIO and MMIO) makes no register ioctl (GPRs and segment
-//! registers come through KVM_CAP_SYNC_REGS), does not allocate, and only
-//! reads the clock when `--stats` or `--trace` asked for it.
+//! The hot path (PIO and MMIO) makes no register ioctl, does not allocate,
+//! and only reads the clock when `--stats` or `--trace` asked for it.
+//!
+//! What KVM copies into the run page on every exit (KVM_CAP_SYNC_REGS) is
+//! kept to what exits use, because each class costs on every exit:
+//! - GPRs (~50 ns) and segment/control registers (~170 ns) only while the
+//!   guest keeps emulating (the emulator needs both): the first emulation
+//!   exit after a quiet stretch fetches them with KVM_GET_REGS and
+//!   KVM_GET_SREGS and puts them in the sync set; after
+//!   [`SYNC_IDLE_EXITS`] exits without emulation they leave it again. A
+//!   PIO or MMIO exit needs neither; rare paths (error messages, HLT, the
+//!   halt probe) fetch GPRs by ioctl when they are not synced.
+//! - Events (~100 ns) never: injecting an exception reads them with
+//!   KVM_GET_VCPU_EVENTS and writes them back through the run page.
 
 mod diagnose;
 mod emulate;
@@ -23,9 +34,92 @@ use std::time::Instant;
 
 use crate::bus::BusAction;
 use emulate::Completion;
-pub use emulate::{Emulator, OnUnsupported};
+pub use emulate::{warm_up_tables, Emulator, OnUnsupported};
 
 const RFLAGS_IF: u64 = 1 << 9;
+
+/// vCPU state ioctls made while serving exits (`VmOutcome::ioctls`): the
+/// per-exit costs the README's Performance section names.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct IoctlCounts {
+    pub get_regs: u64,
+    pub get_sregs: u64,
+    pub get_events: u64,
+    pub get_xsave: u64,
+    pub set_xsave: u64,
+    pub get_xcrs: u64,
+}
+
+impl IoctlCounts {
+    pub fn add(&mut self, o: &IoctlCounts) {
+        self.get_regs += o.get_regs;
+        self.get_sregs += o.get_sregs;
+        self.get_events += o.get_events;
+        self.get_xsave += o.get_xsave;
+        self.set_xsave += o.set_xsave;
+        self.get_xcrs += o.get_xcrs;
+    }
+}
+
+/// Exits without an emulation failure after which GPRs and SREGS leave the
+/// sync set. Keeping them costs ~220 ns per exit, missing them a
+/// KVM_GET_REGS and a KVM_GET_SREGS (~4-5 us each on PVM hosts): after
+/// about that many exits' worth of copies, stop paying (so a guest pays at
+/// most about twice the better choice).
+pub const SYNC_IDLE_EXITS: u32 = 32;
+
+/// Whether GPRs and SREGS are in the run page's sync set, and for how long
+/// no exit has needed them.
+struct RegSync {
+    synced: bool,
+    idle_exits: u32,
+    /// `--trace` records RIP and the mode of every exit: never drop them.
+    keep: bool,
+}
+
+impl RegSync {
+    /// After an exit: a stretch without emulation drops both from the set.
+    #[inline]
+    fn after_exit(&mut self, fd: &mut VcpuFd, emulation: bool) {
+        if !self.synced || self.keep {
+            return;
+        }
+        if emulation {
+            self.idle_exits = 0;
+            return;
+        }
+        self.idle_exits += 1;
+        if self.idle_exits >= SYNC_IDLE_EXITS {
+            fd.clear_sync_valid_reg(SyncReg::Register);
+            fd.clear_sync_valid_reg(SyncReg::SystemRegister);
+            self.synced = false;
+        }
+    }
+
+    /// Makes the run page's GPRs and SREGS current for this exit: synced
+    /// by KVM, or fetched (and synced from the next exit on).
+    fn ensure(
+        &mut self,
+        fd: &mut VcpuFd,
+        ioctls: &mut IoctlCounts,
+    ) -> Result<(), (&'static str, kvm_ioctls::Error)> {
+        if self.synced {
+            return Ok(());
+        }
+        let regs = fd.get_regs().map_err(|e| ("KVM_GET_REGS", e))?;
+        let sregs = fd.get_sregs().map_err(|e| ("KVM_GET_SREGS", e))?;
+        ioctls.get_regs += 1;
+        ioctls.get_sregs += 1;
+        let page = fd.sync_regs_mut();
+        page.regs = regs;
+        page.sregs = sregs;
+        fd.set_sync_valid_reg(SyncReg::Register);
+        fd.set_sync_valid_reg(SyncReg::SystemRegister);
+        self.synced = true;
+        self.idle_exits = 0;
+        Ok(())
+    }
+}
 
 pub struct Vcpu {
     pub id: u8,
@@ -33,25 +127,40 @@ pub struct Vcpu {
     shared: Arc<Shared>,
     emulator: Emulator,
     stats: Option<crate::stats::ExitStats>,
+    sync: RegSync,
+    ioctls: IoctlCounts,
 }
 
 impl Vcpu {
     pub fn new(id: u8, mut fd: VcpuFd, shared: Arc<Shared>, emulator: Emulator) -> Self {
-        // Registers and segment state reach userspace in the run page on every
-        // exit, so serving one never needs KVM_GET_REGS/SREGS.
+        // GPRs and SREGS start in the sync set, so a guest that emulates
+        // from the start never fetches them; one that does not drops them
+        // after SYNC_IDLE_EXITS exits (see the module comment).
         fd.set_sync_valid_reg(SyncReg::Register);
         fd.set_sync_valid_reg(SyncReg::SystemRegister);
-        // Exceptions from emulated instructions are injected through the
-        // same page.
-        fd.set_sync_valid_reg(SyncReg::VcpuEvents);
+        fd.clear_sync_valid_reg(SyncReg::VcpuEvents);
         let stats = shared.stats.then(crate::stats::ExitStats::new);
+        let keep = shared.tracer.is_some();
         Vcpu {
             id,
             fd,
             shared,
             emulator,
             stats,
+            sync: RegSync {
+                synced: true,
+                idle_exits: 0,
+                keep,
+            },
+            ioctls: IoctlCounts::default(),
         }
+    }
+
+    /// The state ioctls this vCPU made while serving exits.
+    pub fn ioctl_counts(&self) -> IoctlCounts {
+        let mut c = self.ioctls;
+        c.add(&self.emulator.ioctl_counts());
+        c
     }
 
     /// This vCPU's exit latencies and emulated instructions per mnemonic
@@ -63,13 +172,20 @@ impl Vcpu {
         Some((s, self.emulator.mnemonic_counts()))
     }
 
-    /// RIP as of the last KVM_RUN return (from the sync-regs page).
+    /// RIP as of the last KVM_RUN return: from the run page while GPRs are
+    /// synced, else by KVM_GET_REGS (0 if that fails).
     pub fn rip(&mut self) -> u64 {
-        self.fd.sync_regs_mut().regs.rip
+        self.regs().map_or(0, |r| r.rip)
     }
 
-    fn regs(&mut self) -> &kvm_regs {
-        &self.fd.sync_regs_mut().regs
+    /// The GPRs: from the run page while synced, else by KVM_GET_REGS
+    /// (only rare paths call this outside emulation).
+    fn regs(&mut self) -> Result<kvm_regs, kvm_ioctls::Error> {
+        if self.sync.synced {
+            return Ok(self.fd.sync_regs_mut().regs);
+        }
+        self.ioctls.get_regs += 1;
+        self.fd.get_regs()
     }
 
     /// Runs until the VM ends: `Some` when this vCPU ended it, `None` when
@@ -77,6 +193,13 @@ impl Vcpu {
     pub fn run(&mut self) -> Option<VmEnd> {
         let timing = self.stats.is_some() || self.shared.tracer.is_some();
         let id = self.id;
+        // On this thread: the stub's fault recovery is per thread.
+        let t = Instant::now();
+        self.emulator.warm_up(&self.fd);
+        log::debug!(
+            "vcpu {id}: emulator warmed up in {} us",
+            t.elapsed().as_micros()
+        );
         loop {
             if self.shared.stopping() {
                 return None;
@@ -92,10 +215,15 @@ impl Vcpu {
                     format!("vcpu {}: KVM_RUN failed at rip {:#x}: {e}", id, self.rip()),
                 ));
             }
+            // The RIP the exit happened at (only to group an emulated
+            // instruction's exits in the statistics; free while synced).
+            let exit_rip = (timing && self.sync.synced).then(|| self.fd.sync_regs_mut().regs.rip);
             let exit = run_page::decode(self.fd.get_kvm_run());
             let reason = exit.reason();
             let mut rec = self.shared.tracer.as_ref().map(|_| TraceRecord::of(&exit));
             let action = handle_exit(exit, &self.shared.buses);
+            self.sync
+                .after_exit(&mut self.fd, matches!(action, ExitAction::Emulate { .. }));
             if let Some(rec) = &mut rec {
                 let s = self.fd.sync_regs_mut();
                 rec.set_regs(&s.regs, &s.sregs);
@@ -140,8 +268,64 @@ impl Vcpu {
                     }
                 }
                 if let Some(s) = &mut self.stats {
-                    s.record(reason, ns);
+                    s.record(reason, exit_rip, ns);
                 }
+            }
+            if end.is_some() {
+                return end;
+            }
+        }
+    }
+
+    /// The same-image floor of `vmm bench`: KVM_RUN on this very VM (the
+    /// VMM's own set-up, image and run page) with nothing served and no
+    /// register synced: PIO and MMIO exits re-enter at once (a read sees
+    /// whatever is in the run page), a write to isa-debug-exit ends the
+    /// run, anything else stops it. Each exit is timed as in [`Self::run`]
+    /// (into the `--stats` histograms, which the bench turns on).
+    pub fn run_bare(&mut self) -> Option<VmEnd> {
+        let id = self.id;
+        self.fd.clear_sync_valid_reg(SyncReg::Register);
+        self.fd.clear_sync_valid_reg(SyncReg::SystemRegister);
+        self.sync.synced = false;
+        loop {
+            if self.shared.stopping() {
+                return None;
+            }
+            let t0 = Instant::now();
+            if let Err(e) = self.fd.run() {
+                if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN {
+                    continue;
+                }
+                return Some(VmEnd::new(
+                    status::KVM_FAILURE,
+                    format!("vcpu {id}: KVM_RUN failed: {e}"),
+                ));
+            }
+            let exit = run_page::decode(self.fd.get_kvm_run());
+            let reason = exit.reason();
+            let end = match exit {
+                Exit::Io {
+                    port,
+                    out: true,
+                    data,
+                    ..
+                } if port == crate::devices::debug_exit::DEBUG_EXIT_PORT => {
+                    let v = data.first().copied().map_or(0, i32::from);
+                    Some(VmEnd::new(
+                        (v << 1) | 1,
+                        format!("vcpu {id}: debug exit (bare loop)"),
+                    ))
+                }
+                Exit::Io { .. } | Exit::Mmio { .. } => None,
+                other => Some(VmEnd::new(
+                    status::UNHANDLED_EXIT,
+                    format!("vcpu {id}: bare loop: exit {}", other.reason().name()),
+                )),
+            };
+            let ns = t0.elapsed().as_nanos() as u64;
+            if let Some(s) = &mut self.stats {
+                s.record(reason, None, ns);
             }
             if end.is_some() {
                 return end;
@@ -158,7 +342,9 @@ impl Vcpu {
             return;
         }
         let parked = match self.fd.get_mp_state() {
-            Ok(s) if s.mp_state == KVM_MP_STATE_HALTED => self.regs().rflags & RFLAGS_IF == 0,
+            Ok(s) if s.mp_state == KVM_MP_STATE_HALTED => {
+                self.regs().is_ok_and(|r| r.rflags & RFLAGS_IF == 0)
+            }
             Ok(s) => matches!(
                 s.mp_state,
                 KVM_MP_STATE_UNINITIALIZED | KVM_MP_STATE_INIT_RECEIVED
@@ -166,6 +352,7 @@ impl Vcpu {
             Err(_) => false,
         };
         self.shared.probe.answer(self.id, round, parked);
+        self.shared.wake_waiter();
     }
 
     /// After a port or MMIO write: did the guest ask for an ACPI sleep
@@ -245,6 +432,10 @@ impl Vcpu {
             ));
         }
         // As the BIOS does on resume: real mode, CS:IP = vector >> 4 : vector & 0xf.
+        // The run page's registers must be current before they are rewritten.
+        if let Err((op, e)) = self.sync.ensure(&mut self.fd, &mut self.ioctls) {
+            return Some(self.kvm_failure(op, e));
+        }
         let s = self.fd.sync_regs_mut();
         if let Err(e) = crate::boot::setup_entry(
             &shared.mem,
@@ -309,7 +500,10 @@ impl Vcpu {
     }
 
     fn halt(&mut self) -> Option<VmEnd> {
-        let regs = *self.regs();
+        let regs = match self.regs() {
+            Ok(r) => r,
+            Err(e) => return Some(self.kvm_failure("KVM_GET_REGS", e)),
+        };
         let msg = if regs.rflags & RFLAGS_IF == 0 {
             format!(
                 "vcpu {}: halted with interrupts off at rip {:#x}",
@@ -326,14 +520,18 @@ impl Vcpu {
     }
 
     fn emulate(&mut self, bytes: &[u8]) -> Option<VmEnd> {
-        // A copy: the emulator also needs the vCPU fd (for XSAVE state).
-        let mut sync = self.fd.sync_regs();
+        if let Err((op, e)) = self.sync.ensure(&mut self.fd, &mut self.ioctls) {
+            return Some(self.kvm_failure(op, e));
+        }
+        // Copies: the emulator also needs the vCPU fd (for XSAVE state).
+        let sync = self.fd.sync_regs_mut();
+        let (mut regs, sregs) = (sync.regs, sync.sregs);
         match self
             .emulator
-            .complete(self.id, &self.fd, &mut sync, bytes, &self.shared)
+            .complete(self.id, &self.fd, &mut regs, &sregs, bytes, &self.shared)
         {
             Completion::Done => {
-                self.fd.sync_regs_mut().regs = sync.regs;
+                self.fd.sync_regs_mut().regs = regs;
                 self.fd.set_sync_dirty_reg(SyncReg::Register);
                 None
             }
@@ -342,14 +540,23 @@ impl Vcpu {
                 error_code,
                 cr2,
             } => {
-                let s = self.fd.sync_regs_mut();
-                let e = &mut s.events.exception;
+                // Events are not synced on every exit: read them now, write
+                // them back through the run page with the next KVM_RUN.
+                let mut events = match self.fd.get_vcpu_events() {
+                    Ok(e) => e,
+                    Err(e) => return Some(self.kvm_failure("KVM_GET_VCPU_EVENTS", e)),
+                };
+                self.ioctls.get_events += 1;
+                let e = &mut events.exception;
                 e.injected = 1;
                 e.pending = 0;
                 e.nr = vector;
                 e.has_error_code = u8::from(error_code.is_some());
                 e.error_code = error_code.unwrap_or(0);
+                let s = self.fd.sync_regs_mut();
+                s.events = events;
                 if let Some(cr2) = cr2 {
+                    // `ensure` made the run page's SREGS current.
                     s.sregs.cr2 = cr2;
                     self.fd.set_sync_dirty_reg(SyncReg::SystemRegister);
                 }
@@ -361,20 +568,27 @@ impl Vcpu {
                 // KVM's exception fields take vectors below 32 only and
                 // model faults (return address at the instruction), while
                 // an injected interrupt pushes the RIP set here, past the
-                // INT. Injection skips the IF check, as INT n does.
-                let s = self.fd.sync_regs_mut();
-                s.regs = sync.regs;
-                let irq = &mut s.events.interrupt;
+                // INT. Injection skips the IF check, as INT n does. Events
+                // are not synced on every exit: read them now.
+                let mut events = match self.fd.get_vcpu_events() {
+                    Ok(e) => e,
+                    Err(e) => return Some(self.kvm_failure("KVM_GET_VCPU_EVENTS", e)),
+                };
+                self.ioctls.get_events += 1;
+                let irq = &mut events.interrupt;
                 irq.injected = 1;
                 irq.nr = vector;
                 irq.soft = 0;
                 irq.shadow = 0;
+                let s = self.fd.sync_regs_mut();
+                s.regs = regs;
+                s.events = events;
                 self.fd.set_sync_dirty_reg(SyncReg::Register);
                 self.fd.set_sync_dirty_reg(SyncReg::VcpuEvents);
                 None
             }
             Completion::FlushTlb => {
-                self.fd.sync_regs_mut().regs = sync.regs;
+                self.fd.sync_regs_mut().regs = regs;
                 self.fd.set_sync_dirty_reg(SyncReg::Register);
                 self.flush_guest_tlb()
             }
@@ -385,5 +599,13 @@ impl Vcpu {
             )),
             Completion::DeviceStop(BusAction::Continue) => None,
         }
+    }
+
+    fn kvm_failure(&mut self, op: &str, e: kvm_ioctls::Error) -> VmEnd {
+        let rip = self.rip();
+        VmEnd::new(
+            status::KVM_FAILURE,
+            format!("vcpu {}: {op} failed at rip {rip:#x}: {e}", self.id),
+        )
     }
 }

@@ -1,0 +1,158 @@
+//! Vector state the VMM writes back to KVM: MXCSR loaded at CPL 0 must
+//! survive although the XMM registers are zero (KVM_SET_XSAVE takes MXCSR
+//! only with the SSE or AVX bit in XSTATE_BV, which the stub's XSAVE
+//! leaves clear then), and instructions that change no register must not
+//! cost a KVM_SET_XSAVE.
+
+use super::bench::{BENCH_MMIO, BENCH_MMIO_SIZE};
+use super::{assemble, expect, LOAD_ADDR};
+use crate::rt::kernel64::{sys_exit, sys_report, sys_verdict, Kernel64};
+use crate::rt::{status_of, Asm, AsmResult, EXIT_PASS};
+use crate::{Mode, Program};
+use iced_x86::code_asm::*;
+use iced_x86::IcedError;
+
+/// MXCSR with the divide-by-zero exception unmasked (ZM, bit 9, clear).
+pub const MXCSR_ZM_CLEAR: u32 = 0x1f80 & !(1 << 9);
+/// The #XM vector.
+const VEC_XM: u64 = 19;
+/// What the exception slot holds when nothing was raised.
+const NONE: i32 = 0xff;
+/// Values saved per run: STMXCSR after LDMXCSR, the divide's exception.
+const SAVED: usize = 2;
+
+/// One run of the case, with every XMM register zero: LDMXCSR of
+/// [`MXCSR_ZM_CLEAR`], STMXCSR, then 1.0 / 0.0 with `divss` (must raise
+/// #XM), saving both at `table`. Ends with MXCSR back at its default.
+fn emit_case(a: &mut Asm, k: &Kernel64, table: CodeLabel, consts: CodeLabel) -> AsmResult {
+    let mut resume = a.create_label();
+    a.lea(rdi, ptr(table))?;
+    a.lea(rsi, ptr(consts))?;
+    // Zero XMM0-15 (at CPL 0 each pxor is itself completed by the VMM and
+    // changes nothing).
+    for r in [
+        xmm0, xmm1, xmm2, xmm3, xmm4, xmm5, xmm6, xmm7, xmm8, xmm9, xmm10, xmm11, xmm12, xmm13,
+        xmm14, xmm15,
+    ] {
+        a.pxor(r, r)?;
+    }
+    a.mov(qword_ptr(rdi), 0)?;
+    a.ldmxcsr(dword_ptr(rsi))?;
+    a.stmxcsr(dword_ptr(rdi))?;
+    // The divide: an unmasked #ZE raises #XM; the kernel resumes below.
+    a.mov(qword_ptr(k.exc_vector), NONE)?;
+    a.lea(rax, ptr(resume))?;
+    a.mov(qword_ptr(k.resume_rip), rax)?;
+    a.mov(eax, 1)?;
+    a.cvtsi2ss(xmm0, eax)?;
+    a.divss(xmm0, dword_ptr(rsi + 8))?;
+    a.set_label(&mut resume)?;
+    a.mov(qword_ptr(k.resume_rip), 0)?;
+    a.mov(rax, qword_ptr(k.exc_vector))?;
+    a.mov(qword_ptr(rdi + 8), rax)?;
+    // Back to the default, the flags the exception set cleared.
+    a.ldmxcsr(dword_ptr(rsi + 4))
+}
+
+/// `mxcsr-cpl0`: the case at CPL 0 before the guest ever runs at CPL 3
+/// (PVM interprets it, so the VMM completes every SSE instruction), then
+/// natively at CPL 3, the ground truth; reports both runs' MXCSR and
+/// exception vector, then the number of differences.
+pub fn mxcsr_cpl0() -> Result<Program, IcedError> {
+    let image = assemble(Mode::Long, LOAD_ADDR, |a| {
+        let k = Kernel64::new(a)?;
+        let mut kernel_table = a.create_label();
+        let mut user_table = a.create_label();
+        let mut consts = a.create_label();
+        let mut user = a.create_label();
+        k.setup(a)?;
+        emit_case(a, &k, kernel_table, consts)?;
+        k.enter_user(a, user)?;
+        a.set_label(&mut user)?;
+        emit_case(a, &k, user_table, consts)?;
+        a.lea(rsi, ptr(kernel_table))?;
+        a.lea(rdi, ptr(user_table))?;
+        a.xor(r12d, r12d)?;
+        for i in 0..SAVED as i32 {
+            let mut same = a.create_label();
+            a.mov(rax, qword_ptr(rsi + 8 * i))?;
+            a.cmp(rax, qword_ptr(rdi + 8 * i))?;
+            a.je(same)?;
+            a.inc(r12)?;
+            a.set_label(&mut same)?;
+        }
+        for table in [kernel_table, user_table] {
+            a.lea(rbx, ptr(table))?;
+            for i in 0..SAVED as i32 {
+                a.mov(rax, qword_ptr(rbx + 8 * i))?;
+                sys_report(a, rax)?;
+            }
+        }
+        sys_report(a, r12)?;
+        sys_verdict(a, r12, "cpl0 and cpl3 agree\n", "cpl0 and cpl3 differ\n")?;
+        k.finish(a)?;
+        a.set_label(&mut consts)?;
+        // MXCSR to load, the default MXCSR, 0.0f.
+        a.dd(&[MXCSR_ZM_CLEAR, 0x1f80, 0])?;
+        a.set_label(&mut kernel_table)?;
+        a.dq(&[0; SAVED])?;
+        a.set_label(&mut user_table)?;
+        a.dq(&[0; SAVED])
+    })?;
+    let m = u64::from(MXCSR_ZM_CLEAR);
+    Ok(Program::new(
+        "mxcsr-cpl0",
+        "LDMXCSR with ZM clear at CPL 0 while XMM0-15 are zero: STMXCSR reads it back and 1.0/0.0 raises #XM, as natively at CPL 3",
+        Mode::Long,
+        LOAD_ADDR,
+        image,
+        expect(
+            status_of(EXIT_PASS),
+            "cpl0 and cpl3 agree",
+            Some(vec![m, VEC_XM, m, VEC_XM, 0]),
+        ),
+    ))
+}
+
+/// `iters` loads of zeros into YMM0 (already zero) from MMIO at CPL 0,
+/// then `iters` stores of YMM0 to MMIO at CPL 3: every one is completed by
+/// the VMM and none changes a register, so none needs KVM_SET_XSAVE.
+pub fn vector_unchanged(iters: u32) -> Result<Program, IcedError> {
+    let image = assemble(Mode::Long, LOAD_ADDR, |a| {
+        let k = Kernel64::new(a)?;
+        let mut user = a.create_label();
+        k.setup(a)?;
+        a.mov(rsi, BENCH_MMIO)?;
+        counted(a, iters, |a| a.vmovdqu(ymm0, ymmword_ptr(rsi)))?;
+        k.enter_user(a, user)?;
+        a.set_label(&mut user)?;
+        a.mov(rsi, BENCH_MMIO)?;
+        counted(a, iters, |a| a.vmovdqu(ymmword_ptr(rsi), ymm0))?;
+        sys_exit(a, EXIT_PASS)?;
+        k.finish(a)
+    })?;
+    Ok(Program::new(
+        "vector-unchanged",
+        "vmovdqu ymm0 loads of zeros from MMIO at CPL 0 and stores to MMIO at CPL 3: no register changes",
+        Mode::Long,
+        LOAD_ADDR,
+        image,
+        expect(status_of(EXIT_PASS), "", Some(vec![])),
+    )
+    .with_mmio_ram(vec![(BENCH_MMIO, BENCH_MMIO_SIZE)]))
+}
+
+/// The catalogued variant of [`vector_unchanged`].
+pub fn catalogue_vector_unchanged() -> Result<Program, IcedError> {
+    vector_unchanged(100)
+}
+
+/// `body` `iters` times (R8 counts; the body may use RCX).
+fn counted(a: &mut Asm, iters: u32, body: impl Fn(&mut Asm) -> AsmResult) -> AsmResult {
+    let mut top = a.create_label();
+    a.mov(r8d, iters.max(1))?;
+    a.set_label(&mut top)?;
+    body(a)?;
+    a.dec(r8d)?;
+    a.jnz(top)
+}
