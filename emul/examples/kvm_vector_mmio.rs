@@ -438,6 +438,29 @@ fn run() -> Result<bool, String> {
                         return Err(format!("guest instruction not completed: {text}"))
                     }
                     Outcome::Platform(e) => return Err(e.to_string()),
+                    Outcome::SoftwareInterrupt { vector } => {
+                        // INT n: RIP is already past it; an injected
+                        // interrupt pushes that RIP as the return address.
+                        write_gprs(&cpu, &mut regs);
+                        vcpu.set_regs(&regs).map_err(err("KVM_SET_REGS"))?;
+                        let mut ev = vcpu.get_vcpu_events().map_err(err("KVM_GET_VCPU_EVENTS"))?;
+                        ev.interrupt.injected = 1;
+                        ev.interrupt.nr = vector;
+                        ev.interrupt.soft = 0;
+                        vcpu.set_vcpu_events(&ev)
+                            .map_err(err("KVM_SET_VCPU_EVENTS"))?;
+                    }
+                    Outcome::FlushTlb { .. } => {
+                        // INVPCID: KVM_SET_SREGS flushes the guest TLB when
+                        // CR4 changes; toggle CR4.PGE and put it back.
+                        write_gprs(&cpu, &mut regs);
+                        vcpu.set_regs(&regs).map_err(err("KVM_SET_REGS"))?;
+                        let s = vcpu.get_sregs().map_err(err("KVM_GET_SREGS"))?;
+                        let mut toggled = s;
+                        toggled.cr4 ^= 1 << 7;
+                        vcpu.set_sregs(&toggled).map_err(err("KVM_SET_SREGS"))?;
+                        vcpu.set_sregs(&s).map_err(err("KVM_SET_SREGS"))?;
+                    }
                 }
             }
             other => return Err(format!("unexpected exit {other:?}")),

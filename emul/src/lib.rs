@@ -115,6 +115,16 @@
 //!         // Your Platform or VectorState failed: stop the VM.
 //!         panic!("{e}");
 //!     }
+//!     Outcome::SoftwareInterrupt { vector } => {
+//!         // INT n/INT3/INTO: write cpu.gprs and cpu.rip (past the INT) back
+//!         // and inject `vector` as an interrupt (KVM_SET_VCPU_EVENTS,
+//!         // interrupt.injected): the guest's IDT handler returns after it.
+//!         panic!("unexpected software interrupt {vector}");
+//!     }
+//!     Outcome::FlushTlb { .. } => {
+//!         // INVPCID: write the registers back and flush the guest's TLB.
+//!         panic!("unexpected INVPCID");
+//!     }
 //! }
 //! assert_eq!(cpu.rip, 0x1003);
 //! assert!(vector_state.dirty);
@@ -146,6 +156,7 @@ pub mod paging;
 pub mod platform;
 pub mod reencode;
 pub mod stub;
+pub mod system;
 pub mod vregs;
 pub mod writeback;
 pub mod xstate;

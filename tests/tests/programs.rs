@@ -36,6 +36,8 @@ const TESTED_ELSEWHERE: &[&str] = &[
     "emul-page-fault",
     "cpuid-leaves",
     "masked-fault-suppression",
+    "system-cpl0",
+    "bios-state",
     "mxcsr-cpl0",
     "vector-unchanged",
     "mmio-split-windows",
@@ -61,6 +63,7 @@ program_tests! {
     testdev_irq => "testdev-irq",
     smp_2 => "smp-2",
     smp_4 => "smp-4",
+    acpi_s3 => "acpi-s3",
 }
 
 #[test]

@@ -12,8 +12,8 @@
 //!
 //! The FADT points PM_TMR_BLK at [`PM_TMR_PORT`]. PM1a_EVT_BLK/PM1a_CNT_BLK
 //! carry QEMU's PIIX4 addresses (0x600, 0x604) because the spec requires them
-//! for a non-hardware-reduced platform; nothing serves those ports unless the
-//! VMM registers a device there, so they read all-ones.
+//! for a non-hardware-reduced platform; the acpi-pm device serves them
+//! (`devices::acpi_pm1`: S3 with an RTC alarm wake-up).
 
 use crate::devices::pm_timer::{PM_TMR_LEN, PM_TMR_PORT, PM_TMR_VAL_EXT};
 use crate::layout::{ACPI_AREA, IOAPIC_ADDR, LAPIC_ADDR};
@@ -41,6 +41,10 @@ const FACS_LEN: usize = 64;
 const FACS_ALIGN: usize = 64;
 /// Right after the RSDP, at the FACS's alignment.
 const FACS_OFFSET: usize = RSDP_LEN.next_multiple_of(FACS_ALIGN);
+/// Guest-physical address of the FACS.
+pub const FACS_ADDR: u64 = ACPI_AREA + FACS_OFFSET as u64;
+/// The FACS's 32-bit firmware waking vector (real-mode entry on resume).
+pub const FACS_FIRMWARE_WAKING_VECTOR: u64 = 12;
 const TABLE_ALIGN: usize = 16;
 
 /// FADT revision 1 (ACPI 1.0): 116 bytes, flags last.

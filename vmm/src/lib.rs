@@ -4,6 +4,7 @@
 
 pub mod acpi;
 pub mod bench;
+pub mod bios;
 pub mod boot;
 pub mod bus;
 pub mod cli;

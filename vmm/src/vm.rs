@@ -4,7 +4,7 @@ use crate::boot::{self, EntryMode};
 use crate::bus::{BusError, MmioBus, PioBus};
 use crate::config::{TestDevice, VmConfig};
 use crate::devices::mmio_ram::{MmioRam, MmioRamError, MAX_MMIO_RAM_TOTAL};
-use crate::devices::{debug_exit, i8042, serial, test_report};
+use crate::devices::{acpi_pm1, debug_exit, i8042, rtc, serial, test_report};
 use crate::halt_probe::HaltProbe;
 use crate::kvm::{self, cpuid, ioctl_err, KvmError};
 use crate::layout;
@@ -67,6 +67,8 @@ pub enum VmError {
     Thread(std::io::Error),
     #[error("cannot set up the emulator's stub buffer: {0}")]
     Stub(emul::EmulError),
+    #[error("BIOS state: {0}")]
+    Bios(#[from] crate::bios::BiosError),
     #[error("stub self-test failed; refusing to run guests:\n{0}")]
     Selftest(String),
 }
@@ -113,6 +115,16 @@ pub struct Shared {
     waiter: std::thread::Thread,
     /// vCPU threads still inside their run loop.
     running: std::sync::atomic::AtomicUsize,
+    /// ACPI sleep states (with the acpi-pm device).
+    pub power: Option<Power>,
+}
+
+/// What a vCPU needs to put the VM to sleep and wake it (ACPI S3).
+pub struct Power {
+    pub sleep: Arc<acpi_pm1::SleepRequest>,
+    pub pm1: Arc<Mutex<acpi_pm1::Pm1>>,
+    pub rtc: Arc<Mutex<rtc::Rtc>>,
+    pub cpus: u8,
 }
 
 impl Shared {
@@ -210,9 +222,14 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
         create_irqchip(&vm)?;
     }
     let mem = crate::kvm::memory::create_guest_memory(&vm, cfg.mem_size)?;
+    if cfg.irqchip() {
+        // Interrupts can arrive: leave the IVT a BIOS would (the image,
+        // loaded next, may overwrite it).
+        crate::bios::write_real_mode_vectors(&mem)?;
+    }
 
     let reports = test_report::Reports::default();
-    let buses = build_buses(cfg, &vm, &mem, serial_out, reports.clone())?;
+    let (buses, power) = build_buses(cfg, &vm, &mem, serial_out, reports.clone())?;
     let boot = load_guest(cfg, &mem, &buses)?;
 
     let its_on = resolve_its(cfg.its);
@@ -229,6 +246,7 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
         stop: AtomicBool::new(false),
         end: Mutex::new(None),
         probe: HaltProbe::new(usize::from(cfg.cpus)),
+        power,
         waiter: std::thread::current(),
         running: std::sync::atomic::AtomicUsize::new(usize::from(cfg.cpus)),
     });
@@ -256,6 +274,9 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
             cfg.stats,
         )
         .map_err(VmError::Stub)?;
+        let features = cpuid::system_features(&cpuid);
+        log::debug!("vcpu {id}: system instructions per CPUID: {features:?}");
+        emulator.set_system_features(features);
         // Xen-style: prove this vCPU's stub buffer turns faults into
         // exceptions before trusting it with a guest.
         let t = std::time::Instant::now();
@@ -584,12 +605,14 @@ pub(crate) fn set_boot_state(
     Ok(())
 }
 
-/// The in-kernel LAPIC, IOAPIC, PIC and PIT.
+/// The in-kernel LAPIC, IOAPIC, PIC and PIT, the PIC and PIT programmed as
+/// a BIOS leaves them.
 fn create_irqchip(vm: &VmFd) -> Result<(), VmError> {
     vm.create_irq_chip()
         .map_err(ioctl_err("KVM_CREATE_IRQCHIP"))?;
     let pit = kvm_bindings::kvm_pit_config::default();
     vm.create_pit2(pit).map_err(ioctl_err("KVM_CREATE_PIT2"))?;
+    crate::bios::program_irqchip(vm)?;
     Ok(())
 }
 
@@ -606,7 +629,7 @@ fn build_buses(
     mem: &GuestMemoryMmap,
     serial_out: serial::SerialOut,
     reports: test_report::Reports,
-) -> Result<Buses, VmError> {
+) -> Result<(Buses, Option<Power>), VmError> {
     let mut b = Buses::default();
     // With an irqchip, COM1's interrupt goes to ISA IRQ 4 through an irqfd.
     let com1_irq = if cfg.irqchip() {
@@ -633,6 +656,10 @@ fn build_buses(
         i8042::I8042_LEN,
         Arc::new(Mutex::new(i8042::I8042::default())),
     )?;
+    // Every PC has its RTC and CMOS RAM.
+    let rtc = Arc::new(Mutex::new(rtc::Rtc::new(cfg.mem_size, cfg.cpus)));
+    b.pio.register(rtc::RTC_PORT, rtc::RTC_LEN, rtc.clone())?;
+    let mut power = None;
     b.pio.register(
         test_report::TEST_REPORT_PORT,
         test_report::TEST_REPORT_LEN,
@@ -677,6 +704,25 @@ fn build_buses(
                     PM_TMR_LEN,
                     Arc::new(Mutex::new(PmTimer::new())),
                 )?;
+                use crate::devices::acpi_pm1::*;
+                let sleep = Arc::new(SleepRequest::new());
+                let pm1 = Arc::new(Mutex::new(Pm1::new(sleep.clone())));
+                for (port, len, first_reg) in [
+                    (PM1_EVT_PORT, PM1_EVT_LEN, 0),
+                    (PM1_CNT_PORT, PM1_CNT_LEN, 4),
+                ] {
+                    let dev = Pm1Port {
+                        pm1: pm1.clone(),
+                        first_reg,
+                    };
+                    b.pio.register(port, len, Arc::new(Mutex::new(dev)))?;
+                }
+                power = Some(Power {
+                    sleep,
+                    pm1,
+                    rtc: rtc.clone(),
+                    cpus: cfg.cpus,
+                });
             }
         }
     }
@@ -715,7 +761,7 @@ fn build_buses(
         let window = MmioRam::new(size as usize).map_err(VmError::MmioRam)?;
         b.mmio.register(addr, size, Arc::new(Mutex::new(window)))?;
     }
-    Ok(b)
+    Ok((b, power))
 }
 
 /// Whether this host can run VMs at all (for tests that must fail loudly

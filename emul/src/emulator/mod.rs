@@ -64,6 +64,18 @@ pub enum Outcome {
     },
     /// A memory or vector-state access through the VMM failed.
     Platform(PlatformError),
+    /// INT n, INT3 or a taken INTO ([`crate::system`]): GPRs and RIP are
+    /// updated (RIP is the return address, past the instruction); the VMM
+    /// delivers `vector` through the guest's IDT.
+    SoftwareInterrupt {
+        /// The IDT vector to deliver.
+        vector: u8,
+    },
+    /// INVPCID completed (RIP updated); the VMM must flush the guest's TLB.
+    FlushTlb {
+        /// The instruction (for per-mnemonic statistics).
+        mnemonic: Mnemonic,
+    },
 }
 
 impl From<Exception> for Outcome {
@@ -147,6 +159,7 @@ pub struct Emulator {
     state_layout: state::StateLayout,
     last_mnemonic: Mnemonic,
     cached: Option<Decoded>,
+    system: crate::system::SystemFeatures,
 }
 
 impl Emulator {
@@ -160,7 +173,14 @@ impl Emulator {
             state_layout: state::StateLayout::from_host(),
             last_mnemonic: Mnemonic::INVALID,
             cached: None,
+            system: Default::default(),
         })
+    }
+
+    /// What the guest's CPUID offers of the system instructions
+    /// [`crate::system`] completes (default: none, so they raise #UD).
+    pub fn set_system_features(&mut self, f: crate::system::SystemFeatures) {
+        self.system = f;
     }
 
     /// This emulator's stub buffer (for running the stub self-test on it).
@@ -206,6 +226,9 @@ impl Emulator {
             },
         };
         self.last_mnemonic = instr.mnemonic();
+        if let Some(out) = crate::system::emulate(&self.system, cpu, &instr, vec, mem) {
+            return out;
+        }
         match self.execute(cpu, bitness, &instr, hit, cacheable, &raw, vec, mem) {
             Ok(()) => Outcome::Done {
                 mnemonic: instr.mnemonic(),

@@ -214,24 +214,26 @@ pub(super) fn check_vector_enabled(
             }
             .into());
         }
-    } else {
+    } else if !class.vex {
+        // Legacy SSE only: VEX/EVEX forms ignore CR0.EM and CR4.OSFXSR
+        // (SDM vol. 2, table 2-21, and kvm-unit-tests' xsave test, which
+        // runs VZEROALL with OSFXSR clear).
         if em || cpu.cr4 & CR4_OSFXSR == 0 {
             return Err(Exception::ud().into());
         }
-        if class.vex {
-            if cpu.cr4 & CR4_OSXSAVE == 0 {
-                return Err(Exception::ud().into());
-            }
-            // The stub runs under the host's XCR0: a component the guest
-            // turned off must fault here, as it would on the guest's CPU.
-            let needed = if instr.encoding() == EncodingKind::EVEX {
-                XCR0_EVEX
-            } else {
-                XCR0_VEX
-            };
-            if vec.xcr0()? & needed != needed {
-                return Err(Exception::ud().into());
-            }
+    } else {
+        if cpu.cr4 & CR4_OSXSAVE == 0 {
+            return Err(Exception::ud().into());
+        }
+        // The stub runs under the host's XCR0: a component the guest
+        // turned off must fault here, as it would on the guest's CPU.
+        let needed = if instr.encoding() == EncodingKind::EVEX {
+            XCR0_EVEX
+        } else {
+            XCR0_VEX
+        };
+        if vec.xcr0()? & needed != needed {
+            return Err(Exception::ud().into());
         }
     }
     if ts {

@@ -554,6 +554,23 @@ pub fn generate(
                 if let Some(b) = implicit_base.filter(|_| implicit_mem) {
                     pre.extend(lea(b.full_register(), Register::RBP, 0));
                 }
+                // BT* with a register bit offset address memory up to
+                // 2^(n-3) bytes away: keep the bit inside the window, or
+                // each way would test bytes outside what is compared.
+                if matches!(
+                    m,
+                    Mnemonic::Bt | Mnemonic::Bts | Mnemonic::Btr | Mnemonic::Btc
+                ) && explicit_mem
+                    && dec.op_kind(1) == iced_x86::OpKind::Register
+                {
+                    // mov r32, BT_BIT_OFFSET (flags untouched; zero-extends).
+                    let n = dec.op1_register().full_register().number() as u8;
+                    if n >= 8 {
+                        pre.push(0x41);
+                    }
+                    pre.push(0xb8 + (n & 7));
+                    pre.extend_from_slice(&BT_BIT_OFFSET.to_le_bytes());
+                }
                 if m == Mnemonic::Movdir64b {
                     // The destination register addresses the second half.
                     pre.extend(lea(dec.op0_register().full_register(), Register::RBP, 64));

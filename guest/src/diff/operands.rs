@@ -51,6 +51,11 @@ pub(super) const INIT_AL: i32 = 0xef;
 /// the VMM against the CPU. Bits the XCR0s share or both lack stay.
 pub const XSAVE_RFBM_LOW: u32 = 0x89ab_cdef & !((1 << 9) | (0b111 << 17));
 
+/// The bit offset BT* forms with a register offset test: bit 5 of byte 45,
+/// inside the 64-byte window (the register would otherwise reach up to
+/// 2^(n-3) bytes away, outside what is compared).
+pub(super) const BT_BIT_OFFSET: u32 = 45 * 8 + 5;
+
 /// RCX for REP-prefixed string instructions: three elements of up to 8
 /// bytes from `[rbp]` and to `[rbp+32]` stay inside the 64-byte window.
 pub(super) const STRING_COUNT: u32 = 3;

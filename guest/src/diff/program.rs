@@ -467,6 +467,20 @@ fn prologue(a: &mut Asm, kind: Kind, vbytes: usize, fill_window: bool) -> AsmRes
         // Whole x87/SSE state in one instruction, which KVM's own emulator
         // completes at CPL 0.
         a.fxrstor64(ptr(INIT_FX))?;
+        // Whole-state stores save every vector register, not only the
+        // compared ones: clear the upper halves (and ZMM16-31) so nothing
+        // an earlier form left there reaches the window.
+        if !fill_window && vbytes >= 32 {
+            a.vzeroupper()?;
+            if vbytes == 64 {
+                for r in [
+                    zmm16, zmm17, zmm18, zmm19, zmm20, zmm21, zmm22, zmm23, zmm24, zmm25, zmm26,
+                    zmm27, zmm28, zmm29, zmm30, zmm31,
+                ] {
+                    a.vpxord(r, r, r)?;
+                }
+            }
+        }
         for r in 0..VREG_COUNT {
             let src = INIT_VREGS + 64 * r as u64;
             match vbytes {

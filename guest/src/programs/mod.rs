@@ -2,12 +2,14 @@
 
 mod basic;
 pub mod bench;
+mod bios;
 pub mod emulation;
 pub mod exactness;
 mod masked;
 mod mmio;
 mod pio;
 mod regonly;
+pub mod system;
 pub mod testdev;
 mod user;
 pub mod xstate;
@@ -47,6 +49,9 @@ const CATALOGUE: &[(&str, Builder)] = &[
     ("masked-fault-suppression", masked::masked_fault_suppression),
     ("unsupported-insn", emulation::unsupported_insn),
     ("emul-page-fault", emulation::emul_page_fault),
+    ("system-cpl0", system::system_cpl0),
+    ("bios-state", bios::bios_state),
+    ("acpi-s3", bios::acpi_s3),
     ("mxcsr-cpl0", xstate::mxcsr_cpl0),
     ("vector-unchanged", xstate::catalogue_vector_unchanged),
     ("exactness", exactness::exactness),

@@ -1,12 +1,14 @@
 //! Devices on the PIO and MMIO buses. Each file holds one device; the
 //! bus traits live in [`crate::bus`].
 
+pub mod acpi_pm1;
 pub mod debug_exit;
 pub mod fw_cfg;
 pub mod i8042;
 pub mod mmio_ram;
 pub mod pc_testdev;
 pub mod pm_timer;
+pub mod rtc;
 pub mod serial;
 pub mod test_report;
 

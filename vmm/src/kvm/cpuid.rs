@@ -84,6 +84,33 @@ pub fn xcr0_for(cpuid: &CpuId) -> u64 {
 
 /// The guest's physical-address width (MAXPHYADDR) from leaf 0x80000008;
 /// 36 (the architectural default without that leaf) when it is absent.
+/// What the guest's CPUID offers of the system instructions the emulator
+/// completes (CLAC/STAC, INVPCID, RDPRU, XGETBV with ECX = 1): the
+/// instruction raises #UD exactly when the CPUID the guest reads lacks it.
+///
+/// On PVM hosts that is not the CPUID the VMM set: measured on the AMD
+/// development host, a CPL 0 guest's CPUID returned the host's own leaves
+/// with PCID (leaf 1 `ECX[17]`) and INVPCID (leaf 7 `EBX[10]`) cleared (leaf 7
+/// EBX 0x219c03ab against the host's 0x219c07ab and KVM_SET_CPUID2's
+/// 0x01800002). There the host's leaves, minus INVPCID, decide.
+pub fn system_features(cpuid: &CpuId) -> emul::system::SystemFeatures {
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        let mut f = emul::system::SystemFeatures::from_cpuid(|leaf, sub| {
+            let (a, b, c, d) = host_cpuid(leaf, sub);
+            Some([a, b, c, d])
+        });
+        f.invpcid = false;
+        return f;
+    }
+    emul::system::SystemFeatures::from_cpuid(|leaf, sub| {
+        cpuid
+            .as_slice()
+            .iter()
+            .find(|e| e.function == leaf && (e.index == sub || e.flags & 1 == 0))
+            .map(|e| [e.eax, e.ebx, e.ecx, e.edx])
+    })
+}
+
 pub fn max_phys_bits(cpuid: &CpuId) -> u8 {
     cpuid
         .as_slice()

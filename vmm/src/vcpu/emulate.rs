@@ -30,6 +30,12 @@ pub enum Completion {
         error_code: Option<u32>,
         cr2: Option<u64>,
     },
+    /// Registers changed, and `vector` must be delivered through the guest's
+    /// IDT (INT n, INT3, INTO) with RIP, already past the instruction, as
+    /// the return address.
+    Interrupt { vector: u8 },
+    /// Registers changed, and the guest's TLB must be flushed (INVPCID).
+    FlushTlb,
     /// End the VM with this message.
     Stop(String),
     /// A device asked to end the VM during an emulated MMIO access.
@@ -64,6 +70,11 @@ impl Emulator {
             per_mnemonic: stats.then(|| vec![0; Mnemonic::values().count()]),
             ioctls: IoctlCounts::default(),
         })
+    }
+
+    /// What the guest's CPUID offers of the system instructions.
+    pub fn set_system_features(&mut self, f: emul::system::SystemFeatures) {
+        self.emu.set_system_features(f);
     }
 
     /// The guest's MAXPHYADDR this emulator walks page tables with.
@@ -173,6 +184,21 @@ impl Emulator {
             },
             Outcome::Platform(e) => {
                 Completion::Stop(format!("vcpu {vcpu}: at rip {:#x}: {e}", regs.rip))
+            }
+            Outcome::SoftwareInterrupt { vector } => {
+                write_gprs(&cpu, regs);
+                Completion::Interrupt { vector }
+            }
+            Outcome::FlushTlb { mnemonic } => {
+                if let Some(c) = self
+                    .per_mnemonic
+                    .as_mut()
+                    .and_then(|c| c.get_mut(mnemonic as usize))
+                {
+                    *c += 1;
+                }
+                write_gprs(&cpu, regs);
+                Completion::FlushTlb
             }
         }
     }

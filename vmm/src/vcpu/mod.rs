@@ -229,7 +229,8 @@ impl Vcpu {
                 rec.set_regs(&s.regs, &s.sregs);
             }
             let end = match action {
-                ExitAction::Resume | ExitAction::Interrupted => None,
+                ExitAction::Resume => self.check_sleep(),
+                ExitAction::Interrupted => None,
                 ExitAction::Stop { status, reason } => Some(VmEnd::new(
                     status,
                     format!("vcpu {}: {} (status {status})", id, reason.describe()),
@@ -354,6 +355,138 @@ impl Vcpu {
         self.shared.wake_waiter();
     }
 
+    /// After a port or MMIO write: did the guest ask for an ACPI sleep
+    /// state?
+    #[inline]
+    fn check_sleep(&mut self) -> Option<VmEnd> {
+        let typ = self.shared.power.as_ref()?.sleep.take()?;
+        self.sleep(typ)
+    }
+
+    /// Enters ACPI sleep type `typ`: S3 waits for the RTC alarm (the only
+    /// wake-up event here), then restarts this vCPU in real mode at the
+    /// FACS firmware waking vector; any other type powers the VM off.
+    #[cold]
+    fn sleep(&mut self, typ: u8) -> Option<VmEnd> {
+        use crate::devices::acpi_pm1::{PM1_RTC, PM1_WAK_STS, SLP_TYP_S3};
+        let id = self.id;
+        let shared = self.shared.clone();
+        let power = shared.power.as_ref()?;
+        if typ != SLP_TYP_S3 {
+            return Some(VmEnd::new(
+                status::GUEST_DONE,
+                format!("vcpu {id}: ACPI sleep type {typ} (power off)"),
+            ));
+        }
+        if power.cpus > 1 {
+            log::warn!("vcpu {id}: S3 is supported with one vCPU only; request ignored");
+            return None;
+        }
+        let rtc_wake = power.pm1.lock().unwrap_or_else(|p| p.into_inner()).enable() & PM1_RTC != 0;
+        let wait = if rtc_wake {
+            power
+                .rtc
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .next_alarm()
+        } else {
+            None
+        };
+        let Some(wait) = wait else {
+            return Some(VmEnd::new(
+                status::GUEST_DONE,
+                format!("vcpu {id}: entered S3 with no wake-up event (RTC alarm) enabled"),
+            ));
+        };
+        log::info!(
+            "vcpu {id}: S3 until the RTC alarm in {} ms",
+            wait.as_millis()
+        );
+        let until = Instant::now() + wait;
+        loop {
+            if shared.stopping() {
+                return None;
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            std::thread::sleep(left.min(std::time::Duration::from_millis(10)));
+        }
+        power
+            .pm1
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .raise(PM1_WAK_STS | PM1_RTC);
+        let vector: u32 = vm_memory::Bytes::read_obj(
+            &shared.mem,
+            vm_memory::GuestAddress(
+                crate::acpi::FACS_ADDR + crate::acpi::FACS_FIRMWARE_WAKING_VECTOR,
+            ),
+        )
+        .unwrap_or(0);
+        if vector == 0 || vector >= 0x10_0000 {
+            return Some(VmEnd::new(
+                status::GUEST_DONE,
+                format!("vcpu {id}: woke from S3 with no usable waking vector ({vector:#x})"),
+            ));
+        }
+        // As the BIOS does on resume: real mode, CS:IP = vector >> 4 : vector & 0xf.
+        // The run page's registers must be current before they are rewritten.
+        if let Err((op, e)) = self.sync.ensure(&mut self.fd, &mut self.ioctls) {
+            return Some(self.kvm_failure(op, e));
+        }
+        let s = self.fd.sync_regs_mut();
+        if let Err(e) = crate::boot::setup_entry(
+            &shared.mem,
+            crate::boot::EntryMode::Real,
+            0,
+            0,
+            &mut s.sregs,
+            &mut s.regs,
+        ) {
+            return Some(VmEnd::new(
+                status::KVM_FAILURE,
+                format!("vcpu {id}: resume from S3: {e}"),
+            ));
+        }
+        s.sregs.cs.selector = (vector >> 4) as u16;
+        s.sregs.cs.base = u64::from(vector & !0xf);
+        s.regs.rip = u64::from(vector & 0xf);
+        s.sregs.cr3 = 0;
+        s.sregs.idt.base = 0;
+        s.sregs.idt.limit = 0x3ff;
+        self.fd.set_sync_dirty_reg(SyncReg::Register);
+        self.fd.set_sync_dirty_reg(SyncReg::SystemRegister);
+        log::info!("vcpu {id}: resumed from S3 at {vector:#x}");
+        None
+    }
+
+    /// Flushes the guest's TLB (all PCIDs, global pages included). KVM has
+    /// no ioctl for it; KVM_SET_SREGS resets the MMU context (unloading
+    /// the shadow or TDP roots and flushing the current context on reload)
+    /// whenever CR4 changes, so CR4.PGE is toggled and restored, as a guest
+    /// kernel flushes global pages.
+    #[cold]
+    fn flush_guest_tlb(&mut self) -> Option<VmEnd> {
+        const CR4_PGE: u64 = 1 << 7;
+        let result = self.fd.get_sregs().and_then(|sregs| {
+            let mut toggled = sregs;
+            toggled.cr4 ^= CR4_PGE;
+            self.fd.set_sregs(&toggled)?;
+            self.fd.set_sregs(&sregs)
+        });
+        result.err().map(|e| {
+            VmEnd::new(
+                status::KVM_FAILURE,
+                format!(
+                    "vcpu {}: TLB flush through KVM_SET_SREGS failed: {e}",
+                    self.id
+                ),
+            )
+        })
+    }
+
     /// What the guest last did before a triple fault (see `diagnose`).
     fn triple_fault_clue(&mut self) -> String {
         let sync = self.fd.sync_regs();
@@ -429,6 +562,35 @@ impl Vcpu {
                 }
                 self.fd.set_sync_dirty_reg(SyncReg::VcpuEvents);
                 None
+            }
+            Completion::Interrupt { vector } => {
+                // Delivered as an injected interrupt, not an exception:
+                // KVM's exception fields take vectors below 32 only and
+                // model faults (return address at the instruction), while
+                // an injected interrupt pushes the RIP set here, past the
+                // INT. Injection skips the IF check, as INT n does. Events
+                // are not synced on every exit: read them now.
+                let mut events = match self.fd.get_vcpu_events() {
+                    Ok(e) => e,
+                    Err(e) => return Some(self.kvm_failure("KVM_GET_VCPU_EVENTS", e)),
+                };
+                self.ioctls.get_events += 1;
+                let irq = &mut events.interrupt;
+                irq.injected = 1;
+                irq.nr = vector;
+                irq.soft = 0;
+                irq.shadow = 0;
+                let s = self.fd.sync_regs_mut();
+                s.regs = regs;
+                s.events = events;
+                self.fd.set_sync_dirty_reg(SyncReg::Register);
+                self.fd.set_sync_dirty_reg(SyncReg::VcpuEvents);
+                None
+            }
+            Completion::FlushTlb => {
+                self.fd.sync_regs_mut().regs = regs;
+                self.fd.set_sync_dirty_reg(SyncReg::Register);
+                self.flush_guest_tlb()
             }
             Completion::Stop(msg) => Some(VmEnd::new(status::UNSUPPORTED_INSTRUCTION, msg)),
             Completion::DeviceStop(BusAction::Stop { status, reason }) => Some(VmEnd::new(

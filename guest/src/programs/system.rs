@@ -1,0 +1,228 @@
+//! System instructions run at CPL 0 before the guest ever drops to CPL 3
+//! (so on PVM hosts KVM's emulator meets them and the VMM completes them):
+//! INT3 and INT 0x20 through the guest's own IDT, XGETBV, CLAC/STAC,
+//! WBINVD, INVPCID and RDPRU, each answered as the guest's CPUID says.
+
+use super::{assemble, expect, LOAD_ADDR};
+use crate::rt::{exit, print, report_rax, status_of, Asm, AsmResult, EXIT_PASS};
+use crate::{Mode, Program};
+use iced_x86::code_asm::*;
+use iced_x86::IcedError;
+
+/// The VMM's long-mode code selector.
+const CS: u64 = 0x18;
+/// Vectors with a handler: #BP, #UD, #GP, and one software-only vector.
+const VECTORS: [u8; 4] = [3, 6, 13, 0x20];
+const IDT_LEN: usize = 0x21;
+/// What `last_vector` holds before an instruction that may fault.
+pub const NO_VECTOR: u64 = 0xff;
+
+/// Reports, in order (each a 64-bit value):
+///  0. vector taken by `int3` (3)
+///  1. its return RIP minus the address after `int3` (0)
+///  2. vector taken by `int 0x20` (0x20)
+///  3. its return RIP minus the address after `int 0x20` (0)
+///  4. XGETBV(0) EDX:EAX
+///  5. CPUID.(0Dh,0) EDX:EAX
+///  6. vector raised by XGETBV(2) (13, #GP)
+///  7. CPUID.(7,0):EBX
+///  8. vector after STAC (0xff: none, 6: #UD)
+///  9. RFLAGS.AC after STAC
+/// 10. vector after CLAC
+/// 11. RFLAGS.AC after CLAC
+/// 12. vector after WBINVD (0xff)
+/// 13. vector after INVPCID type 2 (0xff, or 6 without INVPCID)
+/// 14. CPUID.8000_0008h:EBX
+/// 15. vector after RDPRU (6 without RDPRU)
+pub fn system_cpl0() -> Result<Program, IcedError> {
+    let image = assemble(Mode::Long, LOAD_ADDR, |a| {
+        let mut idt = a.create_label();
+        let mut idtr = a.create_label();
+        let mut last_vector = a.create_label();
+        let mut last_rip = a.create_label();
+        let mut resume = a.create_label();
+        let mut common = a.create_label();
+        let mut main = a.create_label();
+        let mut stubs: Vec<CodeLabel> = VECTORS.iter().map(|_| a.create_label()).collect();
+        a.jmp(main)?;
+
+        // Handler stubs: push a dummy error code where the CPU pushes none,
+        // then the vector.
+        for (i, &v) in VECTORS.iter().enumerate() {
+            a.set_label(&mut stubs[i])?;
+            if v != 13 {
+                a.push(0)?;
+            }
+            a.push(i32::from(v))?;
+            a.jmp(common)?;
+        }
+        // Stack: vector, error, rip, cs, rflags, rsp, ss. Record vector and
+        // return RIP; a fault resumes at `resume` when one is set.
+        a.set_label(&mut common)?;
+        a.push(rax)?;
+        a.mov(rax, qword_ptr(rsp + 8))?;
+        a.mov(qword_ptr(last_vector), rax)?;
+        a.mov(rax, qword_ptr(rsp + 24))?;
+        a.mov(qword_ptr(last_rip), rax)?;
+        a.mov(rax, qword_ptr(resume))?;
+        let mut keep = a.create_label();
+        a.test(rax, rax)?;
+        a.jz(keep)?;
+        a.mov(qword_ptr(rsp + 24), rax)?;
+        a.mov(qword_ptr(resume), 0)?;
+        a.set_label(&mut keep)?;
+        a.pop(rax)?;
+        a.add(rsp, 16)?;
+        a.iretq()?;
+
+        a.set_label(&mut main)?;
+        for (i, &v) in VECTORS.iter().enumerate() {
+            // 64-bit interrupt gate, DPL 0, CS 0x18.
+            a.lea(rax, ptr(stubs[i]))?;
+            a.lea(rdi, ptr(idt))?;
+            a.add(rdi, i32::from(v) * 16)?;
+            a.mov(rbx, rax)?;
+            a.and(ebx, 0xffff)?;
+            a.mov(rcx, 0x0000_8e00_0000_0000u64 | (CS << 16))?;
+            a.or(rbx, rcx)?;
+            a.mov(rcx, rax)?;
+            a.shr(rcx, 16)?;
+            a.shl(rcx, 48)?;
+            a.or(rbx, rcx)?;
+            a.mov(qword_ptr(rdi), rbx)?;
+            a.shr(rax, 32)?;
+            a.mov(qword_ptr(rdi + 8), rax)?;
+        }
+        a.lea(rax, ptr(idt))?;
+        a.lea(rdi, ptr(idtr))?;
+        a.mov(qword_ptr(rdi + 2), rax)?;
+        a.lidt(ptr(idtr))?;
+
+        // Software interrupts: the vector and where they return.
+        for insn in [0xccu8, 0x20] {
+            let mut after = a.create_label();
+            a.mov(qword_ptr(last_vector), NO_VECTOR as i32)?;
+            if insn == 0xcc {
+                a.int3()?;
+            } else {
+                a.int(0x20)?;
+            }
+            a.set_label(&mut after)?;
+            a.mov(rax, qword_ptr(last_vector))?;
+            report_rax(a)?;
+            a.mov(rax, qword_ptr(last_rip))?;
+            a.lea(rcx, ptr(after))?;
+            a.sub(rax, rcx)?;
+            report_rax(a)?;
+        }
+
+        // XGETBV(0) against CPUID leaf 0xD (the VMM's XCR0 at entry).
+        a.xor(ecx, ecx)?;
+        a.xgetbv()?;
+        combine_edx_eax(a)?;
+        report_rax(a)?;
+        a.mov(eax, 0xd)?;
+        a.xor(ecx, ecx)?;
+        a.cpuid()?;
+        combine_edx_eax(a)?;
+        report_rax(a)?;
+        faulting(a, &mut resume, &mut last_vector, |a| {
+            a.mov(ecx, 2)?;
+            a.xgetbv()
+        })?;
+
+        // CLAC/STAC as CPUID.7 says.
+        a.mov(eax, 7)?;
+        a.xor(ecx, ecx)?;
+        a.cpuid()?;
+        a.mov(eax, ebx)?;
+        report_rax(a)?;
+        for stac in [true, false] {
+            faulting(a, &mut resume, &mut last_vector, |a| {
+                if stac {
+                    a.stac()
+                } else {
+                    a.clac()
+                }
+            })?;
+            a.pushfq()?;
+            a.pop(rax)?;
+            a.shr(rax, 18)?;
+            a.and(eax, 1)?;
+            report_rax(a)?;
+        }
+
+        faulting(a, &mut resume, &mut last_vector, |a| a.wbinvd())?;
+
+        // INVPCID type 2 (all contexts, globals too) on a zero descriptor.
+        a.sub(rsp, 16)?;
+        a.mov(qword_ptr(rsp), 0)?;
+        a.mov(qword_ptr(rsp + 8), 0)?;
+        faulting(a, &mut resume, &mut last_vector, |a| {
+            a.mov(ebx, 2)?;
+            a.invpcid(rbx, ptr(rsp))
+        })?;
+        a.add(rsp, 16)?;
+
+        a.mov(eax, 0x8000_0008u32)?;
+        a.xor(ecx, ecx)?;
+        a.cpuid()?;
+        a.mov(eax, ebx)?;
+        report_rax(a)?;
+        faulting(a, &mut resume, &mut last_vector, |a| {
+            a.xor(ecx, ecx)?;
+            a.rdpru()
+        })?;
+
+        print(a, "system instructions done\n")?;
+        exit(a, EXIT_PASS)?;
+
+        a.set_label(&mut last_vector)?;
+        a.dq(&[0])?;
+        a.set_label(&mut last_rip)?;
+        a.dq(&[0])?;
+        a.set_label(&mut resume)?;
+        a.dq(&[0])?;
+        a.set_label(&mut idtr)?;
+        a.dw(&[(IDT_LEN * 16 - 1) as u16])?;
+        a.dq(&[0])?;
+        a.set_label(&mut idt)?;
+        a.dq(&[0; IDT_LEN * 2])
+    })?;
+    Ok(Program::new(
+        "system-cpl0",
+        "INT3, INT 0x20, XGETBV, CLAC/STAC, WBINVD, INVPCID, RDPRU at CPL 0 through the guest's IDT",
+        Mode::Long,
+        LOAD_ADDR,
+        image,
+        // The vectors of CLAC/STAC/INVPCID/RDPRU follow the guest's CPUID;
+        // tests/tests/system.rs checks them against it.
+        expect(status_of(EXIT_PASS), "system instructions done", None),
+    ))
+}
+
+/// RAX = EDX:EAX.
+fn combine_edx_eax(a: &mut Asm) -> AsmResult {
+    a.shl(rdx, 32)?;
+    a.mov(eax, eax)?;
+    a.or(rax, rdx)
+}
+
+/// Runs `body` with `last_vector` = NO_VECTOR and a fault resuming right
+/// after it, then reports `last_vector`.
+fn faulting(
+    a: &mut Asm,
+    resume: &mut CodeLabel,
+    last_vector: &mut CodeLabel,
+    body: impl FnOnce(&mut Asm) -> AsmResult,
+) -> AsmResult {
+    let mut after = a.create_label();
+    a.mov(qword_ptr(*last_vector), NO_VECTOR as i32)?;
+    a.lea(rax, ptr(after))?;
+    a.mov(qword_ptr(*resume), rax)?;
+    body(a)?;
+    a.set_label(&mut after)?;
+    a.mov(qword_ptr(*resume), 0)?;
+    a.mov(rax, qword_ptr(*last_vector))?;
+    report_rax(a)
+}
