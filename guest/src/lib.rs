@@ -66,6 +66,10 @@ pub struct Program {
     pub initrd: Option<Vec<u8>>,
     pub image: Vec<u8>,
     pub expect: Expect,
+    /// What the program produces where guest CPL 0 code runs natively
+    /// (hardware KVM), when that differs from `expect`, which is what it
+    /// produces where KVM interprets all CPL 0 code (PVM).
+    pub native_cpl0: Option<Expect>,
 }
 
 impl Program {
@@ -89,6 +93,23 @@ impl Program {
             initrd: None,
             image,
             expect,
+            native_cpl0: None,
+        }
+    }
+
+    /// States the outcome where guest CPL 0 code runs natively, when it
+    /// differs from the interpreted one.
+    pub fn with_native_cpl0(mut self, expect: Expect) -> Self {
+        self.native_cpl0 = Some(expect);
+        self
+    }
+
+    /// The outcome to expect: `cpl0_native` is true on hardware KVM, false
+    /// where KVM interprets CPL 0 code (PVM).
+    pub fn expect_for(&self, cpl0_native: bool) -> &Expect {
+        match &self.native_cpl0 {
+            Some(e) if cpl0_native => e,
+            _ => &self.expect,
         }
     }
 

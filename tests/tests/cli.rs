@@ -43,6 +43,13 @@ fn triple_fault_names_rip_and_cause() {
         err.contains("triple fault") && err.contains("rip 0x"),
         "{err}"
     );
+    if common::kvm_kind().cpl0_native() && err.contains("rip 0xfff0") {
+        // AMD SVM: KVM reinitialises the VMCB on a shutdown intercept, so
+        // the registers read afterwards are the reset state, not the
+        // guest's (seen under nested SVM); no clue can be derived.
+        println!("hardware KVM (SVM): registers after the triple fault are the reset state");
+        return;
+    }
     // The clue: the guest loaded a zero-length IDT, then ran ud2.
     assert!(err.contains("no present gate for vectors 0-31"), "{err}");
     assert!(err.contains("`ud2` (bytes 0f 0b)"), "{err}");
@@ -99,7 +106,19 @@ fn stats_prints_counts_and_percentiles() {
 fn selftest_passes_and_prints_every_case() {
     let o = vmm(&["selftest"]);
     let out = String::from_utf8_lossy(&o.stdout);
-    assert_eq!(status(&o), 0, "{out}");
+    // On QEMU's TCG (the hardware-KVM lane) the #SS and #XM cases see what
+    // that CPU does; the self-test reports them as failed and names why.
+    let cpu = emul::stub::probe::probe().expect("CPU probes run");
+    let failed = out.lines().filter(|l| l.contains("[FAILED]"));
+    if cpu.is_tcg() && failed.clone().count() > 0 {
+        println!("on QEMU TCG, departing from the SDM: {:?}", cpu.deviations);
+        assert_eq!(status(&o), vmm::status::SELFTEST_FAILED, "{out}");
+        for l in failed {
+            assert!(l.contains("the host CPU's own behaviour"), "{l}");
+        }
+    } else {
+        assert_eq!(status(&o), 0, "{out}");
+    }
     for case in ["#UD", "#GP", "#SS", "#BP", "#DE", "#XM"] {
         assert!(out.contains(case), "{case} missing:\n{out}");
     }
@@ -407,6 +426,12 @@ fn trace_names_emulated_instructions() {
         String::from_utf8_lossy(&o.stderr)
     );
     let text = std::fs::read_to_string(&trace).unwrap();
+    if common::kvm_kind().cpl0_native() {
+        // Hardware KVM runs CPL 0 code natively: no emulation record.
+        assert!(!text.contains(r#""reason":"emulation""#), "{text}");
+        println!("hardware KVM: adcx at CPL 0 ran natively, no emulation record");
+        return;
+    }
     // `adcx` at CPL 0 is completed by the VMM: its record names RIP, the
     // mnemonic and its bytes as KVM reported them (adcx rax, rbx).
     let line = text

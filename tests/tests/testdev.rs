@@ -75,7 +75,12 @@ fn sigterm_stops_the_vm_cleanly() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    // Signal once the guest runs (its first serial line), not after a fixed
+    // delay: under an emulated CPU start-up can take longer than any guess.
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut first).unwrap();
+    assert!(first.contains("spinning"), "{first}");
     // SAFETY-free: kill(2) through the libc-less std API is not available,
     // so use the `kill` command.
     let st = std::process::Command::new("kill")
@@ -106,7 +111,6 @@ fn sigterm_stops_the_vm_cleanly() {
     // The end line says where each vCPU was: in the spin loop, inside the
     // image at the load address.
     assert!(err.contains("vcpu 0 at rip 0x1000"), "{err}");
-    assert!(String::from_utf8_lossy(&o.stdout).contains("spinning"));
 }
 
 /// With the in-kernel irqchip HLT never exits to userspace; the VMM's halt

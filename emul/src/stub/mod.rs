@@ -73,6 +73,7 @@ mod error;
 mod fault;
 mod helpers;
 mod its;
+pub mod probe;
 mod region;
 mod regs;
 mod ret;

@@ -77,6 +77,24 @@ fn check_code(ip: u64, code: &[u8], its_on: bool) -> Vec<u64> {
     rets
 }
 
+/// Whether the host is QEMU's TCG with departure `d` from the SDM (see
+/// `probe`): the checks it affects then expect what that CPU does.
+fn tcg_has(d: probe::Deviation) -> bool {
+    let cpu = probe::probe().expect("CPU probes run");
+    cpu.is_tcg() && cpu.has(d)
+}
+
+/// Every self-test case passed, or failed only as the host CPU itself
+/// departs from the SDM (QEMU's TCG), which is printed.
+fn assert_selftest_ok(cases: &[selftest::SelftestCase]) {
+    let cpu = probe::probe().expect("CPU probes run");
+    for c in cases.iter().filter(|c| !c.passed()) {
+        let d = selftest::explained_by(c, &cpu);
+        assert!(d.is_some(), "{c}");
+        println!("{c}: as this CPU does ({})", d.unwrap());
+    }
+}
+
 #[test]
 fn selftest_passes_both_modes() {
     for its_on in [true, false] {
@@ -85,7 +103,7 @@ fn selftest_passes_both_modes() {
             println!("{c}");
         }
         assert_eq!(cases.len(), 7);
-        assert!(selftest::all_passed(&cases));
+        assert_selftest_ok(&cases);
     }
 }
 
@@ -96,12 +114,19 @@ fn selftest_is_fast_after_init() {
     let best = (0..5)
         .map(|_| {
             let t = Instant::now();
-            assert!(selftest::all_passed(&selftest::run_with(&mut buf)));
-            t.elapsed()
+            let cases = selftest::run_with(&mut buf);
+            let t = t.elapsed();
+            assert_selftest_ok(&cases);
+            t
         })
         .min()
         .unwrap();
     println!("selftest (7 cases, 6 faults): {best:?}");
+    if probe::probe().expect("CPU probes run").is_tcg() {
+        // Every fault is a signal through an emulated CPU: time means nothing.
+        println!("time not checked: the CPU is QEMU's TCG");
+        return;
+    }
     assert!(best < Duration::from_millis(1), "selftest took {best:?}");
 }
 
@@ -491,6 +516,17 @@ fn faults_are_recovered_with_host_state_intact() {
         let (mxcsr, fcw) = (host_mxcsr(), host_fcw());
         for (name, insn, gprs, vector) in extra_fault_cases(&mut buf) {
             let mut g = gprs;
+            if vector == EXC_AC && tcg_has(probe::Deviation::NoAc) {
+                // This CPU raises no #AC: the access completes, AC stays set.
+                println!(
+                    "{name}: completes, as this CPU does ({})",
+                    probe::Deviation::NoAc
+                );
+                buf.run(&insn, &mut g).expect(name);
+                let clear_ac = [0x9c, 0x48, 0x81, 0x24, 0x24, 0xff, 0xff, 0xfb, 0xff, 0x9d];
+                buf.run(&clear_ac, &mut GuestGprs::default()).unwrap();
+                continue;
+            }
             let err = buf.run(&insn, &mut g).unwrap_err();
             let StubRunError::Fault(fault) = err else {
                 panic!("{name}: {err}");
@@ -514,7 +550,7 @@ fn faults_are_recovered_with_host_state_intact() {
             assert_eq!(g.rax, 3);
         }
         // The selftest's #XM case unmasks an MXCSR exception.
-        assert!(selftest::all_passed(&selftest::run_with(&mut buf)));
+        assert_selftest_ok(&selftest::run_with(&mut buf));
         assert_eq!((host_mxcsr(), host_fcw()), (mxcsr, fcw));
     }
 }
@@ -721,6 +757,9 @@ fn cache_instructions_on_the_host() {
     };
     match buf.run(&encode(|a| a.clflush(byte_ptr(rax))), &mut g) {
         Err(StubRunError::Fault(f)) => assert_eq!(f.vector, EXC_PF, "{f}"),
+        Ok(()) if tcg_has(probe::Deviation::ClflushNoFault) => {
+            println!("clflush completes, as this CPU does (clflush-no-fault)")
+        }
         other => panic!("clflush: {other:?}"),
     }
     assert!(buf

@@ -83,17 +83,26 @@ impl Emulator {
     }
 
     /// Runs the stub self-test on this vCPU's own buffer; `Err` lists the
-    /// cases that did not match.
+    /// cases that did not match. A case the host CPU itself gets wrong
+    /// (QEMU's TCG, see [`crate::selftest::host_cpu`]) is logged, not fatal:
+    /// guests see that CPU's behaviour natively too.
     pub fn selftest(&mut self) -> Result<(), String> {
         let cases = emul::stub::selftest::run_with(self.emu.stub_mut());
         if emul::stub::selftest::all_passed(&cases) {
+            return Ok(());
+        }
+        let cpu = crate::selftest::host_cpu();
+        let mut unexplained = Vec::new();
+        for c in cases.iter().filter(|c| !c.passed()) {
+            match emul::stub::selftest::explained_by(c, cpu) {
+                Some(d) => log::warn!("{c}: the host CPU's own behaviour ({d})"),
+                None => unexplained.push(c.to_string()),
+            }
+        }
+        if unexplained.is_empty() {
             Ok(())
         } else {
-            Err(cases
-                .iter()
-                .map(|c| c.to_string())
-                .collect::<Vec<_>>()
-                .join("\n"))
+            Err(unexplained.join("\n"))
         }
     }
 
