@@ -174,7 +174,7 @@ grep '^HWKVM RESULT ' "$log" | sed 's/^HWKVM RESULT //' || true
 # KVM) and not counted, so the rest of the lane still gates CI. Remove an
 # entry once it passes.
 known_failures=(
-    "emulator_diff::emulator_matches_native_cpl3|in the MMIO ways one chunk's records come out shifted by one form under QEMU TCG (register-only forms differ too), so its SSE/AVX move forms mismatch; not yet explained"
+    "emulator_diff::emulator_matches_native_cpl3|in the MMIO ways the register and memory forms of one opcode come out swapped under QEMU TCG (the vector state the VMM sets shows one form late), so six VEX move forms mismatch; not yet explained"
 )
 known=0
 for entry in "${known_failures[@]}"; do
