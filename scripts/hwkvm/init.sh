@@ -10,6 +10,8 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp
 export HOME=/tmp TMPDIR=/tmp VMM_BIN=/t/vmm RUST_BACKTRACE=1
+# What the runner's HWKVM_ENV asked for.
+[ ! -f /t/env ] || . /t/env
 
 say() { echo "HWKVM $*"; }
 result() { say "RESULT $*"; }

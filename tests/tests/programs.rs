@@ -64,6 +64,7 @@ program_tests! {
     smp_2 => "smp-2",
     smp_4 => "smp-4",
     acpi_s3 => "acpi-s3",
+    vector_across_exits => "vector-across-exits",
 }
 
 #[test]

@@ -38,9 +38,14 @@ const INIT_MEM: u64 = INIT_K + 8 * KREG_COUNT as u64;
 const VAR_MEM_BASE: u64 = INIT_MEM + MEM_LEN as u64;
 const VAR_CUR_REC: u64 = VAR_MEM_BASE + 8;
 const VAR_SCRATCH: u64 = VAR_CUR_REC + 8;
+/// RSP at the form's instruction: the epilogue records how far the stack
+/// moved, and the case restores it, so a form that faults with its stack
+/// moved (QEMU TCG's near CALL to a non-canonical target pushes first)
+/// cannot unbalance the cases after it.
+const VAR_CASE_RSP: u64 = VAR_SCRATCH + 8;
 /// The state image whole-state forms start from (its length depends on the
 /// host's XSAVE size), 64-byte aligned.
-const INIT_STATE: u64 = (VAR_SCRATCH + 8 + 63) & !63;
+const INIT_STATE: u64 = (VAR_CASE_RSP + 8 + 63) & !63;
 
 /// Element offsets in vector register 0, the VSIB index of every gather and
 /// scatter: dword lanes 2i hold `VSIB_INDEX[i]`, odd dword lanes hold 0, so
@@ -364,6 +369,7 @@ fn assemble(forms: &[Form]) -> Result<Chunk, IcedError> {
         a.set_label(label)?;
         a.lea(rax, ptr(resume))?;
         a.mov(qword_ptr(k.resume_rip), rax)?;
+        a.mov(qword_ptr(VAR_CASE_RSP), rsp)?;
         let prologue_label = if f.state_image {
             a.mov(rbp, qword_ptr(VAR_MEM_BASE))?;
             a.mov(rsi, INIT_STATE)?;
@@ -411,6 +417,7 @@ fn assemble(forms: &[Form]) -> Result<Chunk, IcedError> {
             a.call(copy_qwords)?;
             a.add(qword_ptr(VAR_CUR_REC), extra as i32)?;
         }
+        a.mov(rsp, qword_ptr(VAR_CASE_RSP))?;
         a.ret()?;
     }
     k.finish(&mut a)?;
@@ -523,6 +530,11 @@ fn epilogue(a: &mut Asm, k: &Kernel64, kind: Kind, vbytes: usize) -> AsmResult {
     a.mov(qword_ptr(rax + GPRS as i32), rcx)?;
     a.pop(rcx)?;
     a.mov(qword_ptr(rax + RFLAGS as i32), rcx)?;
+    // RSP's slot: the stack's move since the instruction (the caller's RSP
+    // is above this call's return address).
+    a.lea(rcx, ptr(rsp + 8))?;
+    a.sub(rcx, qword_ptr(VAR_CASE_RSP))?;
+    a.mov(qword_ptr(rax + (GPRS + 8 * 4) as i32), rcx)?;
     // The exception, if any (the kernel cleared resume_rip when it took one).
     a.mov(rcx, qword_ptr(k.resume_rip))?;
     a.test(rcx, rcx)?;

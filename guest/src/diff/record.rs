@@ -35,7 +35,9 @@ pub const RECORD: usize = 1152;
 /// Exception vector, or [`NO_EXCEPTION`].
 pub const EXC_VECTOR: usize = 0;
 pub const EXC_ERROR: usize = 8;
-/// RAX..R15 in encoding order (RSP's slot stays zero).
+/// RAX..R15 in encoding order; RSP's slot holds how far RSP moved from
+/// the instruction to the point it resumed at (0 unless a form's stack
+/// fix-up was skipped by a fault).
 pub const GPRS: usize = 16;
 pub const RFLAGS: usize = 144;
 /// The operand buffer after the instruction (its first [`MEM_LEN`] bytes).
@@ -99,8 +101,10 @@ pub fn fields(vector: bool, kregs: bool, vreg_bytes: usize, mem_len: usize) -> V
         field("exception error code", EXC_ERROR, 8),
     ];
     for (i, n) in GPR_NAMES.iter().enumerate() {
-        if *n != "rsp" && *n != "rbp" {
-            v.push(field(*n, GPRS + 8 * i, 8));
+        match *n {
+            "rbp" => {}
+            "rsp" => v.push(field("rsp change", GPRS + 8 * i, 8)),
+            _ => v.push(field(*n, GPRS + 8 * i, 8)),
         }
     }
     v.push(Field {

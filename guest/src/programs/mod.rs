@@ -54,6 +54,7 @@ const CATALOGUE: &[(&str, Builder)] = &[
     ("acpi-s3", bios::acpi_s3),
     ("mxcsr-cpl0", xstate::mxcsr_cpl0),
     ("vector-unchanged", xstate::catalogue_vector_unchanged),
+    ("vector-across-exits", xstate::vector_across_exits),
     ("exactness", exactness::exactness),
     ("kvm-defects", exactness::kvm_defects),
     ("multiboot-info", testdev::multiboot_info),

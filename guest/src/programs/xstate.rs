@@ -6,7 +6,7 @@
 
 use super::bench::{BENCH_MMIO, BENCH_MMIO_SIZE};
 use super::{assemble, expect, LOAD_ADDR};
-use crate::rt::kernel64::{sys_exit, sys_report, sys_verdict, Kernel64};
+use crate::rt::kernel64::{sys_exit, sys_print_hex, sys_report, sys_verdict, Kernel64};
 use crate::rt::{status_of, Asm, AsmResult, EXIT_PASS};
 use crate::{Mode, Program};
 use iced_x86::code_asm::*;
@@ -155,4 +155,98 @@ fn counted(a: &mut Asm, iters: u32, body: impl Fn(&mut Asm) -> AsmResult) -> Asm
     body(a)?;
     a.dec(r8d)?;
     a.jnz(top)
+}
+
+/// `vector-across-exits`: at CPL 3, vector registers written natively and
+/// by the VMM's emulator keep their values across the exits that follow
+/// (an MMIO read KVM completes, a vector load the VMM completes). Each of
+/// four steps reloads YMM1, changes it (natively from YMM2 or from MMIO by
+/// the emulator), takes an MMIO exit and stores YMM1; the guest reports
+/// the low and the upper-lane quadwords of each store.
+pub fn vector_across_exits() -> Result<Program, IcedError> {
+    const A: [u64; 4] = [
+        0x1111_1111_1111_1101,
+        0x1111_1111_1111_1102,
+        0x1111_1111_1111_1103,
+        0x1111_1111_1111_1104,
+    ];
+    const B: [u64; 4] = [
+        0x2222_2222_2222_2201,
+        0x2222_2222_2222_2202,
+        0x2222_2222_2222_2203,
+        0x2222_2222_2222_2204,
+    ];
+    const M: [u64; 2] = [0x3333_3333_3333_3301, 0x3333_3333_3333_3302];
+    let image = assemble(Mode::Long, LOAD_ADDR, |a| {
+        let k = Kernel64::new(a)?;
+        let mut user = a.create_label();
+        let mut va = a.create_label();
+        let mut vb = a.create_label();
+        let mut out = a.create_label();
+        k.start(a, user)?;
+        a.set_label(&mut va)?;
+        a.dq(&A)?;
+        a.set_label(&mut vb)?;
+        a.dq(&B)?;
+        a.set_label(&mut out)?;
+        a.dq(&[0u64; 16])?;
+        a.set_label(&mut user)?;
+        a.mov(rbx, BENCH_MMIO)?;
+        a.mov(rax, M[0])?;
+        a.mov(qword_ptr(rbx), rax)?;
+        a.mov(rax, M[1])?;
+        a.mov(qword_ptr(rbx + 8), rax)?;
+        a.lea(r12, ptr(out))?;
+        a.vmovdqu(ymm2, ymmword_ptr(vb))?;
+        for step in 0..4 {
+            a.vmovdqu(ymm1, ymmword_ptr(va))?;
+            if step % 2 == 0 {
+                a.vmovups(xmm1, xmm2)?;
+            } else {
+                a.vmovups(xmm1, xmmword_ptr(rbx))?;
+            }
+            a.mov(rcx, qword_ptr(rbx))?;
+            a.vmovdqu(ymmword_ptr(r12 + 32 * step), ymm1)?;
+        }
+        // Print and report each value; count those that differ.
+        a.xor(r13d, r13d)?;
+        for step in 0..4 {
+            for (at, want) in [(0, if step % 2 == 0 { B[0] } else { M[0] }), (16, 0)] {
+                let mut same = a.create_label();
+                a.mov(r14, qword_ptr(r12 + 32 * step + at))?;
+                sys_print_hex(a, r14)?;
+                sys_report(a, r14)?;
+                a.mov(rax, want)?;
+                a.cmp(r14, rax)?;
+                a.je(same)?;
+                a.inc(r13)?;
+                a.set_label(&mut same)?;
+            }
+        }
+        sys_verdict(
+            a,
+            r13,
+            "vector state kept across exits\n",
+            "vector state lost across exits\n",
+        )?;
+        k.finish(a)
+    })?;
+    let mut reports = Vec::new();
+    for step in 0..4 {
+        reports.push(if step % 2 == 0 { B[0] } else { M[0] });
+        reports.push(0);
+    }
+    Ok(Program::new(
+        "vector-across-exits",
+        "CPL 3: YMM1 written natively or by the emulator survives the MMIO exits after it",
+        Mode::Long,
+        LOAD_ADDR,
+        image,
+        expect(
+            status_of(EXIT_PASS),
+            "vector state kept across exits",
+            Some(reports),
+        ),
+    )
+    .with_mmio_ram(vec![(BENCH_MMIO, BENCH_MMIO_SIZE)]))
 }
