@@ -45,6 +45,17 @@ pub trait VectorState {
     /// when their state components are off, the XSAVE family's requested
     /// features); a VMM should fetch it at most once per exit.
     fn xcr0(&mut self) -> Result<u64, PlatformError>;
+    /// Whether the CPU already ran this instruction natively up to its
+    /// memory access with the guest's XCR0 in force (hardware KVM, which
+    /// loads the guest's XCR0 for it; not PVM, which interprets CPL 0 code
+    /// and runs CPL 3 code under the host's XCR0). A VEX or
+    /// EVEX form whose state components are off in XCR0 then raised #UD in
+    /// hardware before it could exit, so the emulator skips that check and
+    /// its XCR0 read (one ioctl for a KVM VMM). The XSAVE family and XGETBV
+    /// still read XCR0: their results depend on it. Default: `false`.
+    fn xcr0_checked_natively(&self) -> bool {
+        false
+    }
 }
 
 /// A [`VectorState`] for callers that hold no vector state: any instruction

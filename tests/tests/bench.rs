@@ -59,6 +59,8 @@ fn json_names_every_path_with_its_floor() {
         ("floor-emulx", None),
         ("emul-vec", Some("floor-emulx")),
         ("emul-vec-nonzero", Some("floor-emulx")),
+        ("emul-xsave", Some("floor-emulx")),
+        ("emul-xrstor", Some("floor-emulx")),
         ("floor-user-mmio", None),
         ("same-image-user-mmio", None),
         ("user-mmio", Some("floor-user-mmio")),

@@ -329,3 +329,51 @@ fn kvm_defects_are_kvms_own() {
         eprintln!("{}: {seen:#x} ({whose})", DEFECT_NAMES[i]);
     }
 }
+
+/// The guest's XCR0 decides VEX #UD at CPL 3 on MMIO too: after XSETBV
+/// turned AVX state off, VEX.256 and VEX.128 loads from MMIO raise #UD and
+/// a legacy SSE load completes. On PVM the CPU runs CPL 3 code under the
+/// host's XCR0 (both VEX loads reach the VMM), so the VMM reads XCR0 for
+/// them (KVM_GET_XCRS); on hardware KVM the CPU raises the #UD itself.
+#[test]
+fn vex_loads_after_xsetbv_turned_avx_off_raise_ud_at_cpl3() {
+    let p = common::program("xcr0-user");
+    let (out, serial) = run_config(&config_for(&p));
+    assert_eq!(out.status, p.expect.status, "{}: {serial}", out.message);
+    let want = p.expect.reports.clone().unwrap_or_default();
+    if common::kvm_kind().cpl0_native() && emul::stub::probe::probe().is_ok_and(|c| c.is_tcg()) {
+        // README, Hardware KVM: QEMU TCG's SVM does not intercept XSETBV,
+        // so KVM re-enters the guest with its own XCR0 and AVX stays on.
+        println!(
+            "QEMU TCG (no XSETBV intercept): reports {:x?}, the CPU's would be {want:x?}",
+            out.reports
+        );
+        assert_eq!(out.reports[2..], want[2..], "the legacy load completes");
+        return;
+    }
+    assert_eq!(out.reports, want, "{serial}");
+    if !common::kvm_kind().cpl0_native() {
+        assert_eq!(
+            out.ioctls.get_xcrs, 2,
+            "one XCR0 read per VEX load: {:?}",
+            out.ioctls
+        );
+    }
+}
+
+/// On hardware KVM the CPU checked XCR0 before a VEX access could exit, so
+/// completing vector loads reads no XCR0; on PVM every VEX completion does.
+#[test]
+fn xcr0_is_read_only_where_the_cpu_did_not_check_it() {
+    const N: u32 = 100;
+    let p = guest::programs::bench::user_vmovdqu(N).unwrap();
+    let (out, serial) = run_config(&config_for(&p));
+    assert_eq!(out.status, p.expect.status, "{}: {serial}", out.message);
+    assert!(out.ioctls.get_xsave >= u64::from(N), "{:?}", out.ioctls);
+    let want = if common::kvm_kind().cpl0_native() {
+        0
+    } else {
+        u64::from(N)
+    };
+    assert_eq!(out.ioctls.get_xcrs, want, "{:?}", out.ioctls);
+}

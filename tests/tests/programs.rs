@@ -43,6 +43,7 @@ const TESTED_ELSEWHERE: &[&str] = &[
     "mmio-split-windows",
     "exactness",
     "kvm-defects",
+    "xcr0-user",
 ];
 
 program_tests! {

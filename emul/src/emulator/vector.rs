@@ -232,7 +232,7 @@ pub(super) fn check_vector_enabled(
         } else {
             XCR0_VEX
         };
-        if vec.xcr0()? & needed != needed {
+        if !vec.xcr0_checked_natively() && vec.xcr0()? & needed != needed {
             return Err(Exception::ud().into());
         }
     }

@@ -250,3 +250,56 @@ pub fn vector_across_exits() -> Result<Program, IcedError> {
     )
     .with_mmio_ram(vec![(BENCH_MMIO, BENCH_MMIO_SIZE)]))
 }
+
+/// `xcr0-user`: the kernel turns AVX state off (XSETBV, XCR0 = x87|SSE),
+/// then at CPL 3 a VEX.256 and a VEX.128 load from MMIO must raise #UD and
+/// a legacy SSE load from MMIO must complete, as on the CPU. The VMM does
+/// not read XCR0 for code the CPU ran natively (it checked XCR0 before the
+/// access could exit), so this holds only if the CPU really did. Reports
+/// the three exception vectors (0xff: none) and the loaded low quadword.
+pub fn xcr0_user() -> Result<Program, IcedError> {
+    const DATA: u64 = 0x0bad_cafe_f00d_d00d;
+    let image = assemble(Mode::Long, LOAD_ADDR, |a| {
+        let k = Kernel64::new(a)?;
+        let mut user = a.create_label();
+        k.setup(a)?;
+        a.mov(rbx, BENCH_MMIO)?;
+        a.mov(rax, DATA)?;
+        a.mov(qword_ptr(rbx), rax)?;
+        a.xor(ecx, ecx)?;
+        a.mov(eax, 3)?;
+        a.xor(edx, edx)?;
+        a.xsetbv()?;
+        k.enter_user(a, user)?;
+        a.set_label(&mut user)?;
+        a.pxor(xmm1, xmm1)?;
+        for load in 0..3 {
+            let mut resume = a.create_label();
+            a.mov(qword_ptr(k.exc_vector), NONE)?;
+            a.lea(rax, ptr(resume))?;
+            a.mov(qword_ptr(k.resume_rip), rax)?;
+            match load {
+                0 => a.vmovups(ymm1, ymmword_ptr(rbx))?,
+                1 => a.vmovups(xmm1, xmmword_ptr(rbx))?,
+                _ => a.movups(xmm1, xmmword_ptr(rbx))?,
+            }
+            a.set_label(&mut resume)?;
+            a.mov(qword_ptr(k.resume_rip), 0)?;
+            a.mov(rax, qword_ptr(k.exc_vector))?;
+            sys_report(a, rax)?;
+        }
+        a.movq(rax, xmm1)?;
+        sys_report(a, rax)?;
+        sys_exit(a, EXIT_PASS)?;
+        k.finish(a)
+    })?;
+    Ok(Program::new(
+        "xcr0-user",
+        "CPL 3 after XSETBV turned AVX off: VEX loads from MMIO raise #UD, a legacy SSE load completes",
+        Mode::Long,
+        LOAD_ADDR,
+        image,
+        expect(status_of(EXIT_PASS), "", Some(vec![6, 6, NONE as u64, DATA])),
+    )
+    .with_mmio_ram(vec![(BENCH_MMIO, BENCH_MMIO_SIZE)]))
+}

@@ -132,6 +132,10 @@ fn groups() -> Vec<Group> {
             paths: vec![
                 p("emul-vec", programs::vmovdqu),
                 p("emul-vec-nonzero", programs::vmovdqu_nonzero),
+                // Whole-state instructions (issue: no dearer than two
+                // vector emulations): 832 bytes through the bounce buffer.
+                p("emul-xsave", programs::xsave),
+                p("emul-xrstor", programs::xrstor),
             ],
         },
         Group {

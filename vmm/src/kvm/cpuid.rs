@@ -94,7 +94,7 @@ pub fn xcr0_for(cpuid: &CpuId) -> u64 {
 /// EBX 0x219c03ab against the host's 0x219c07ab and KVM_SET_CPUID2's
 /// 0x01800002). There the host's leaves, minus INVPCID, decide.
 pub fn system_features(cpuid: &CpuId) -> emul::system::SystemFeatures {
-    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+    if super::is_pvm() {
         let mut f = emul::system::SystemFeatures::from_cpuid(|leaf, sub| {
             let (a, b, c, d) = host_cpuid(leaf, sub);
             Some([a, b, c, d])

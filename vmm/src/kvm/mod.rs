@@ -27,6 +27,13 @@ pub fn ioctl_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmError
 }
 
 /// Opens /dev/kvm with a one-line explanation when it is missing.
+/// Whether /dev/kvm is PVM (the `kvm_pvm` module): guest CPL 0 code is
+/// interpreted by KVM there, CPL 3 code runs natively. Read once.
+pub fn is_pvm() -> bool {
+    static PVM: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PVM.get_or_init(|| std::path::Path::new("/sys/module/kvm_pvm").exists())
+}
+
 pub fn open() -> Result<Kvm, KvmError> {
     Kvm::new().map_err(KvmError::Open)
 }

@@ -32,16 +32,22 @@ pub struct KvmVectorState<'a> {
     dirty: bool,
     /// XCR0, once KVM_GET_XCRS read it during this exit.
     xcr0: Option<u64>,
+    /// The exit came from code the CPU ran natively (see
+    /// [`VectorState::xcr0_checked_natively`]).
+    native: bool,
 }
 
 impl<'a> KvmVectorState<'a> {
-    pub fn new(fd: &'a VcpuFd, buf: &'a mut XsaveBuf) -> Self {
+    /// `native`: the exiting instruction ran natively up to its memory
+    /// access under the guest's XCR0 (hardware KVM), so the CPU checked it.
+    pub fn new(fd: &'a VcpuFd, buf: &'a mut XsaveBuf, native: bool) -> Self {
         KvmVectorState {
             fd,
             buf,
             fetched: false,
             dirty: false,
             xcr0: None,
+            native,
         }
     }
 
@@ -89,6 +95,10 @@ impl VectorState for KvmVectorState<'_> {
 
     fn mark_dirty(&mut self) {
         self.dirty = true;
+    }
+
+    fn xcr0_checked_natively(&self) -> bool {
+        self.native
     }
 
     fn xcr0(&mut self) -> Result<u64, PlatformError> {

@@ -128,7 +128,13 @@ impl Emulator {
             mmio: &shared.buses.mmio,
             stop: None,
         };
-        let mut vec = KvmVectorState::new(fd, &mut self.xsave);
+        // On hardware KVM the instruction reached its memory access on the
+        // CPU, under the guest's XCR0 (KVM loads it for the guest), so a
+        // VEX/EVEX form with its state off raised #UD there. Not on PVM:
+        // CPL 0 code is interpreted, and CPL 3 code runs under the host's
+        // XCR0 (the xcr0-user guest completes VEX loads there natively).
+        let native = !crate::kvm::is_pvm();
+        let mut vec = KvmVectorState::new(fd, &mut self.xsave, native);
         let outcome = self.emu.emulate(&mut cpu, bytes, &mut vec, &mut phys);
         self.ioctls.get_xsave += u64::from(vec.fetched());
         self.ioctls.get_xcrs += u64::from(vec.read_xcr0());
@@ -212,7 +218,7 @@ impl Emulator {
     /// vCPU's XSAVE image once. Called on the vCPU's own thread (the stub's
     /// fault recovery is per thread) before its first KVM_RUN.
     pub fn warm_up(&mut self, fd: &VcpuFd) {
-        let mut vec = KvmVectorState::new(fd, &mut self.xsave);
+        let mut vec = KvmVectorState::new(fd, &mut self.xsave, false);
         if let Err(e) = emul::VectorState::image(&mut vec) {
             log::debug!("warm-up: {e}");
         }
