@@ -17,8 +17,10 @@
 #   HWKVM_ENV    space-separated NAME=VALUE words exported to the test
 #                binaries inside the VM (e.g. EMULATOR_DIFF_ONLY=vmovups)
 #   HWKVM_QEMU_ROOT  a QEMU package tree extracted with dpkg-deb -x
-#                (qemu-system-x86, qemu-system-data, seabios) to boot with
-#                instead of the installed qemu-system-x86_64
+#                (qemu-system-x86, qemu-system-data, seabios) to boot with;
+#                default: QEMU from bookworm-backports, downloaded once and
+#                kept in the cache (the installed one if that fails)
+#   HWKVM_SYSTEM_QEMU=1  boot the installed qemu-system-x86_64
 #   HWKVM_NO_INSTALL=1  never call apt-get (fail if something is missing)
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -36,6 +38,7 @@ command -v qemu-system-x86_64 >/dev/null || need_pkgs+=(qemu-system-x86)
 case "$(ldd /bin/busybox 2>&1 || true)" in *"not a dynamic"*) ;; *) need_pkgs+=(busybox-static) ;; esac
 command -v cpio >/dev/null || need_pkgs+=(cpio)
 command -v xz >/dev/null || need_pkgs+=(xz-utils)
+command -v curl >/dev/null || need_pkgs+=(curl)
 command -v depmod >/dev/null || need_pkgs+=(kmod)
 command -v strip >/dev/null || need_pkgs+=(binutils)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
@@ -75,6 +78,44 @@ fi
 kver=$(ls "$kdir/root/lib/modules" | head -n1)
 vmlinuz="$kdir/root/boot/vmlinuz-$kver"
 [ -f "$vmlinuz" ] || { say "no kernel image in $kdir"; exit 2; }
+
+# --- QEMU 10 from bookworm-backports, extracted, never installed ------------
+# Bookworm's QEMU 7.2 does not intercept XSETBV in its SVM, so a guest's own
+# XSETBV never reaches KVM (README, Hardware KVM). Prints the extracted
+# tree's root; fails (the caller then boots the installed QEMU) when the
+# registry cannot be reached or a library the binary needs is missing.
+backports_qemu() {
+    local dist=http://deb.debian.org/debian idx="$cache/backports-Packages"
+    local q
+    q=$(ls -d "$cache"/qemu-*/ 2>/dev/null | sort -V | tail -n1 || true)
+    if [ -n "$q" ] && [ -e "$q/ok" ]; then
+        echo "${q%/}/root"
+        return 0
+    fi
+    command -v curl >/dev/null || { say "no curl: booting the installed QEMU"; return 1; }
+    curl -fsS -m 120 "$dist/dists/bookworm-backports/main/binary-amd64/Packages.xz" |
+        xz -dc >"$idx" || { say "bookworm-backports unreachable: booting the installed QEMU"; return 1; }
+    field() { awk -v P="$1" -v F="$2" '$0 == "Package: " P { p = 1 } p && index($0, F ": ") == 1 { print substr($0, length(F) + 3); exit }' "$idx"; }
+    local ver
+    ver=$(field qemu-system-x86 Version)
+    [ -n "$ver" ] || { say "no qemu-system-x86 in bookworm-backports: booting the installed QEMU"; return 1; }
+    q="$cache/qemu-${ver//[^0-9A-Za-z.+~-]/_}"
+    rm -rf "$q" && mkdir -p "$q/deb"
+    local pkg f
+    for pkg in qemu-system-x86 qemu-system-data seabios; do
+        f=$(field "$pkg" Filename)
+        [ -n "$f" ] && curl -fsS -m 300 -o "$q/deb/${f##*/}" "$dist/$f" ||
+            { say "cannot download $pkg: booting the installed QEMU"; return 1; }
+        dpkg-deb -x "$q/deb/${f##*/}" "$q/root"
+    done
+    rm -rf "$q/deb"
+    if ldd "$q/root/usr/bin/qemu-system-x86_64" | grep -q 'not found'; then
+        say "QEMU $ver lacks libraries here: booting the installed QEMU"
+        return 1
+    fi
+    touch "$q/ok"
+    echo "$q/root"
+}
 
 # --- the VMM, guests and test binaries ---------------------------------------
 cd "$root"
@@ -163,9 +204,14 @@ say "initramfs $(du -m "$initrd" | cut -f1) MiB, ${#names[@]} test binaries, $(w
 
 # --- boot -----------------------------------------------------------------
 qemu=(qemu-system-x86_64)
-if [ -n "${HWKVM_QEMU_ROOT:-}" ]; then
-    qemu=("$HWKVM_QEMU_ROOT/usr/bin/qemu-system-x86_64" -L "$HWKVM_QEMU_ROOT/usr/share/qemu" -L "$HWKVM_QEMU_ROOT/usr/share/seabios")
+qroot="${HWKVM_QEMU_ROOT:-}"
+[ -n "$qroot" ] || [ "${HWKVM_SYSTEM_QEMU:-0}" = 1 ] || qroot=$(backports_qemu || true)
+if [ -n "$qroot" ]; then
+    qemu=("$qroot/usr/bin/qemu-system-x86_64" -L "$qroot/usr/share/qemu" -L "$qroot/usr/share/seabios")
+    # Its own modules, never the installed QEMU's (another build).
+    export QEMU_MODULE_DIR="$qroot/usr/lib/x86_64-linux-gnu/qemu"
 fi
+say "QEMU: $("${qemu[0]}" --version | head -n1)"
 log="$cache/console.log"
 say "booting $kver under qemu-system-x86_64 -accel tcg (log: $log)"
 start=$(date +%s)
