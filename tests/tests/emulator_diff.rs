@@ -497,7 +497,7 @@ fn judge(
     if host_cpu().is_tcg()
         && form.text.starts_with("call ")
         && tv == 13
-        && record::read_u64(truth, record::GPRS + 32) as i64 == -8
+        && record::read_u64(truth, record::RSP_CHANGE) as i64 == -8
         && d.iter().all(|(n, _, _)| n == "rsp change")
     {
         return Outcome::KvmOwned(

@@ -534,7 +534,7 @@ fn epilogue(a: &mut Asm, k: &Kernel64, kind: Kind, vbytes: usize) -> AsmResult {
     // is above this call's return address).
     a.lea(rcx, ptr(rsp + 8))?;
     a.sub(rcx, qword_ptr(VAR_CASE_RSP))?;
-    a.mov(qword_ptr(rax + (GPRS + 8 * 4) as i32), rcx)?;
+    a.mov(qword_ptr(rax + RSP_CHANGE as i32), rcx)?;
     // The exception, if any (the kernel cleared resume_rip when it took one).
     a.mov(rcx, qword_ptr(k.resume_rip))?;
     a.test(rcx, rcx)?;

@@ -39,6 +39,8 @@ pub const EXC_ERROR: usize = 8;
 /// the instruction to the point it resumed at (0 unless a form's stack
 /// fix-up was skipped by a fault).
 pub const GPRS: usize = 16;
+/// RSP's slot among [`GPRS`]: how far RSP moved (see [`GPRS`]).
+pub const RSP_CHANGE: usize = GPRS + 8 * 4;
 pub const RFLAGS: usize = 144;
 /// The operand buffer after the instruction (its first [`MEM_LEN`] bytes).
 pub const MEM: usize = 160;
@@ -103,7 +105,7 @@ pub fn fields(vector: bool, kregs: bool, vreg_bytes: usize, mem_len: usize) -> V
     for (i, n) in GPR_NAMES.iter().enumerate() {
         match *n {
             "rbp" => {}
-            "rsp" => v.push(field("rsp change", GPRS + 8 * i, 8)),
+            "rsp" => v.push(field("rsp change", RSP_CHANGE, 8)),
             _ => v.push(field(*n, GPRS + 8 * i, 8)),
         }
     }

@@ -53,6 +53,11 @@ pub struct Emulator {
     /// `Mnemonic as usize`; allocated once.
     per_mnemonic: Option<Vec<u64>>,
     ioctls: IoctlCounts,
+    /// The CPU reaches a VEX/EVEX access under the guest's XCR0 before it
+    /// can exit (hardware KVM), so the XCR0 #UD check needs no ioctl. Not
+    /// on PVM: CPL 0 code is interpreted, and CPL 3 code runs under the
+    /// host's XCR0 (the xcr0-user guest completes VEX loads there).
+    cpu_checks_xcr0: bool,
 }
 
 impl Emulator {
@@ -69,6 +74,7 @@ impl Emulator {
             on_unsupported,
             per_mnemonic: stats.then(|| vec![0; Mnemonic::values().count()]),
             ioctls: IoctlCounts::default(),
+            cpu_checks_xcr0: !crate::kvm::is_pvm(),
         })
     }
 
@@ -128,13 +134,7 @@ impl Emulator {
             mmio: &shared.buses.mmio,
             stop: None,
         };
-        // On hardware KVM the instruction reached its memory access on the
-        // CPU, under the guest's XCR0 (KVM loads it for the guest), so a
-        // VEX/EVEX form with its state off raised #UD there. Not on PVM:
-        // CPL 0 code is interpreted, and CPL 3 code runs under the host's
-        // XCR0 (the xcr0-user guest completes VEX loads there natively).
-        let native = !crate::kvm::is_pvm();
-        let mut vec = KvmVectorState::new(fd, &mut self.xsave, native);
+        let mut vec = KvmVectorState::new(fd, &mut self.xsave, self.cpu_checks_xcr0);
         let outcome = self.emu.emulate(&mut cpu, bytes, &mut vec, &mut phys);
         self.ioctls.get_xsave += u64::from(vec.fetched());
         self.ioctls.get_xcrs += u64::from(vec.read_xcr0());
