@@ -89,9 +89,7 @@ impl Capture {
 /// mean the same thing.
 pub fn config_for(p: &Program) -> VmConfig {
     use clap::Parser;
-    let dir = scratch(p.name);
-    let img = dir.join(format!("{}.bin", p.name));
-    std::fs::write(&img, &p.image).expect("write image");
+    let img = write_image(p);
     let mut argv = vec!["vmm".to_string(), "run".to_string()];
     argv.extend(p.vmm_args());
     argv.push(img.display().to_string());
@@ -177,6 +175,17 @@ pub fn scratch(test: &str) -> PathBuf {
     d
 }
 
+/// Writes `p`'s image to a file of its own: tests of one binary run in
+/// parallel, and one rewriting a shared path (truncate, then write) while
+/// another's VM reads it gave "image file is empty".
+fn write_image(p: &Program) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let img = scratch(p.name).join(format!("{}-{n}.bin", p.name));
+    std::fs::write(&img, &p.image).expect("write image");
+    img
+}
+
 /// Runs the `vmm` binary with `args`.
 pub fn vmm(args: &[&str]) -> Output {
     require_kvm();
@@ -188,9 +197,7 @@ pub fn vmm(args: &[&str]) -> Output {
 
 /// Writes `p` to a file and runs it through the binary with `extra` flags.
 pub fn vmm_program(p: &Program, extra: &[&str]) -> Output {
-    let dir = scratch(p.name);
-    let img = dir.join(format!("{}.bin", p.name));
-    std::fs::write(&img, &p.image).expect("write image");
+    let img = write_image(p);
     let mut args: Vec<String> = vec!["run".into()];
     args.extend(p.vmm_args());
     args.extend(extra.iter().map(|s| s.to_string()));
