@@ -47,6 +47,9 @@ pub enum Kind {
     Vsib,
     /// MASKMOVQ, (V)MASKMOVDQU: byte-masked stores through DS:rDI.
     MaskedImplicit,
+    /// MOVDIR64B: 64 bytes from memory to ES:rReg as one store, completed
+    /// without a stub (#UD where the host lacks it).
+    DirectStore,
 }
 
 /// The whole-state family (XSAVES/XRSTORS are privileged and refused
@@ -365,6 +368,14 @@ pub fn classify(instr: &Instruction) -> Result<Class, Deny> {
             x87_mmx: instr.mnemonic() == M::Maskmovq,
             vex: instr.mnemonic() == M::Vmaskmovdqu,
             kind: Kind::MaskedImplicit,
+        });
+    }
+    if crate::emulator::is_direct_store_64(instr.mnemonic()) {
+        return Ok(Class {
+            vector: false,
+            x87_mmx: false,
+            vex: false,
+            kind: Kind::DirectStore,
         });
     }
     if let Some(class) = whole_state(instr.mnemonic()) {

@@ -17,6 +17,7 @@ use crate::stub::{StubBuf, StubError, StubRunError, MAX_INSN_LEN, XSAVE_AREA_SIZ
 use crate::writeback::{element_mask, XsaveLayout};
 
 mod cache;
+mod direct;
 mod fetch;
 mod gather;
 mod implicit;
@@ -24,6 +25,7 @@ mod operand;
 mod state;
 mod vector;
 
+pub(crate) use direct::{host_has_movdir64b, is_direct_store_64};
 use fetch::{fetch, undecodable};
 pub(crate) use gather::is_vsib_move;
 pub(crate) use implicit::is_masked_implicit_store;
@@ -160,6 +162,8 @@ pub struct Emulator {
     last_mnemonic: Mnemonic,
     cached: Option<Decoded>,
     system: crate::system::SystemFeatures,
+    /// The host has MOVDIR64B (else the guest gets #UD; see `direct.rs`).
+    pub(crate) host_movdir64b: bool,
 }
 
 impl Emulator {
@@ -174,6 +178,7 @@ impl Emulator {
             last_mnemonic: Mnemonic::INVALID,
             cached: None,
             system: Default::default(),
+            host_movdir64b: direct::host_has_movdir64b(),
         })
     }
 
@@ -318,6 +323,11 @@ impl Emulator {
                     Kind::MaskedImplicit => {
                         check_vector_enabled(cpu, instr, class, vec)?;
                         self.masked_implicit_store(cpu, bitness, instr, vec, mem)?;
+                        advance_rip(cpu, bitness, instr);
+                        return Ok(());
+                    }
+                    Kind::DirectStore => {
+                        self.direct_store_64(cpu, bitness, instr, mem)?;
                         advance_rip(cpu, bitness, instr);
                         return Ok(());
                     }
