@@ -226,18 +226,26 @@ fn random_bytes(rng: &mut Rng, out: &mut [u8; 15]) {
             let modrm = mem_modrm(rng) & !0x38 | reg << 3;
             out[..2].copy_from_slice(&[op, modrm]);
         }
+        // MOVDIR64B r, m512, sometimes with a 32-bit address size (67h).
+        8 => {
+            let modrm = mem_modrm(rng);
+            let at = usize::from(rng.chance(3));
+            out[0] = 0x67;
+            out[at..at + 5].copy_from_slice(&[0x66, 0x0f, 0x38, 0xf8, modrm]);
+        }
         _ => {}
     }
 }
 
 /// The instruction families with their own completion path, counted so a
 /// run shows it reached them.
-const FAMILIES: [&str; 5] = [
+const FAMILIES: [&str; 6] = [
     "whole state",
     "gather",
     "cache",
     "masked implicit",
     "x87 env",
+    "direct store",
 ];
 
 fn family_of(m: iced_x86::Mnemonic) -> Option<usize> {
@@ -273,6 +281,7 @@ fn family_of(m: iced_x86::Mnemonic) -> Option<usize> {
         | M::Prefetchw => 2,
         M::Maskmovq | M::Maskmovdqu | M::Vmaskmovdqu => 3,
         M::Fnstenv | M::Fldenv | M::Fnsave | M::Frstor => 4,
+        M::Movdir64b => 5,
         _ => return None,
     })
 }
@@ -327,6 +336,14 @@ fn random_instructions_registers_and_page_tables() {
                 *r = aligned;
             }
             for r in [&mut cpu.gprs.rsi, &mut cpu.gprs.rdi, &mut cpu.gprs.rbp] {
+                *r = aligned;
+            }
+        }
+        // MOVDIR64B's destination must be 64-byte aligned to complete.
+        let movdir = |b: &[u8]| b.starts_with(&[0x66, 0x0f, 0x38, 0xf8]);
+        if (movdir(&bytes) || movdir(&bytes[1..])) && rng.chance(2) {
+            let aligned = rng.below(RAM as u64) & !63;
+            for r in [&mut cpu.gprs.rax, &mut cpu.gprs.rcx, &mut cpu.gprs.rdi] {
                 *r = aligned;
             }
         }
