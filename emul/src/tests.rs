@@ -1824,7 +1824,7 @@ fn movdir64b_matches_the_cpu() {
         return;
     }
     let src = pattern(0x77);
-    let mut native = [0xccu8; 192];
+    let mut native = [0xccu8; 256];
     let base = native.as_mut_ptr() as usize;
     let dst = (base + 64) & !63;
     // SAFETY: MOVDIR64B reads the 64 bytes of `src` and writes the 64-byte
@@ -1837,17 +1837,18 @@ fn movdir64b_matches_the_cpu() {
             options(nostack),
         )
     };
-    let off = dst - base;
+    // The line with 64 bytes either side, natively and in the guest.
+    let native = &native[dst - base - 64..dst - base + 128];
     let (mut cpu, mut mem) = setup();
     let mut e = emul();
     mem.ram[DATA as usize + 1..DATA as usize + 65].copy_from_slice(&src);
     mem.ram[DATA as usize + 0x1000..DATA as usize + 0x1000 + 192].fill(0xcc);
     cpu.gprs.rsi = DATA + 1;
-    cpu.gprs.rdi = DATA + 0x1000 + off as u64;
+    cpu.gprs.rdi = DATA + 0x1040;
     done(&e.emulate(&mut cpu, &MOVDIR64B_RDI_RSI, &mut NoVectorState, &mut mem));
     assert_eq!(
         mem.ram[DATA as usize + 0x1000..DATA as usize + 0x1000 + 192],
-        native
+        *native
     );
 }
 

@@ -744,6 +744,50 @@ fn alignment_comes_before_the_walk() {
     }
 }
 
+/// MOVDIR64B's fault order on the host CPU (the emulator's model in
+/// `emulator/direct.rs`, tested in `tests::movdir64b_page_faults` and
+/// `tests::movdir64b_misaligned_destination_is_gp0`): a misaligned
+/// destination is #GP before the source's #PF; the source faults before
+/// the destination, whether the destination's page is missing or its
+/// address non-canonical; a destination page fault is a write.
+#[test]
+fn movdir64b_fault_order_on_the_host() {
+    let leaf7 = core::arch::x86_64::__cpuid_count(7, 0);
+    if core::arch::x86_64::__cpuid(0).eax < 7 || leaf7.ecx & (1 << 28) == 0 {
+        println!("skipped: host has no MOVDIR64B (CPUID.07H.0H:ECX[28] = 0)");
+        return;
+    }
+    let mut buf = StubBuf::new(false).unwrap();
+    let (src_page, dst_page) = (NoAccessPage::new(), NoAccessPage::new());
+    let mut data = vec![0u8; 256];
+    let line = (data.as_mut_ptr() as u64 + 63) & !63;
+    let insn = encode(|a| a.movdir64b(rdi, ptr(rsi)));
+    let fault = |buf: &mut StubBuf, src: u64, dst: u64| {
+        let mut g = GuestGprs {
+            rsi: src,
+            rdi: dst,
+            ..Default::default()
+        };
+        match buf.run(&insn, &mut g) {
+            Err(StubRunError::Fault(f)) => f,
+            other => panic!("src {src:#x} dst {dst:#x}: {other:?}"),
+        }
+    };
+    let (src_missing, dst_missing) = (src_page.addr() + 8, dst_page.addr());
+    let f = fault(&mut buf, src_missing, line + 8);
+    assert_eq!(f.vector, EXC_GP, "misaligned destination first: {f}");
+    let f = fault(&mut buf, src_missing, line);
+    assert_eq!((f.vector, f.fault_addr), (EXC_PF, Some(src_missing)), "{f}");
+    let f = fault(&mut buf, src_missing, dst_missing);
+    assert_eq!((f.vector, f.fault_addr), (EXC_PF, Some(src_missing)), "source first: {f}");
+    let f = fault(&mut buf, src_missing, 0x8000_0000_0000_0000);
+    assert_eq!((f.vector, f.fault_addr), (EXC_PF, Some(src_missing)), "source first: {f}");
+    let f = fault(&mut buf, line, dst_missing);
+    assert_eq!((f.vector, f.fault_addr), (EXC_PF, Some(dst_missing)), "{f}");
+    assert_ne!(f.error_code & 2, 0, "a write: {f}");
+    drop(data);
+}
+
 /// What the host CPU does with cache instructions on an inaccessible page
 /// (the emulator's model in `tests::cache_lines_walk_and_hints_never_fault`):
 /// CLFLUSH faults with #PF like a read, PREFETCHT0 never faults.
