@@ -1661,30 +1661,43 @@ fn movdir64b_to_and_from_mmio() {
         .any(|&(w, gpa, len)| !w && gpa == MMIO_BASE + 0x203 && len == 64));
 }
 
-/// A destination off a 64-byte boundary is #GP(0) before anything else:
-/// even with the source on a missing page (SDM: #GP(0) "if address in
-/// destination (register) operand is not aligned to a 64-byte boundary";
-/// the order is Xen's and the SDM's Operation, see `emulator/direct.rs`).
-/// Nothing is read or written, RIP stays.
+/// A destination off a 64-byte boundary is #GP(0), even on a missing
+/// page, but only once the source checked out: a source #PF wins (SDM:
+/// #GP(0) "if address in destination (register) operand is not aligned to
+/// a 64-byte boundary"; the order as the CPU,
+/// `stub::tests::movdir64b_fault_order_on_the_host`). Nothing is written,
+/// RIP stays.
 #[test]
 fn movdir64b_misaligned_destination_is_gp0() {
     let (mut cpu, mut mem) = setup();
     let mut e = movdir_emul();
-    for (src, dst) in [(DATA, DATA + 0x1008), (0x7f_0000, MMIO_BASE + 0x20)] {
+    mem.mmio[..0x100].fill(0xcc);
+    for dst in [DATA + 0x1008, MMIO_BASE + 0x20, 0x7f_0000 + 0x40 + 1] {
         cpu.rip = CODE;
-        cpu.gprs.rsi = src;
+        cpu.gprs.rsi = DATA;
         cpu.gprs.rdi = dst;
         mem.log.clear();
         let o = e.emulate(&mut cpu, &MOVDIR64B_RDI_RSI, &mut NoVectorState, &mut mem);
         assert_eq!(exc(&o), (VEC_GP, Some(0)), "{dst:#x}");
-        assert!(mem.log.is_empty(), "{:?}", mem.log);
+        assert!(
+            !writes(&mem).iter().any(|&(gpa, _)| gpa >= DATA),
+            "{:?}",
+            mem.log
+        );
         assert_eq!(cpu.rip, CODE);
     }
+    assert_eq!(mem.mmio[..0x100], [0xcc; 0x100]);
     // Non-canonical destination: #GP(0) too.
-    cpu.gprs.rsi = DATA;
     cpu.gprs.rdi = 0x8000_0000_0000_0000;
     let o = e.emulate(&mut cpu, &MOVDIR64B_RDI_RSI, &mut NoVectorState, &mut mem);
     assert_eq!(exc(&o), (VEC_GP, Some(0)));
+    // The source's #PF comes first.
+    for dst in [DATA + 0x1008, 0x8000_0000_0000_0008] {
+        cpu.gprs.rsi = 0x7f_0000 + 8;
+        cpu.gprs.rdi = dst;
+        let o = e.emulate(&mut cpu, &MOVDIR64B_RDI_RSI, &mut NoVectorState, &mut mem);
+        assert_eq!(page_fault(&o), (0, 0x7f_0008), "{dst:#x}");
+    }
 }
 
 /// Page faults: a source on a missing page (CR2 the first missing byte,
@@ -1826,7 +1839,7 @@ fn movdir64b_matches_the_cpu() {
     let src = pattern(0x77);
     let mut native = [0xccu8; 256];
     let base = native.as_mut_ptr() as usize;
-    let dst = (base + 64) & !63;
+    let dst = (base + 127) & !63; // 64 bytes or more from either end
     // SAFETY: MOVDIR64B reads the 64 bytes of `src` and writes the 64-byte
     // aligned line at `dst`, inside `native`.
     unsafe {

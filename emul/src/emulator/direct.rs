@@ -12,16 +12,18 @@
 //! bytes anywhere, but no guest on such a host can rely on the instruction.)
 //!
 //! Fault order. The SDM's exception lists (vol. 2B, MOVDIR64B) name the
-//! faults but no order among them; this follows the SDM's Operation
-//! (`DEST := SRC`: the source is read before the store) with the
-//! destination's alignment first, as Xen's x86_emulate does (the alignment
-//! needs only the register, and hardware checks alignment before it walks
-//! the page tables, see `stub::tests::alignment_comes_before_the_walk`):
-//! 1. #GP(0): destination not 64-byte aligned;
-//! 2. the source as a read: #GP(0)/#SS(0) (segment, canonical), then #PF
+//! faults but no order among them. Measured on the host CPU
+//! (`stub::tests::movdir64b_fault_order_on_the_host`, Intel Xeon family 6
+//! model 207): the source is checked and walked before anything about the
+//! destination, as the SDM's Operation reads (`DEST := SRC`), so a source
+//! #PF wins over a misaligned or non-canonical destination; a misaligned
+//! destination is #GP(0) even on a missing page. So:
+//! 1. the source as a read: #GP(0)/#SS(0) (segment, canonical), then #PF
 //!    on either of its pages (it may cross one);
-//! 3. the destination as a write: #GP(0) (ES limit, writable, canonical),
-//!    then #PF with W set.
+//! 2. the destination: #GP(0) when not 64-byte aligned, or outside ES's
+//!    limit, not writable or non-canonical (all #GP(0): their order does
+//!    not show);
+//! 3. the destination's walk as a write: #PF with W set.
 //!
 //! Nothing is written before all of them passed.
 
@@ -67,16 +69,6 @@ impl Emulator {
             2 | 4 | 8 => gpr_value(&cpu.gprs, dest_reg).unwrap_or(0),
             _ => return Err(Stop::Unsupported("destination is not a register")),
         };
-        // The SDM asks for an aligned register value; outside 64-bit mode
-        // ES's base is added too, and a base off a 64-byte boundary would
-        // make the one 64-byte store straddle lines (and maybe pages), so
-        // it is refused the same way (as Xen does: it checks the linear
-        // address). In 64-bit mode ES's base is 0 and both are the same.
-        let es_base = if bitness == 64 { 0 } else { cpu.es.base };
-        if (dest_ea | es_base) & (DIRECT_STORE_SIZE as u64 - 1) != 0 {
-            return Err(Exception::gp0().into());
-        }
-
         // The source: the one memory operand iced reports as read.
         let info = self.info.info(instr);
         let Some(&src) = info
@@ -107,6 +99,16 @@ impl Emulator {
         } else {
             None
         };
+
+        // The SDM asks for an aligned register value; outside 64-bit mode
+        // ES's base is added too, and a base off a 64-byte boundary would
+        // make the one 64-byte store straddle lines (and maybe pages), so
+        // it is refused the same way (as Xen does: it checks the linear
+        // address). In 64-bit mode ES's base is 0 and both are the same.
+        let es_base = if bitness == 64 { 0 } else { cpu.es.base };
+        if (dest_ea | es_base) & (DIRECT_STORE_SIZE as u64 - 1) != 0 {
+            return Err(Exception::gp0().into());
+        }
 
         let dest_lin = linear_from_effective(
             cpu,
