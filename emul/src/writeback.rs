@@ -133,9 +133,15 @@ pub fn element_mask(instr: &Instruction, image: &[u8], layout: XsaveLayout) -> O
 impl ElementMask {
     /// Whether a selected element overlaps operand bytes `from..to`.
     pub fn selects_any(&self, from: usize, to: usize) -> bool {
+        self.first_selected(from, to).is_some()
+    }
+
+    /// The first operand byte in `from..to` that a selected element covers.
+    pub fn first_selected(&self, from: usize, to: usize) -> Option<usize> {
         let es = self.element_size;
         (0..64usize)
             .filter(|j| self.bits >> j & 1 != 0)
-            .any(|j| j * es < to && (j + 1) * es > from)
+            .find(|j| j * es < to && (j + 1) * es > from)
+            .map(|j| (j * es).max(from))
     }
 }
