@@ -60,50 +60,253 @@ pub struct ElementMask {
 /// For a conditionally writing store, the elements it wrote; `None` when
 /// the instruction is not a known masked store.
 pub fn masked_store(instr: &Instruction, image: &[u8], layout: XsaveLayout) -> Option<ElementMask> {
-    let mask = element_mask(instr, image, layout)?;
-    // A compress store writes popcount(k) elements contiguously from the
-    // start of the operand, not the selected positions.
-    let compress = matches!(
-        instr.mnemonic(),
-        Mnemonic::Vpcompressb
-            | Mnemonic::Vpcompressw
-            | Mnemonic::Vpcompressd
-            | Mnemonic::Vpcompressq
-            | Mnemonic::Vcompressps
-            | Mnemonic::Vcompresspd
-    );
-    if compress {
-        // Only the mask bits of the vector's elements count.
-        let count = instr.memory_size().size() / mask.element_size.max(1);
-        let selected = if count >= 64 {
-            mask.bits
-        } else {
-            mask.bits & ((1u64 << count) - 1)
-        };
-        let n = selected.count_ones();
-        let bits = if n >= 64 { u64::MAX } else { (1u64 << n) - 1 };
-        return Some(ElementMask { bits, ..mask });
-    }
-    Some(mask)
+    element_mask(instr, image, layout)
 }
 
-/// The memory elements a masked instruction accesses: an EVEX opmask
-/// (without broadcast, where the mask selects destination elements, not
-/// memory ones), or the sign bits of VMASKMOV's mask register (operand 1 in
-/// both its load and store forms). `None` for anything else.
+/// How an EVEX instruction's opmask bits select the elements of its memory
+/// operand, which decides the pages a masked-out element may not fault on
+/// (SDM vol. 1, 15.4.1, "memory fault suppression").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Selection {
+    /// Mask bit i selects memory element i: moves, element-wise
+    /// arithmetic and compares, widening and narrowing conversions
+    /// (element i converts to or from destination element i), scalar forms
+    /// (bit 0), extracts and down-converting stores.
+    PerElement,
+    /// Embedded broadcast: the one memory element is read when any mask bit
+    /// of the broadcast's elements is set.
+    Broadcast,
+    /// A broadcast instruction (VBROADCAST*, VPBROADCAST*, MOVDDUP's
+    /// 64-bit form): destination element i reads memory element
+    /// i mod (memory elements).
+    Repeat,
+    /// Expand loads and compress stores: popcount(k) contiguous elements
+    /// from the operand's start.
+    Contiguous,
+    /// VINSERT*: destination elements lane*n..lane*n+n (lane from imm8) read
+    /// memory elements 0..n.
+    Insert,
+    /// Destination element i reads several memory elements (dot products
+    /// of narrower elements: VPDPBUSD, VPDPWSSD, VDPBF16PS, VPMADDWD,
+    /// VPMADDUBSW): memory elements i*r..(i+1)*r, r the ratio.
+    Group,
+    /// The whole operand is read whatever the mask (permutes, shuffles,
+    /// alignments, packs and unpacks, shift counts: the SDM's "NF" exception
+    /// classes, where a memory element feeds destination elements chosen by
+    /// data or position, not by the mask).
+    Whole,
+}
+
+/// Which [`Selection`] an EVEX-masked instruction with a memory operand
+/// makes (VSIB forms have their own path).
+pub fn selection(instr: &Instruction) -> Selection {
+    use Mnemonic as M;
+    if instr.is_broadcast() {
+        return Selection::Broadcast;
+    }
+    match instr.mnemonic() {
+        M::Vbroadcastss
+        | M::Vbroadcastsd
+        | M::Vbroadcastf32x2
+        | M::Vbroadcastf32x4
+        | M::Vbroadcastf32x8
+        | M::Vbroadcastf64x2
+        | M::Vbroadcastf64x4
+        | M::Vbroadcasti32x2
+        | M::Vbroadcasti32x4
+        | M::Vbroadcasti32x8
+        | M::Vbroadcasti64x2
+        | M::Vbroadcasti64x4
+        | M::Vpbroadcastb
+        | M::Vpbroadcastw
+        | M::Vpbroadcastd
+        | M::Vpbroadcastq => Selection::Repeat,
+        M::Vmovddup if instr.memory_size().size() == 8 => Selection::Repeat,
+        M::Vexpandps
+        | M::Vexpandpd
+        | M::Vpexpandb
+        | M::Vpexpandw
+        | M::Vpexpandd
+        | M::Vpexpandq
+        | M::Vcompressps
+        | M::Vcompresspd
+        | M::Vpcompressb
+        | M::Vpcompressw
+        | M::Vpcompressd
+        | M::Vpcompressq => Selection::Contiguous,
+        M::Vinsertf32x4
+        | M::Vinsertf32x8
+        | M::Vinsertf64x2
+        | M::Vinsertf64x4
+        | M::Vinserti32x4
+        | M::Vinserti32x8
+        | M::Vinserti64x2
+        | M::Vinserti64x4 => Selection::Insert,
+        M::Vpdpbusd
+        | M::Vpdpbusds
+        | M::Vpdpwssd
+        | M::Vpdpwssds
+        | M::Vdpbf16ps
+        | M::Vpmaddwd
+        | M::Vpmaddubsw => Selection::Group,
+        M::Vpermb
+        | M::Vpermw
+        | M::Vpermd
+        | M::Vpermq
+        | M::Vpermps
+        | M::Vpermpd
+        | M::Vpermi2b
+        | M::Vpermi2w
+        | M::Vpermi2d
+        | M::Vpermi2q
+        | M::Vpermi2ps
+        | M::Vpermi2pd
+        | M::Vpermt2b
+        | M::Vpermt2w
+        | M::Vpermt2d
+        | M::Vpermt2q
+        | M::Vpermt2ps
+        | M::Vpermt2pd
+        | M::Vpermilps
+        | M::Vpermilpd
+        | M::Vpshufb
+        | M::Vpshufd
+        | M::Vpshufhw
+        | M::Vpshuflw
+        | M::Vshufps
+        | M::Vshufpd
+        | M::Vshuff32x4
+        | M::Vshuff64x2
+        | M::Vshufi32x4
+        | M::Vshufi64x2
+        | M::Valignd
+        | M::Valignq
+        | M::Vpalignr
+        | M::Vpunpcklbw
+        | M::Vpunpcklwd
+        | M::Vpunpckldq
+        | M::Vpunpcklqdq
+        | M::Vpunpckhbw
+        | M::Vpunpckhwd
+        | M::Vpunpckhdq
+        | M::Vpunpckhqdq
+        | M::Vunpcklps
+        | M::Vunpcklpd
+        | M::Vunpckhps
+        | M::Vunpckhpd
+        | M::Vpacksswb
+        | M::Vpackssdw
+        | M::Vpackuswb
+        | M::Vpackusdw
+        | M::Vdbpsadbw
+        | M::Vpmultishiftqb
+        | M::Vpshufbitqmb
+        | M::Vmovsldup
+        | M::Vmovshdup
+        | M::Vmovddup
+        | M::Vcvtne2ps2bf16 => Selection::Whole,
+        // Shifts by a count in memory (the low 64 bits of an m128) shift
+        // every element by it.
+        M::Vpsllw
+        | M::Vpslld
+        | M::Vpsllq
+        | M::Vpsraw
+        | M::Vpsrad
+        | M::Vpsraq
+        | M::Vpsrlw
+        | M::Vpsrld
+        | M::Vpsrlq
+            if instr.op_count() == 3 && instr.op2_kind() == OpKind::Memory =>
+        {
+            Selection::Whole
+        }
+        _ => Selection::PerElement,
+    }
+}
+
+/// Elements of a broadcast memory size (`Broadcast512_Float32`: 16): the
+/// width is only in the name.
+fn broadcast_elements(instr: &Instruction) -> usize {
+    let ms = instr.memory_size();
+    let name = format!("{ms:?}");
+    let bits: usize = name
+        .strip_prefix("Broadcast")
+        .and_then(|rest| rest.split('_').next())
+        .and_then(|w| w.parse().ok())
+        .unwrap_or(512);
+    bits / (8 * ms.size().max(1))
+}
+
+fn low_bits(n: usize) -> u64 {
+    if n >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << n) - 1
+    }
+}
+
+/// The memory elements a masked instruction accesses: for an EVEX opmask,
+/// by the instruction's [`Selection`] (`None` for [`Selection::Whole`]:
+/// every byte); for VMASKMOV, the sign bits of its mask register (operand
+/// 1 in both its load and store forms). `None` for anything else.
 pub fn element_mask(instr: &Instruction, image: &[u8], layout: XsaveLayout) -> Option<ElementMask> {
-    let element_size = instr.memory_size().element_size().max(1);
     let opmask = instr.op_mask();
     if opmask != Register::None {
-        if instr.is_broadcast() {
+        if instr.is_vsib() {
             return None;
         }
-        let k = (opmask as usize).checked_sub(Register::K0 as usize)?;
+        let n = (opmask as usize).checked_sub(Register::K0 as usize)?;
         // Opmask component (bit 5) in its init state: all k registers zero.
-        let bits = if xstate_bv(image) & (1 << 5) != 0 {
-            read_u64(image, layout.opmask + 8 * k)
+        let k = if xstate_bv(image) & (1 << 5) != 0 {
+            read_u64(image, layout.opmask + 8 * n)
         } else {
             0
+        };
+        let ms = instr.memory_size();
+        let size = ms.size();
+        let es = ms.element_size().clamp(1, size.max(1));
+        let count = size / es;
+        let dest_count = || {
+            let reg = instr.op0_register();
+            if reg.is_vector_register() {
+                reg.size() / es
+            } else {
+                count
+            }
+        };
+        let (element_size, bits) = match selection(instr) {
+            Selection::Whole => return None,
+            Selection::PerElement => (es, k & low_bits(count)),
+            Selection::Broadcast => (
+                size,
+                u64::from(k & low_bits(broadcast_elements(instr)) != 0),
+            ),
+            Selection::Repeat => {
+                let bits = (0..dest_count().min(64))
+                    .filter(|i| k >> i & 1 != 0)
+                    .fold(0u64, |acc, i| acc | 1 << (i % count.max(1)));
+                (es, bits)
+            }
+            Selection::Contiguous => (es, low_bits((k & low_bits(count)).count_ones() as usize)),
+            Selection::Insert => {
+                let lanes = (instr.op0_register().size() / size.max(1)).max(1);
+                let lane = instr.immediate8() as usize % lanes;
+                (es, k >> (lane * count).min(63) & low_bits(count))
+            }
+            Selection::Group => {
+                // Destination elements are the mask's: dwords, or words for
+                // VPMADDUBSW.
+                let dest_es = if instr.mnemonic() == Mnemonic::Vpmaddubsw {
+                    2
+                } else {
+                    4
+                };
+                let ratio = (dest_es / es).max(1);
+                let bits = (0..count)
+                    .filter(|j| k >> (j / ratio) & 1 != 0)
+                    .fold(0u64, |acc, j| acc | 1 << j);
+                (es, bits)
+            }
         };
         return Some(ElementMask { element_size, bits });
     }
@@ -133,9 +336,15 @@ pub fn element_mask(instr: &Instruction, image: &[u8], layout: XsaveLayout) -> O
 impl ElementMask {
     /// Whether a selected element overlaps operand bytes `from..to`.
     pub fn selects_any(&self, from: usize, to: usize) -> bool {
+        self.first_selected(from, to).is_some()
+    }
+
+    /// The first operand byte in `from..to` that a selected element covers.
+    pub fn first_selected(&self, from: usize, to: usize) -> Option<usize> {
         let es = self.element_size;
         (0..64usize)
             .filter(|j| self.bits >> j & 1 != 0)
-            .any(|j| j * es < to && (j + 1) * es > from)
+            .find(|j| j * es < to && (j + 1) * es > from)
+            .map(|j| (j * es).max(from))
     }
 }

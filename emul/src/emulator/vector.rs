@@ -2,7 +2,7 @@
 //! #UD/#NM checks before any memory access, which masked forms suppress
 //! faults on masked-out elements, and the x87 pointers the stub leaves.
 
-use iced_x86::{CpuidFeature, EncodingKind, Instruction, Mnemonic, OpKind, Register, UsedMemory};
+use iced_x86::{CpuidFeature, EncodingKind, Instruction, Mnemonic, Register, UsedMemory};
 
 use super::fetch::is_prefix;
 use super::operand::Operand;
@@ -12,6 +12,7 @@ use crate::cpu::{CpuState, CR0_EM, CR0_TS, CR4_OSFXSR, CR4_OSXSAVE};
 use crate::exception::Exception;
 use crate::platform::VectorState;
 use crate::stub::{BOUNCE_SIZE, STUB_BUF_SIZE};
+use crate::writeback::{selection, Selection};
 
 impl Emulator {
     /// A non-control x87 instruction records its own address (FIP), its
@@ -111,14 +112,11 @@ fn x87_opcode(raw: &[u8], bitness: u32) -> Option<u16> {
         .then_some(u16::from(opcode & 7) << 8 | u16::from(modrm))
 }
 
-/// A masked access whose mask bits select memory elements one to one, so
-/// masked-out elements never fault: EVEX-masked moves, VMASKMOV, and
-/// element-wise EVEX arithmetic whose memory operand is a full vector of
-/// the destination's element type. Other masked instructions (broadcasts,
-/// inserts, shifts by a memory count, conversions, mixed element sizes such
-/// as VPMULTISHIFTQB or VPDPBUSD) do not map mask bits to memory elements
-/// that way, so their whole operand is translated (`masked-fault-suppression`
-/// checks the listed forms against the CPU).
+/// A masked access whose mask decides which memory elements it touches, so
+/// masked-out elements never fault: VMASKMOV/VPMASKMOV, and every
+/// EVEX-masked form whose [`Selection`] maps mask bits to memory elements
+/// (not the permutes and shuffles, which read their whole operand).
+/// `masked_native` checks every form against the CPU on an AVX-512 host.
 pub(super) fn is_masked_access(instr: &Instruction) -> bool {
     use Mnemonic as M;
     if matches!(
@@ -127,62 +125,7 @@ pub(super) fn is_masked_access(instr: &Instruction) -> bool {
     ) {
         return true;
     }
-    if instr.op_mask() == Register::None || instr.is_broadcast() {
-        return false;
-    }
-    let evex_move = matches!(
-        instr.mnemonic(),
-        M::Vmovdqu8
-            | M::Vmovdqu16
-            | M::Vmovdqu32
-            | M::Vmovdqu64
-            | M::Vmovdqa32
-            | M::Vmovdqa64
-            | M::Vmovups
-            | M::Vmovupd
-            | M::Vmovaps
-            | M::Vmovapd
-            | M::Vmovss
-            | M::Vmovsd
-            | M::Vmovsh
-    );
-    // Same-type element-wise arithmetic: destination, sources and memory
-    // share one element type.
-    let elementwise = matches!(
-        instr.mnemonic(),
-        M::Vaddps
-            | M::Vaddpd
-            | M::Vsubps
-            | M::Vsubpd
-            | M::Vmulps
-            | M::Vmulpd
-            | M::Vdivps
-            | M::Vdivpd
-            | M::Vminps
-            | M::Vminpd
-            | M::Vmaxps
-            | M::Vmaxpd
-            | M::Vpaddb
-            | M::Vpaddw
-            | M::Vpaddd
-            | M::Vpaddq
-            | M::Vpsubb
-            | M::Vpsubw
-            | M::Vpsubd
-            | M::Vpsubq
-            | M::Vpandd
-            | M::Vpandq
-            | M::Vpord
-            | M::Vporq
-            | M::Vpxord
-            | M::Vpxorq
-            | M::Vpmulld
-            | M::Vpmullq
-    );
-    let full_vector = instr.op_count() > 0
-        && instr.op_kind(0) == OpKind::Register
-        && instr.op_register(0).size() == instr.memory_size().size();
-    evex_move || (elementwise && full_vector)
+    instr.op_mask() != Register::None && !instr.is_vsib() && selection(instr) != Selection::Whole
 }
 
 /// XCR0 bits a VEX instruction needs (SSE and AVX state), and those an
