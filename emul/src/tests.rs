@@ -1565,7 +1565,10 @@ fn page_fault(o: &Outcome) -> (u32, u64) {
 
 #[test]
 fn movdir64b_is_classified_as_a_direct_store() {
-    for bytes in [&MOVDIR64B_RDI_RSI[..], &[0x67, 0x66, 0x0f, 0x38, 0xf8, 0x3e]] {
+    for bytes in [
+        &MOVDIR64B_RDI_RSI[..],
+        &[0x67, 0x66, 0x0f, 0x38, 0xf8, 0x3e],
+    ] {
         let i = iced_x86::Decoder::new(64, bytes, 0).decode();
         assert_eq!(i.mnemonic(), iced_x86::Mnemonic::Movdir64b);
         let class = classify(&i).unwrap();
@@ -1627,7 +1630,10 @@ fn movdir64b_source_split_across_pages() {
     cpu.gprs.rsi = src;
     cpu.gprs.rdi = DATA + 0x3000;
     done(&e.emulate(&mut cpu, &MOVDIR64B_RDI_RSI, &mut NoVectorState, &mut mem));
-    assert_eq!(mem.ram[(DATA + 0x3000) as usize..(DATA + 0x3040) as usize], p);
+    assert_eq!(
+        mem.ram[(DATA + 0x3000) as usize..(DATA + 0x3040) as usize],
+        p
+    );
 }
 
 /// The destination on MMIO gets exactly one 64-byte write; a source on
@@ -1654,7 +1660,10 @@ fn movdir64b_to_and_from_mmio() {
     cpu.gprs.rdi = DATA + 0x1c0;
     mem.log.clear();
     done(&e.emulate(&mut cpu, &MOVDIR64B_RDI_RSI, &mut NoVectorState, &mut mem));
-    assert_eq!(mem.ram[DATA as usize + 0x1c0..DATA as usize + 0x200], pattern(0x40));
+    assert_eq!(
+        mem.ram[DATA as usize + 0x1c0..DATA as usize + 0x200],
+        pattern(0x40)
+    );
     assert!(mem
         .log
         .iter()
@@ -1719,16 +1728,16 @@ fn movdir64b_page_faults() {
         page_fault(&o)
     };
     // Source wholly on a missing page.
-    assert_eq!(run(&mut cpu, &mut mem, missing + 0x10, dst), (0, missing + 0x10));
+    assert_eq!(
+        run(&mut cpu, &mut mem, missing + 0x10, dst),
+        (0, missing + 0x10)
+    );
     // Source crossing from the last data page into a missing one.
     let edge = DATA + 0x4000;
     assert_eq!(run(&mut cpu, &mut mem, edge - 8, dst), (0, edge));
     // At CPL 3 on a supervisor page: present, user.
     cpu.cpl = 3;
-    assert_eq!(
-        run(&mut cpu, &mut mem, DATA, dst),
-        (PFEC_P | PFEC_U, DATA)
-    );
+    assert_eq!(run(&mut cpu, &mut mem, DATA, dst), (PFEC_P | PFEC_U, DATA));
     cpu.cpl = 0;
     assert_eq!(mem.ram[dst as usize..dst as usize + 64], [0xcc; 64]);
     // Destination missing: a write fault, after the source checked out.
@@ -1840,8 +1849,8 @@ fn movdir64b_matches_the_cpu() {
     let mut native = [0xccu8; 256];
     let base = native.as_mut_ptr() as usize;
     let dst = (base + 127) & !63; // 64 bytes or more from either end
-    // SAFETY: MOVDIR64B reads the 64 bytes of `src` and writes the 64-byte
-    // aligned line at `dst`, inside `native`.
+                                  // SAFETY: MOVDIR64B reads the 64 bytes of `src` and writes the 64-byte
+                                  // aligned line at `dst`, inside `native`.
     unsafe {
         core::arch::asm!(
             "movdir64b rdi, [rsi]",

@@ -25,7 +25,9 @@ mod operand;
 mod state;
 mod vector;
 
-pub(crate) use direct::{host_has_movdir64b, is_direct_store_64};
+#[cfg(test)]
+pub(crate) use direct::host_has_movdir64b;
+pub(crate) use direct::is_direct_store_64;
 use fetch::{fetch, undecodable};
 pub(crate) use gather::is_vsib_move;
 pub(crate) use implicit::is_masked_implicit_store;

@@ -767,15 +767,69 @@ fn movdir64b_fault_order_on_the_host() {
     let non_canonical = 0x8000_0000_0000_0000u64;
     // (what, source, destination, expected vector, expected CR2)
     let cases = [
-        ("src missing, dst misaligned", src_missing, line + 8, EXC_PF, Some(src_missing)),
-        ("src missing, dst aligned", src_missing, line, EXC_PF, Some(src_missing)),
-        ("src missing, dst missing", src_missing, dst_missing, EXC_PF, Some(src_missing)),
-        ("src missing, dst non-canonical", src_missing, non_canonical, EXC_PF, Some(src_missing)),
-        ("src missing, dst misaligned non-canonical", src_missing, non_canonical + 8, EXC_PF, Some(src_missing)),
-        ("src non-canonical, dst missing", non_canonical, dst_missing, EXC_GP, None),
-        ("src ok, dst misaligned on a missing page", line, dst_missing + 8, EXC_GP, None),
-        ("src ok, dst non-canonical", line, non_canonical, EXC_GP, None),
-        ("src ok, dst missing", line, dst_missing, EXC_PF, Some(dst_missing)),
+        (
+            "src missing, dst misaligned",
+            src_missing,
+            line + 8,
+            EXC_PF,
+            Some(src_missing),
+        ),
+        (
+            "src missing, dst aligned",
+            src_missing,
+            line,
+            EXC_PF,
+            Some(src_missing),
+        ),
+        (
+            "src missing, dst missing",
+            src_missing,
+            dst_missing,
+            EXC_PF,
+            Some(src_missing),
+        ),
+        (
+            "src missing, dst non-canonical",
+            src_missing,
+            non_canonical,
+            EXC_PF,
+            Some(src_missing),
+        ),
+        (
+            "src missing, dst misaligned non-canonical",
+            src_missing,
+            non_canonical + 8,
+            EXC_PF,
+            Some(src_missing),
+        ),
+        (
+            "src non-canonical, dst missing",
+            non_canonical,
+            dst_missing,
+            EXC_GP,
+            None,
+        ),
+        (
+            "src ok, dst misaligned on a missing page",
+            line,
+            dst_missing + 8,
+            EXC_GP,
+            None,
+        ),
+        (
+            "src ok, dst non-canonical",
+            line,
+            non_canonical,
+            EXC_GP,
+            None,
+        ),
+        (
+            "src ok, dst missing",
+            line,
+            dst_missing,
+            EXC_PF,
+            Some(dst_missing),
+        ),
     ];
     let mut seen = Vec::new();
     for (what, src, dst, ..) in cases {
@@ -792,7 +846,11 @@ fn movdir64b_fault_order_on_the_host() {
         seen.push(got);
     }
     for ((what, _, _, vector, addr), got) in cases.iter().zip(&seen) {
-        assert_eq!((got.vector, got.fault_addr), (*vector, *addr), "{what}: {got}");
+        assert_eq!(
+            (got.vector, got.fault_addr),
+            (*vector, *addr),
+            "{what}: {got}"
+        );
     }
     assert_ne!(seen[8].error_code & 2, 0, "a write: {}", seen[8]);
     drop(data);
