@@ -83,17 +83,24 @@ pub enum Selection {
     /// Expand loads and compress stores: popcount(k) contiguous elements
     /// from the operand's start.
     Contiguous,
-    /// VINSERT*: destination elements lane*n..lane*n+n (lane from imm8) read
-    /// memory elements 0..n.
-    Insert,
-    /// Destination element i reads several memory elements (dot products
-    /// of narrower elements: VPDPBUSD, VPDPWSSD, VDPBF16PS, VPMADDWD,
-    /// VPMADDUBSW): memory elements i*r..(i+1)*r, r the ratio.
-    Group,
-    /// The whole operand is read whatever the mask (permutes, shuffles,
-    /// alignments, packs and unpacks, shift counts: the SDM's "NF" exception
-    /// classes, where a memory element feeds destination elements chosen by
-    /// data or position, not by the mask).
+    /// Mask bits select destination elements of `dest_size` bytes, which
+    /// read memory elements of another size: dot products of narrower
+    /// elements (VPDPBUSD: a dword from four bytes), VPMULUDQ (a qword
+    /// from the low dword of one), VPSHUFBITQMB (a mask bit per byte from
+    /// a qword), complex FP16 scalars (one 32-bit element).
+    Grouped {
+        /// Bytes per mask bit.
+        dest_size: usize,
+        /// Bytes per memory element, where iced's memory size says
+        /// otherwise (VPSHUFBITQMB's qwords); 0: iced's element size.
+        mem_size: usize,
+    },
+    /// The whole operand is read whatever the mask, broadcast or not:
+    /// permutes, shuffles, alignments, packs and unpacks, shift counts,
+    /// inserts and extracts, MOVDDUP/MOVSLDUP/MOVSHDUP, VPMADDWD,
+    /// VPMADDUBSW, VPCONFLICT, GF2P8AFFINE (the SDM's "NF" exception
+    /// classes; measured on Intel Sapphire Rapids: each faults with an
+    /// all-zero mask).
     Whole,
 }
 
@@ -101,9 +108,11 @@ pub enum Selection {
 /// makes (VSIB forms have their own path).
 pub fn selection(instr: &Instruction) -> Selection {
     use Mnemonic as M;
-    if instr.is_broadcast() {
-        return Selection::Broadcast;
-    }
+    let per_element = if instr.is_broadcast() {
+        Selection::Broadcast
+    } else {
+        Selection::PerElement
+    };
     match instr.mnemonic() {
         M::Vbroadcastss
         | M::Vbroadcastsd
@@ -121,7 +130,6 @@ pub fn selection(instr: &Instruction) -> Selection {
         | M::Vpbroadcastw
         | M::Vpbroadcastd
         | M::Vpbroadcastq => Selection::Repeat,
-        M::Vmovddup if instr.memory_size().size() == 8 => Selection::Repeat,
         M::Vexpandps
         | M::Vexpandpd
         | M::Vpexpandb
@@ -134,6 +142,27 @@ pub fn selection(instr: &Instruction) -> Selection {
         | M::Vpcompressw
         | M::Vpcompressd
         | M::Vpcompressq => Selection::Contiguous,
+        M::Vpdpbusd | M::Vpdpbusds | M::Vpdpwssd | M::Vpdpwssds | M::Vdpbf16ps
+            if !instr.is_broadcast() =>
+        {
+            Selection::Grouped {
+                dest_size: 4,
+                mem_size: 0,
+            }
+        }
+        M::Vpmuludq | M::Vpmuldq if !instr.is_broadcast() => Selection::Grouped {
+            dest_size: 8,
+            mem_size: 0,
+        },
+        M::Vpshufbitqmb => Selection::Grouped {
+            dest_size: 1,
+            mem_size: 8,
+        },
+        // A complex FP16 scalar is one 32-bit element.
+        M::Vfmaddcsh | M::Vfcmaddcsh | M::Vfmulcsh | M::Vfcmulcsh => Selection::Grouped {
+            dest_size: 4,
+            mem_size: 0,
+        },
         M::Vinsertf32x4
         | M::Vinsertf32x8
         | M::Vinsertf64x2
@@ -141,15 +170,22 @@ pub fn selection(instr: &Instruction) -> Selection {
         | M::Vinserti32x4
         | M::Vinserti32x8
         | M::Vinserti64x2
-        | M::Vinserti64x4 => Selection::Insert,
-        M::Vpdpbusd
-        | M::Vpdpbusds
-        | M::Vpdpwssd
-        | M::Vpdpwssds
-        | M::Vdpbf16ps
+        | M::Vinserti64x4
+        | M::Vextractf32x4
+        | M::Vextractf32x8
+        | M::Vextractf64x2
+        | M::Vextractf64x4
+        | M::Vextracti32x4
+        | M::Vextracti32x8
+        | M::Vextracti64x2
+        | M::Vextracti64x4
         | M::Vpmaddwd
-        | M::Vpmaddubsw => Selection::Group,
-        M::Vpermb
+        | M::Vpmaddubsw
+        | M::Vpconflictd
+        | M::Vpconflictq
+        | M::Vgf2p8affineqb
+        | M::Vgf2p8affineinvqb
+        | M::Vpermb
         | M::Vpermw
         | M::Vpermd
         | M::Vpermq
@@ -200,7 +236,6 @@ pub fn selection(instr: &Instruction) -> Selection {
         | M::Vpackusdw
         | M::Vdbpsadbw
         | M::Vpmultishiftqb
-        | M::Vpshufbitqmb
         | M::Vmovsldup
         | M::Vmovshdup
         | M::Vmovddup
@@ -220,7 +255,7 @@ pub fn selection(instr: &Instruction) -> Selection {
         {
             Selection::Whole
         }
-        _ => Selection::PerElement,
+        _ => per_element,
     }
 }
 
@@ -288,22 +323,20 @@ pub fn element_mask(instr: &Instruction, image: &[u8], layout: XsaveLayout) -> O
                 (es, bits)
             }
             Selection::Contiguous => (es, low_bits((k & low_bits(count)).count_ones() as usize)),
-            Selection::Insert => {
-                let lanes = (instr.op0_register().size() / size.max(1)).max(1);
-                let lane = instr.immediate8() as usize % lanes;
-                (es, k >> (lane * count).min(63) & low_bits(count))
-            }
-            Selection::Group => {
-                // Destination elements are the mask's: dwords, or words for
-                // VPMADDUBSW.
-                let dest_es = if instr.mnemonic() == Mnemonic::Vpmaddubsw {
-                    2
-                } else {
-                    4
-                };
-                let ratio = (dest_es / es).max(1);
+            Selection::Grouped {
+                dest_size,
+                mem_size,
+            } => {
+                // Memory element j feeds the mask bits of the destination
+                // bytes it overlaps.
+                let es = if mem_size == 0 { es } else { mem_size };
+                let count = size / es;
                 let bits = (0..count)
-                    .filter(|j| k >> (j / ratio) & 1 != 0)
+                    .filter(|j| {
+                        let lo = j * es / dest_size;
+                        let hi = ((j + 1) * es / dest_size).max(lo + 1);
+                        (lo..hi).any(|i| i < 64 && k >> i & 1 != 0)
+                    })
                     .fold(0u64, |acc, j| acc | 1 << j);
                 (es, bits)
             }

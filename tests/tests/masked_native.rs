@@ -19,7 +19,8 @@
 //! forms are counted as "host lacks" and the AVX2/SSE forms still run.
 //! `MASKED_NATIVE_ONLY=prefix,...` limits the run to forms whose text
 //! starts with a prefix; `MASKED_NATIVE_SHOW=N` prints N mismatches in
-//! full (default 12).
+//! full (default 12); `MASKED_NATIVE_ALL=1` goes on after a form's first
+//! mismatch (to see which masks and placements differ).
 
 mod native;
 
@@ -487,6 +488,7 @@ fn masked_accesses_match_the_cpu() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(12);
+    let all_cases = std::env::var_os("MASKED_NATIVE_ALL").is_some();
 
     let generated = guest::diff::generate(
         &|i| emul::classify::classify(i).map(|c| c.vector),
@@ -698,8 +700,11 @@ fn masked_accesses_match_the_cpu() {
                             if cases % 2 == 1 { "MMIO" } else { "RAM" }
                         ));
                     }
-                    // One mismatch per form is enough to name it.
-                    break 'cases;
+                    // One mismatch per form is enough to name it, unless
+                    // every case is asked for.
+                    if !all_cases {
+                        break 'cases;
+                    }
                 }
             }
         }
