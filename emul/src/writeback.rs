@@ -60,7 +60,13 @@ pub struct ElementMask {
 /// For a conditionally writing store, the elements it wrote; `None` when
 /// the instruction is not a known masked store.
 pub fn masked_store(instr: &Instruction, image: &[u8], layout: XsaveLayout) -> Option<ElementMask> {
-    element_mask(instr, image, layout)
+    // A store that translates its whole operand (VEXTRACT*) still writes
+    // only its selected elements.
+    let sel = match selection(instr) {
+        Selection::Whole => Selection::PerElement,
+        other => other,
+    };
+    selected_elements(instr, sel, image, layout)
 }
 
 /// How an EVEX instruction's opmask bits select the elements of its memory
@@ -86,14 +92,11 @@ pub enum Selection {
     /// Mask bits select destination elements of `dest_size` bytes, which
     /// read memory elements of another size: dot products of narrower
     /// elements (VPDPBUSD: a dword from four bytes), VPMULUDQ (a qword
-    /// from the low dword of one), VPSHUFBITQMB (a mask bit per byte from
-    /// a qword), complex FP16 scalars (one 32-bit element).
+    /// from the low dword of one), complex FP16 scalars (one 32-bit
+    /// element).
     Grouped {
         /// Bytes per mask bit.
         dest_size: usize,
-        /// Bytes per memory element, where iced's memory size says
-        /// otherwise (VPSHUFBITQMB's qwords); 0: iced's element size.
-        mem_size: usize,
     },
     /// The whole operand is read whatever the mask, broadcast or not:
     /// permutes, shuffles, alignments, packs and unpacks, shift counts,
@@ -145,24 +148,13 @@ pub fn selection(instr: &Instruction) -> Selection {
         M::Vpdpbusd | M::Vpdpbusds | M::Vpdpwssd | M::Vpdpwssds | M::Vdpbf16ps
             if !instr.is_broadcast() =>
         {
-            Selection::Grouped {
-                dest_size: 4,
-                mem_size: 0,
-            }
+            Selection::Grouped { dest_size: 4 }
         }
-        M::Vpmuludq | M::Vpmuldq if !instr.is_broadcast() => Selection::Grouped {
-            dest_size: 8,
-            mem_size: 0,
-        },
-        M::Vpshufbitqmb => Selection::Grouped {
-            dest_size: 1,
-            mem_size: 8,
-        },
+        M::Vpmuludq | M::Vpmuldq if !instr.is_broadcast() => Selection::Grouped { dest_size: 8 },
         // A complex FP16 scalar is one 32-bit element.
-        M::Vfmaddcsh | M::Vfcmaddcsh | M::Vfmulcsh | M::Vfcmulcsh => Selection::Grouped {
-            dest_size: 4,
-            mem_size: 0,
-        },
+        M::Vfmaddcsh | M::Vfcmaddcsh | M::Vfmulcsh | M::Vfcmulcsh => {
+            Selection::Grouped { dest_size: 4 }
+        }
         M::Vinsertf32x4
         | M::Vinsertf32x8
         | M::Vinsertf64x2
@@ -285,6 +277,16 @@ fn low_bits(n: usize) -> u64 {
 /// every byte); for VMASKMOV, the sign bits of its mask register (operand
 /// 1 in both its load and store forms). `None` for anything else.
 pub fn element_mask(instr: &Instruction, image: &[u8], layout: XsaveLayout) -> Option<ElementMask> {
+    selected_elements(instr, selection(instr), image, layout)
+}
+
+/// [`element_mask`] with the selection rule given.
+fn selected_elements(
+    instr: &Instruction,
+    sel: Selection,
+    image: &[u8],
+    layout: XsaveLayout,
+) -> Option<ElementMask> {
     let opmask = instr.op_mask();
     if opmask != Register::None {
         if instr.is_vsib() {
@@ -309,7 +311,7 @@ pub fn element_mask(instr: &Instruction, image: &[u8], layout: XsaveLayout) -> O
                 count
             }
         };
-        let (element_size, bits) = match selection(instr) {
+        let (element_size, bits) = match sel {
             Selection::Whole => return None,
             Selection::PerElement => (es, k & low_bits(count)),
             Selection::Broadcast => (
@@ -323,14 +325,9 @@ pub fn element_mask(instr: &Instruction, image: &[u8], layout: XsaveLayout) -> O
                 (es, bits)
             }
             Selection::Contiguous => (es, low_bits((k & low_bits(count)).count_ones() as usize)),
-            Selection::Grouped {
-                dest_size,
-                mem_size,
-            } => {
+            Selection::Grouped { dest_size } => {
                 // Memory element j feeds the mask bits of the destination
                 // bytes it overlaps.
-                let es = if mem_size == 0 { es } else { mem_size };
-                let count = size / es;
                 let bits = (0..count)
                     .filter(|j| {
                         let lo = j * es / dest_size;
