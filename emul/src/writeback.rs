@@ -369,6 +369,16 @@ impl ElementMask {
         self.first_selected(from, to).is_some()
     }
 
+    /// The last operand byte in `from..to` that a selected element covers.
+    pub fn last_selected(&self, from: usize, to: usize) -> Option<usize> {
+        let es = self.element_size;
+        (0..64usize)
+            .rev()
+            .filter(|j| self.bits >> j & 1 != 0)
+            .find(|j| j * es < to && (j + 1) * es > from)
+            .map(|j| ((j + 1) * es).min(to) - 1)
+    }
+
     /// The first operand byte in `from..to` that a selected element covers.
     pub fn first_selected(&self, from: usize, to: usize) -> Option<usize> {
         let es = self.element_size;

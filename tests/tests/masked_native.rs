@@ -315,7 +315,7 @@ fn is_element_masked(ins: &Instruction) -> bool {
 
 /// The vector register holding a VEX form's element mask (its sign bits),
 /// and the element size: VMASKMOV's second operand, an AVX2 gather's third,
-/// MASKMOVDQU's second (bytes).
+/// MASKMOVDQU's second register (bytes).
 fn vector_mask(ins: &Instruction) -> Option<(usize, usize)> {
     use Mnemonic as M;
     let es = ins.memory_size().element_size().max(1);
@@ -323,7 +323,8 @@ fn vector_mask(ins: &Instruction) -> Option<(usize, usize)> {
         M::Vmaskmovps | M::Vmaskmovpd | M::Vpmaskmovd | M::Vpmaskmovq => {
             Some((ins.op_register(1).number(), es))
         }
-        M::Maskmovdqu | M::Vmaskmovdqu => Some((ins.op_register(1).number(), 1)),
+        // Operand 0 is the implicit DS:rDI destination.
+        M::Maskmovdqu | M::Vmaskmovdqu => Some((ins.op_register(2).number(), 1)),
         _ if ins.is_vsib() && ins.encoding() == EncodingKind::VEX => {
             Some((ins.op_register(2).number(), es))
         }
@@ -552,8 +553,10 @@ fn masked_accesses_match_the_cpu() {
         let size = ins.memory_size().size().max(1) as u64;
         // Where the operand (or VSIB window) starts, relative to page B:
         // wholly on A, straddling into B, wholly on B.
-        let straddle = if ins.is_vsib() || form.text.contains("maskmovdqu") {
+        let straddle = if ins.is_vsib() {
             32
+        } else if form.text.contains("maskmovdqu") {
+            8
         } else {
             size / 2
         };

@@ -141,6 +141,18 @@ impl Emulator {
             user: cpu.cpl == 3,
         };
 
+        // Intel first turns an AVX2 mask into all-ones and zero elements
+        // (the SDM's pseudo-code), which a fault leaves showing for the
+        // elements not yet done; AMD leaves them as they were (measured by
+        // masked_native: Sapphire Rapids and Zen 3).
+        if self.shape.gather_mask_normalized {
+            if let Some(mb) = &mut mask {
+                for e in mb[..n * es].chunks_exact_mut(es) {
+                    let on = e[es - 1] & 0x80 != 0;
+                    e.fill(if on { 0xff } else { 0 });
+                }
+            }
+        }
         let mut fault = None;
         for i in 0..n {
             let active = match &mask {

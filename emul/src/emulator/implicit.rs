@@ -6,8 +6,9 @@
 //! The instruction runs in the stub (so MMX's switch of the x87 tag word
 //! and TOP happens as on the CPU) with RDI pointing into the bounce buffer
 //! at the guest address's offset modulo 64; only the selected bytes are
-//! written back, and only pages holding a selected byte are translated (as
-//! with the other masked stores, an unselected byte never faults).
+//! written back. MASKMOVQ translates only pages holding a selected byte;
+//! (V)MASKMOVDQU faults on its whole destination as the host CPU does
+//! ([`HostShape`](crate::stub::shape::HostShape)).
 
 use iced_x86::{Instruction, Mnemonic, OpKind, Register};
 
@@ -74,13 +75,32 @@ impl Emulator {
             user: cpu.cpl == 3,
         };
         let first = size.min(PAGE_SIZE - (lin & (PAGE_SIZE - 1))) as usize;
+        let next = lin.wrapping_add(first as u64);
         let mut pieces = [None; 2];
-        if (0..first).any(selected) {
+        // (V)MASKMOVDQU faults on its whole destination whatever the mask
+        // (masked_native: AMD Zen 3 with an all-zero mask faults at the
+        // first byte of the missing page; Intel Sapphire Rapids at RDI + 8
+        // when RDI starts the missing page). MASKMOVQ is not measured and
+        // keeps the masked stores' rule.
+        let unmasked_fault = if mmx {
+            None
+        } else {
+            self.shape.maskmovdqu_unmasked_fault
+        };
+        if let Some(at) = unmasked_fault {
+            let at = u64::from(at).min(size - 1);
+            translate(cpu, lin.wrapping_add(at), access, mem)?;
             pieces[0] = Some(translate(cpu, lin, access, mem)?);
-        }
-        if (first..size as usize).any(selected) {
-            let next = lin.wrapping_add(first as u64);
-            pieces[1] = Some(translate(cpu, next, access, mem)?);
+            if first < size as usize {
+                pieces[1] = Some(translate(cpu, next, access, mem)?);
+            }
+        } else {
+            if (0..first).any(selected) {
+                pieces[0] = Some(translate(cpu, lin, access, mem)?);
+            }
+            if (first..size as usize).any(selected) {
+                pieces[1] = Some(translate(cpu, next, access, mem)?);
+            }
         }
 
         // Run it with RDI at the bounce buffer (64-bit addressing, no

@@ -13,6 +13,7 @@ use crate::exception::{Exception, VEC_AC, VEC_GP, VEC_PF, VEC_SS, VEC_XM};
 use crate::paging::WalkError;
 use crate::platform::{Platform, PlatformError, VectorState};
 use crate::reencode::Reencoder;
+use crate::stub::shape::HostShape;
 use crate::stub::{StubBuf, StubError, StubRunError, MAX_INSN_LEN, XSAVE_AREA_SIZE};
 use crate::writeback::{element_mask, XsaveLayout};
 
@@ -166,13 +167,26 @@ pub struct Emulator {
     system: crate::system::SystemFeatures,
     /// The host has MOVDIR64B (else the guest gets #UD; see `direct.rs`).
     pub(crate) host_movdir64b: bool,
+    /// How the host CPU shapes partial accesses and x87 pointers, which
+    /// the emulator reproduces where it completes instructions itself.
+    shape: HostShape,
 }
 
 impl Emulator {
+    /// Reproduce another host's shape (tests replaying one vendor's
+    /// measurements on the other's CPU).
+    #[cfg(test)]
+    pub(crate) fn set_host_shape(&mut self, shape: HostShape) {
+        self.shape = shape;
+    }
+
     /// `its_on`: build ITS-safe stubs (see [`crate::stub::detect`]).
     pub fn new(its_on: bool) -> Result<Self, EmulError> {
+        let mut stub = StubBuf::new(its_on)?;
+        let shape = HostShape::host(&mut stub);
         Ok(Emulator {
-            stub: StubBuf::new(its_on)?,
+            stub,
+            shape,
             info: InstructionInfoFactory::new(),
             reencoder: Reencoder::new(),
             layout: XsaveLayout::from_host(),
@@ -445,7 +459,8 @@ impl Emulator {
             // A faulting instruction (#MF for an earlier one's exception)
             // leaves the pointers alone.
             let ran_ok = ran.is_ok().then_some(instr);
-            self.fix_x87_pointers(cpu, bitness, used, operand, raw, ran_ok);
+            let mem_op = used.zip(operand);
+            self.fix_x87_pointers(cpu, bitness, mem_op, raw, ran_ok, &image[..n]);
             let after = &self.stub.guest_xsave()[..n];
             if crate::xstate::registers_differ(&image[..n], after) {
                 image[..n].copy_from_slice(after);

@@ -122,11 +122,25 @@ impl Emulator {
             }
         }
         if first < size {
-            match walk(first, size)? {
-                Some(gpa) => pieces[1] = (gpa, size - first),
-                None => {
-                    pieces[1] = (0, size - first);
-                    skip[1] = true;
+            // Intel reports a masked store split across the two pages at
+            // its last selected byte (masked_native on Sapphire Rapids:
+            // `vmovups [page-8]{k1}, xmm1` with k1 = 0xf faults at page+7).
+            let split_store = writes
+                && self.shape.split_store_cr2_last
+                && selected.is_some_and(|m| m.selects_any(0, first));
+            let last = selected
+                .filter(|_| split_store)
+                .and_then(|m| m.last_selected(first, size));
+            if let Some(last) = last {
+                let gpa = translate(cpu, wrap(lin.wrapping_add(last as u64)), access, mem)?;
+                pieces[1] = (gpa - (last - first) as u64, size - first);
+            } else {
+                match walk(first, size)? {
+                    Some(gpa) => pieces[1] = (gpa, size - first),
+                    None => {
+                        pieces[1] = (0, size - first);
+                        skip[1] = true;
+                    }
                 }
             }
         }

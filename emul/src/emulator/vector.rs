@@ -25,15 +25,17 @@ impl Emulator {
     /// XSAVE while no x87 exception is pending (measured here: FXSAVE64
     /// after `fld` stores FIP 0, FNSTENV stores the real FIP), so the image
     /// may hold zeros rather than stub addresses: a non-control x87
-    /// instruction always gets its own pointers.
+    /// instruction always gets its own FIP, and its own FOP and FDP where
+    /// the host records them ([`HostShape`](crate::stub::shape::HostShape):
+    /// always on AMD, only with an unmasked exception on Intel).
     pub(super) fn fix_x87_pointers(
         &mut self,
         cpu: &CpuState,
         bitness: u32,
-        used: Option<UsedMemory>,
-        op: Option<Operand>,
+        mem_op: Option<(UsedMemory, Operand)>,
         raw: &[u8],
         instr: Option<&Instruction>,
+        before: &[u8],
     ) {
         // XSAVE64 layout: FOP at 6, FIP at 8, FDP at 16.
         const FOP: usize = 6;
@@ -49,14 +51,34 @@ impl Emulator {
             u64::from_le_bytes(b)
         };
         let own = instr.is_some_and(is_x87_non_control);
-        if own || stub.contains(&word(area, FIP)) {
+        // Intel records FOP (and, with FDP_EXCPTN_ONLY, FDP) only for an
+        // instruction that raises an unmasked exception, which leaves
+        // FSW.ES set; otherwise the guest's earlier values stay (measured
+        // on Intel Xeon Sapphire Rapids by the differential test: FOP 0
+        // after `fld`, where AMD records 0x145).
+        const FSW: usize = 2;
+        const FSW_ES: u8 = 0x80;
+        let raised = area[FSW] & FSW_ES != 0;
+        let fop_recorded = own && (self.shape.fop_always || raised);
+        let fdp_recorded = own && (self.shape.fdp_always || raised);
+        let fip_in_stub = stub.contains(&word(area, FIP));
+        if own || fip_in_stub {
             area[FIP..FIP + 8].copy_from_slice(&cpu.rip.to_le_bytes());
+        }
+        if fop_recorded || fip_in_stub {
             if let Some(fop) = x87_opcode(raw, bitness) {
                 area[FOP..FOP + 2].copy_from_slice(&fop.to_le_bytes());
             }
+        } else if own {
+            // Not recorded: the guest's earlier FOP (an AMD host's XSAVE
+            // would show zero here, replaying Intel's shape).
+            area[FOP..FOP + 2].copy_from_slice(&before[FOP..FOP + 2]);
         }
-        if let (Some(used), Some(op)) = (used, op) {
-            if own || bounce.contains(&word(area, FDP)) {
+        if own && !fdp_recorded && mem_op.is_some() {
+            area[FDP..FDP + 8].copy_from_slice(&before[FDP..FDP + 8]);
+        }
+        if let Some((used, op)) = mem_op {
+            if fdp_recorded || bounce.contains(&word(area, FDP)) {
                 let base = match (bitness, used.segment()) {
                     (64, Register::FS) => cpu.fs.base,
                     (64, Register::GS) => cpu.gs.base,

@@ -107,6 +107,7 @@ impl StubBuf {
                 fault_error: 0,
                 fault_addr: 0,
                 fault_has_addr: 0,
+                keep_fault_state: 0,
             });
         }
         let policy = if its_on {
@@ -280,6 +281,25 @@ impl StubBuf {
         self.invoke(&stub, gprs, true).map_err(StubRunError::Fault)
     }
 
+    /// [`run_with_vector`](Self::run_with_vector), but after any fault the
+    /// guest image holds the registers the fault left (what a gather
+    /// completed before it): for probes of the host CPU, whose image is
+    /// known to load.
+    pub(crate) fn run_with_vector_keeping_fault_state(
+        &mut self,
+        insn: &[u8],
+        gprs: &mut GuestGprs,
+    ) -> Result<(), StubRunError> {
+        let ctl = self.region.control_ptr().cast::<ControlBlock>();
+        // SAFETY: `ctl` points at the control block written in `new`; no
+        // stub runs now.
+        unsafe { ptr::write_volatile(&raw mut (*ctl).keep_fault_state, 1) };
+        let ran = self.run_with_vector(insn, gprs);
+        // SAFETY: as above.
+        unsafe { ptr::write_volatile(&raw mut (*ctl).keep_fault_state, 0) };
+        ran
+    }
+
     /// Runs one instruction with the guest's GPRs and arithmetic flags.
     ///
     /// On success `gprs` holds the registers and flags after the
@@ -417,12 +437,17 @@ impl StubBuf {
                 "cmp rcx, {xm}",
                 "je 4f",
                 "cmp rcx, {mf}",
-                "jne 5f",
+                "je 4f",
+                "cmp rcx, -1",
+                "je 5f",
+                "cmp qword ptr [r14 + {keep}], 0",
+                "je 5f",
                 "4:",
                 "xsave64 [r15]",
                 "5:",
                 "xrstor64 [r12]",
                 fault_vector = const core::mem::offset_of!(ControlBlock, fault_vector),
+                keep = const core::mem::offset_of!(ControlBlock, keep_fault_state),
                 xm = const EXC_XM,
                 mf = const EXC_MF,
                 in("r11") stub.entry,

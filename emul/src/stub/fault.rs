@@ -120,6 +120,9 @@ pub(crate) struct ControlBlock {
     pub(crate) fault_error: u64,
     pub(crate) fault_addr: u64,
     pub(crate) fault_has_addr: u64,
+    /// Non-zero: after any fault of a vector run, XSAVE the registers the
+    /// fault left into the guest image (probes of partial completion).
+    pub(crate) keep_fault_state: u64,
 }
 
 pub(crate) const NO_FAULT: u64 = u64::MAX;

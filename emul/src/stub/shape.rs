@@ -1,0 +1,262 @@
+//! How this CPU fills in what the SDM leaves open, or what the vendors do
+//! differently, for accesses that stop part-way: measured once by running
+//! probe instructions in a stub against a page with no access behind a
+//! mapped one.
+//!
+//! The emulator completes these instructions itself (gathers, masked
+//! stores across pages, x87 pointer bookkeeping), so it must reproduce the
+//! host's choice: a guest on an Intel host must see what an Intel CPU
+//! shows, on an AMD host what an AMD CPU shows. Measured with
+//! `tests/tests/masked_native.rs` on Intel Xeon (Sapphire/Emerald Rapids)
+//! and AMD EPYC (Zen 3); the values each gave are in [`HostShape`]'s
+//! fields.
+
+use std::sync::OnceLock;
+
+use iced_x86::code_asm::*;
+
+use super::buf::{StubBuf, XSAVE_HEADER_OFFSET};
+use super::error::StubRunError;
+use super::fault::EXC_PF;
+use super::regs::GuestGprs;
+
+/// What the probes found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostShape {
+    /// A masked store whose selected elements lie on two pages, faulting on
+    /// the second, reports CR2 at its last selected byte (Intel: a
+    /// VMASKMOVPS of four dwords at 8 bytes before the page reports page +
+    /// 7), not at the first selected byte on that page (AMD: page + 0).
+    pub split_store_cr2_last: bool,
+    /// MASKMOVDQU faults on its destination page whatever its mask, with
+    /// CR2 this many bytes past RDI when RDI is the start of the page
+    /// (Intel: 8, even with an all-zero mask); `None` where masked-out
+    /// bytes never fault (AMD).
+    pub maskmovdqu_unmasked_fault: Option<u8>,
+    /// An AVX2 gather that faults leaves its mask as the SDM's pseudo-code
+    /// does: elements not yet done all-ones where selected and zero where
+    /// not (Intel); otherwise as they were (AMD).
+    pub gather_mask_normalized: bool,
+    /// FOP is recorded by every non-control x87 instruction (AMD), not only
+    /// by one that raises an unmasked exception (Intel's default).
+    pub fop_always: bool,
+    /// FDP is recorded by every x87 instruction with a memory operand
+    /// (AMD), not only by one that raises an unmasked exception (Intel with
+    /// CPUID.(7,0):EBX[6], FDP_EXCPTN_ONLY).
+    pub fdp_always: bool,
+}
+
+impl Default for HostShape {
+    /// The SDM's reading where the probes cannot run: pointers always
+    /// recorded, first-byte CR2, masks left alone.
+    fn default() -> Self {
+        HostShape {
+            split_store_cr2_last: false,
+            maskmovdqu_unmasked_fault: None,
+            gather_mask_normalized: false,
+            fop_always: true,
+            fdp_always: true,
+        }
+    }
+}
+
+impl HostShape {
+    /// This process's measurement (probed once, with `buf`, on first use).
+    pub fn host(buf: &mut StubBuf) -> HostShape {
+        static SHAPE: OnceLock<HostShape> = OnceLock::new();
+        *SHAPE.get_or_init(|| measure(buf).unwrap_or_default())
+    }
+}
+
+/// Two pages: the first readable and writable, the second with no access.
+struct ProbePages {
+    base: *mut u8,
+}
+
+const PAGE: usize = 4096;
+
+impl ProbePages {
+    fn new() -> Option<ProbePages> {
+        // SAFETY: a fresh anonymous mapping, owned by ProbePages and
+        // unmapped on drop; the second page is made inaccessible.
+        unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                2 * PAGE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            if p == libc::MAP_FAILED {
+                return None;
+            }
+            if libc::mprotect(p.cast::<u8>().add(PAGE).cast(), PAGE, libc::PROT_NONE) != 0 {
+                libc::munmap(p, 2 * PAGE);
+                return None;
+            }
+            Some(ProbePages { base: p.cast() })
+        }
+    }
+
+    /// Address of the inaccessible page.
+    fn guard(&self) -> u64 {
+        self.base as u64 + PAGE as u64
+    }
+
+    fn first(&mut self) -> &mut [u8] {
+        // SAFETY: the first page is mapped read-write for our lifetime;
+        // stubs touch it only while no borrow is live.
+        unsafe { std::slice::from_raw_parts_mut(self.base, PAGE) }
+    }
+}
+
+impl Drop for ProbePages {
+    fn drop(&mut self) {
+        // SAFETY: mapped in `new`, no stub runs.
+        unsafe { libc::munmap(self.base.cast(), 2 * PAGE) };
+    }
+}
+
+fn assemble(f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Option<Vec<u8>> {
+    let mut a = CodeAssembler::new(64).ok()?;
+    f(&mut a).ok()?;
+    a.assemble(0).ok()
+}
+
+/// A valid guest image: x87 default, MXCSR default, XMM registers as given
+/// (16 bytes each, from XMM0), components x87|SSE|AVX within the buffer's.
+fn load_image(buf: &mut StubBuf, xmm: &[[u8; 16]]) {
+    let bv = 0b111 & buf.vector_mask();
+    let img = buf.guest_xsave_mut();
+    img.fill(0);
+    img[0..2].copy_from_slice(&0x37fu16.to_le_bytes());
+    img[24..28].copy_from_slice(&0x1f80u32.to_le_bytes());
+    for (i, x) in xmm.iter().enumerate() {
+        img[160 + 16 * i..176 + 16 * i].copy_from_slice(x);
+    }
+    img[XSAVE_HEADER_OFFSET..XSAVE_HEADER_OFFSET + 8].copy_from_slice(&bv.to_le_bytes());
+}
+
+fn dwords(d: [u32; 4]) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    for (i, v) in d.iter().enumerate() {
+        b[4 * i..4 * i + 4].copy_from_slice(&v.to_le_bytes());
+    }
+    b
+}
+
+/// The #PF address a run faulted with, if it did.
+fn pf_addr(ran: Result<(), StubRunError>) -> Result<Option<u64>, StubRunError> {
+    match ran {
+        Ok(()) => Ok(None),
+        Err(StubRunError::Fault(f)) if f.vector == EXC_PF => Ok(f.fault_addr),
+        Err(e) => Err(e),
+    }
+}
+
+fn measure(buf: &mut StubBuf) -> Result<HostShape, StubRunError> {
+    let mut shape = HostShape::default();
+    let Some(mut pages) = ProbePages::new() else {
+        return Ok(shape);
+    };
+    let guard = pages.guard();
+    let avx = buf.vector_mask() & 0b100 != 0;
+    let avx2 = avx && std::arch::is_x86_feature_detected!("avx2");
+
+    // vmaskmovps [rax], xmm1 (mask: all four), xmm2, 8 bytes before the
+    // guard page: two dwords on each page.
+    if avx {
+        if let Some(insn) = assemble(|a| a.vmaskmovps(ptr(rax), xmm1, xmm2)) {
+            load_image(buf, &[[0; 16], [0xff; 16], [0x11; 16]]);
+            let mut g = GuestGprs {
+                rax: guard - 8,
+                ..Default::default()
+            };
+            let addr = pf_addr(buf.run_with_vector(&insn, &mut g))?;
+            shape.split_store_cr2_last = addr == Some(guard + 7);
+        }
+    }
+
+    // maskmovdqu xmm2, xmm1 with an all-zero mask, RDI at the guard page.
+    if buf.vector_mask() & 0b10 != 0 {
+        if let Some(insn) = assemble(|a| a.maskmovdqu(xmm2, xmm1)) {
+            load_image(buf, &[[0; 16], [0; 16], [0x11; 16]]);
+            let mut g = GuestGprs {
+                rdi: guard,
+                ..Default::default()
+            };
+            let addr = pf_addr(buf.run_with_vector(&insn, &mut g))?;
+            shape.maskmovdqu_unmasked_fault =
+                addr.and_then(|a| u8::try_from(a.wrapping_sub(guard)).ok());
+        }
+    }
+
+    // vpgatherdd xmm0, [rax+xmm1], xmm2: element 0 (selected) 4 bytes
+    // before the guard page, element 1 (selected) on it, element 2
+    // selected with other mask bits set, element 3 not selected.
+    if avx2 {
+        if let Some(insn) = assemble(|a| a.vpgatherdd_3(xmm0, ptr(rax + xmm1), xmm2)) {
+            let mask = [0x8000_0000, 0x8000_0000, 0x8000_0001, 0x7fff_ffff];
+            load_image(buf, &[[0; 16], dwords([0, 8, 0, 0]), dwords(mask)]);
+            let mut g = GuestGprs {
+                rax: guard - 4,
+                ..Default::default()
+            };
+            if pf_addr(buf.run_with_vector_keeping_fault_state(&insn, &mut g))?.is_some() {
+                let img = buf.guest_xsave_mut();
+                let word = |i: usize| {
+                    let at = 160 + 32 + 4 * i;
+                    u32::from_le_bytes([img[at], img[at + 1], img[at + 2], img[at + 3]])
+                };
+                shape.gather_mask_normalized = word(2) == u32::MAX && word(3) == 0;
+            }
+        }
+    }
+
+    // x87 state with FOP 0x555 and FDP 0x1111_2222, then
+    // fld dword [rax]; fnstenv [rax+16]: what FOP and FDP hold after an
+    // instruction that raises nothing.
+    {
+        pages.first()[..4].copy_from_slice(&1.0f32.to_bits().to_le_bytes());
+        let insn = assemble(|a| {
+            a.fld(dword_ptr(rax))?;
+            a.fnstenv(ptr(rax + 16))
+        });
+        if let Some(insn) = insn {
+            load_image(buf, &[]);
+            let img = buf.guest_xsave_mut();
+            img[6..8].copy_from_slice(&0x555u16.to_le_bytes());
+            img[16..24].copy_from_slice(&0x1111_2222u64.to_le_bytes());
+            let mut g = GuestGprs {
+                rax: pages.first().as_ptr() as u64,
+                ..Default::default()
+            };
+            buf.run_with_vector(&insn, &mut g)?;
+            // 32-bit protected-mode environment: FOP in bits 16-26 of the
+            // dword at 16, FDP (the offset) at 20.
+            let env = &pages.first()[16..44];
+            let fop = u16::from_le_bytes([env[18], env[19]]) & 0x7ff;
+            let fdp = u32::from_le_bytes([env[20], env[21], env[22], env[23]]);
+            shape.fop_always = fop == 0x100;
+            shape.fdp_always = fdp == pages.first().as_ptr() as u32;
+        }
+    }
+    Ok(shape)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The probes run to the end on this CPU (whichever vendor: what each
+    /// answers is checked against the CPU itself by masked_native and the
+    /// differential test, not here).
+    #[test]
+    fn probes_run() {
+        let mut buf = StubBuf::new(true).expect("stub buffer");
+        let shape = measure(&mut buf).expect("probes run");
+        eprintln!("host shape: {shape:?}");
+        assert_eq!(HostShape::host(&mut buf), shape, "measured once, the same");
+    }
+}
