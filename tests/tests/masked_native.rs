@@ -17,6 +17,9 @@
 //!
 //! This is the check that needs an AVX-512 host: on one without, the EVEX
 //! forms are counted as "host lacks" and the AVX2/SSE forms still run.
+//! Under QEMU's TCG (the hardware-KVM lane) the "native" run is TCG's,
+//! which departs from real CPUs in two named ways; those cases are counted
+//! and listed, not failed.
 //! `MASKED_NATIVE_ONLY=prefix,...` limits the run to forms whose text
 //! starts with a prefix; `MASKED_NATIVE_SHOW=N` prints N mismatches in
 //! full (default 12); `MASKED_NATIVE_ALL=1` goes on after a form's first
@@ -463,6 +466,27 @@ fn difference(want: &Result1, got: &Result1) -> Option<String> {
     None
 }
 
+/// Where QEMU's TCG (the hardware-KVM lane's CPU) departs from real CPUs,
+/// so that its "native" run is no ground truth: the reason, if this
+/// difference is one of those.
+fn tcg_departure(ins: &Instruction, want: &Result1, got: &Result1) -> Option<&'static str> {
+    let same_but_memory = want.fault.is_some()
+        && want.fault == got.fault
+        && want.gprs == got.gprs
+        && want.regs == got.regs
+        && want.page != got.page;
+    if same_but_memory {
+        return Some("TCG stores a masked store's elements before its fault on the next page (a CPU stores none)");
+    }
+    let load = ins.op0_kind() == OpKind::Register;
+    if load && want.fault.is_some() && got.fault.is_none() {
+        return Some(
+            "TCG's masked loads fault on masked-out elements (a CPU suppresses those faults)",
+        );
+    }
+    None
+}
+
 /// Fills a data page with the diff test's operand pattern, repeated.
 fn fill_page(p: &mut [u8]) {
     let pattern = guest::diff::program::init_mem();
@@ -490,6 +514,8 @@ fn masked_accesses_match_the_cpu() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(12);
     let all_cases = std::env::var_os("MASKED_NATIVE_ALL").is_some();
+    let tcg = emul::stub::probe::hypervisor_signature().as_deref() == Some("TCGTCGTCGTCG");
+    let mut tcg_departures: BTreeMap<&str, usize> = BTreeMap::new();
 
     let generated = guest::diff::generate(
         &|i| emul::classify::classify(i).map(|c| c.vector),
@@ -690,7 +716,16 @@ fn masked_accesses_match_the_cpu() {
                 if want.fault.is_some() {
                     faults_seen += 1;
                 }
-                if let Some(diff) = difference(&want, &got) {
+                let diff = difference(&want, &got);
+                if let Some(why) = diff
+                    .as_ref()
+                    .filter(|_| tcg)
+                    .and_then(|_| tcg_departure(&ins, &want, &got))
+                {
+                    *tcg_departures.entry(why).or_default() += 1;
+                    continue;
+                }
+                if let Some(diff) = diff {
                     mismatches += 1;
                     if form_ok {
                         entry.1 += 1;
@@ -718,6 +753,9 @@ fn masked_accesses_match_the_cpu() {
 
     eprintln!("masked_native: {forms} forms, {cases} cases ({faults_seen} native faults): {exact_forms} forms bit-exact");
     eprintln!("  EVEX masked codes the host lacks (not run): {host_lacks}");
+    for (why, n) in &tcg_departures {
+        eprintln!("  QEMU TCG departure (not counted against the emulator): {n} cases: {why}");
+    }
     for (why, n) in &refused {
         eprintln!("  refused by the emulator: {n} forms: {why}");
     }

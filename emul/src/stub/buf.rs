@@ -402,7 +402,9 @@ impl StubBuf {
     /// signal return restored them from the frame): MXCSR's exception
     /// flags, a pending x87 exception. That is guest state the guest must
     /// see, so it is XSAVEd into the guest image before the host's comes
-    /// back. Other faults (in the image's XRSTOR too) leave the image alone.
+    /// back. Other faults (in the image's XRSTOR too) leave the image alone,
+    /// unless the control block's `keep_fault_state` asks for every fault's
+    /// registers (probes, whose image is known to load).
     fn invoke_with_vec(&mut self, stub: &BuiltStub, gprs: &mut GuestGprs) {
         let host_area = self.region.host_xsave_ptr();
         let ctl = self.region.control_ptr().cast::<ControlBlock>();
@@ -417,8 +419,9 @@ impl StubBuf {
         // clobbered, and the restore rewrites every vector and x87 register
         // the clobber list names. r14 (the control block) and r15 (the guest
         // image, XSAVE_AREA_SIZE bytes, 64-byte aligned) are callee-saved
-        // too; the guest image is only written here after a fault the
-        // instruction raised, when no other reference to it is live.
+        // too; the guest image is only written here after a fault (#XM,
+        // #MF, or any with keep_fault_state), when no other reference to it
+        // is live.
         unsafe {
             asm!(
                 "mov rax, r13",

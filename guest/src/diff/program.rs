@@ -501,6 +501,12 @@ fn prologue(a: &mut Asm, kind: Kind, vbytes: usize, fill_window: bool) -> AsmRes
         for (r, kr) in [k1, k2, k3, k4].into_iter().enumerate() {
             a.kmovq(kr, qword_ptr(INIT_K + 8 * r as u64))?;
         }
+        // The other opmask registers are in every XSAVE image: zero, not
+        // whatever an earlier form (an XRSTOR) left, which differs between
+        // the ways (seen on Intel with AVX-512).
+        for kr in [k0, k5, k6, k7] {
+            a.kxorq(kr, kr, kr)?;
+        }
     }
     for (i, r) in gprs().into_iter().enumerate() {
         if let Some(r) = r {
