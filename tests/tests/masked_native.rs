@@ -31,7 +31,7 @@ use emul::{CpuState, Emulator, Outcome, Platform, PlatformError, XsaveImage};
 use guest::diff::program::{INIT_FLAGS, INIT_GPRS, INIT_K_VALUES, VSIB_INDEX};
 use guest::diff::{Buffers, Skip};
 use iced_x86::{Decoder, DecoderOptions, EncodingKind, Instruction, Mnemonic, OpKind, Register};
-use native::{Area, Machine, State};
+use native::{Area, HostPages, Machine, State};
 use std::collections::BTreeMap;
 
 /// Guest layout: page tables from CR3, the code page, a filler page, the
@@ -140,51 +140,6 @@ impl Platform for Guest {
     fn write_phys(&mut self, gpa: u64, buf: &[u8]) -> Result<(), PlatformError> {
         self.slot(gpa, buf.len())?.copy_from_slice(buf);
         Ok(())
-    }
-}
-
-/// Host pages mirroring the guest's: a filler page, A (read-write) and B
-/// (no access).
-struct HostPages {
-    base: *mut u8,
-}
-
-impl HostPages {
-    fn new() -> HostPages {
-        // SAFETY: a fresh anonymous mapping owned by HostPages; page 2 is
-        // made inaccessible and never touched here.
-        unsafe {
-            let p = libc::mmap(
-                std::ptr::null_mut(),
-                3 * PAGE,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            );
-            assert_ne!(p, libc::MAP_FAILED);
-            assert_eq!(
-                libc::mprotect(p.cast::<u8>().add(2 * PAGE).cast(), PAGE, libc::PROT_NONE),
-                0
-            );
-            HostPages { base: p.cast() }
-        }
-    }
-    fn a(&self) -> u64 {
-        self.base as u64 + PAGE as u64
-    }
-    fn page_a(&mut self) -> &mut [u8] {
-        // SAFETY: page 1 of the mapping is read-write and only reached
-        // through this borrow or by the native instruction (not while the
-        // borrow lives).
-        unsafe { std::slice::from_raw_parts_mut(self.base.add(PAGE), PAGE) }
-    }
-}
-
-impl Drop for HostPages {
-    fn drop(&mut self) {
-        // SAFETY: mapped in `new`.
-        unsafe { libc::munmap(self.base.cast(), 3 * PAGE) };
     }
 }
 

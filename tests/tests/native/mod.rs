@@ -229,6 +229,52 @@ impl Drop for Machine {
     }
 }
 
+/// Host pages mirroring the guest's: a filler page, A (read-write) and B
+/// (no access).
+pub struct HostPages {
+    base: *mut u8,
+}
+
+impl HostPages {
+    pub fn new() -> HostPages {
+        // SAFETY: a fresh anonymous mapping owned by HostPages; page 2 is
+        // made inaccessible and never touched here.
+        unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                3 * PAGE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            assert_ne!(p, libc::MAP_FAILED);
+            assert_eq!(
+                libc::mprotect(p.cast::<u8>().add(2 * PAGE).cast(), PAGE, libc::PROT_NONE),
+                0
+            );
+            HostPages { base: p.cast() }
+        }
+    }
+    /// Address of page A.
+    pub fn a(&self) -> u64 {
+        self.base as u64 + PAGE as u64
+    }
+    pub fn page_a(&mut self) -> &mut [u8] {
+        // SAFETY: page 1 of the mapping is read-write and only reached
+        // through this borrow or by the native instruction (not while the
+        // borrow lives).
+        unsafe { std::slice::from_raw_parts_mut(self.base.add(PAGE), PAGE) }
+    }
+}
+
+impl Drop for HostPages {
+    fn drop(&mut self) {
+        // SAFETY: mapped in `new`.
+        unsafe { libc::munmap(self.base.cast(), 3 * PAGE) };
+    }
+}
+
 const GPRS: [AsmRegister64; 16] = [
     rax, rcx, rdx, rbx, rsp, rbp, rsi, rdi, r8, r9, r10, r11, r12, r13, r14, r15,
 ];
