@@ -42,7 +42,7 @@ pub struct HostShape {
     pub fop_always: bool,
     /// FDP is recorded by every x87 instruction with a memory operand
     /// (AMD), not only by one that raises an unmasked exception (Intel with
-    /// CPUID.(7,0):EBX[6], FDP_EXCPTN_ONLY).
+    /// CPUID.(7,0):EBX bit 6, FDP_EXCPTN_ONLY).
     pub fdp_always: bool,
 }
 
