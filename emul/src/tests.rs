@@ -2154,3 +2154,98 @@ fn x87_pointers_follow_the_hosts_recording() {
         DATA
     );
 }
+
+/// The mask-to-element rules, on facts masked_native measured on Intel
+/// Xeon (Sapphire Rapids, 2026-11-29): pure functions of the instruction
+/// and the image, so they run on any host.
+#[test]
+fn selection_rules_match_the_intel_measurements() {
+    use crate::writeback::{element_mask, masked_store, ElementMask, XsaveLayout};
+    let layout = XsaveLayout {
+        ymm_hi128: 576,
+        opmask: 1088,
+        zmm_hi256: 1152,
+        hi16_zmm: 1664,
+    };
+    let image_with_k1 = |kv: u64| {
+        let mut img = vec![0u8; 4096];
+        img[512] = 0xe7;
+        img[1088 + 8..1088 + 16].copy_from_slice(&kv.to_le_bytes());
+        img
+    };
+    let decode = |bytes: Vec<u8>| iced_x86::Decoder::new(64, &bytes, 0).decode();
+    // EVEX encodings even where VEX would do (the masks need them).
+    let asm64 = |f: &dyn Fn(&mut CodeAssembler) -> Result<(), IcedError>| {
+        let mut a = CodeAssembler::new(64).unwrap();
+        a.set_prefer_vex(false);
+        f(&mut a).unwrap();
+        a.assemble(0).unwrap()
+    };
+    let mask = |code: Vec<u8>, kv: u64| element_mask(&decode(code), &image_with_k1(kv), layout);
+    // No suppression: VINSERTF32X4 and a broadcast VUNPCKLPS fault with k1 = 0.
+    assert_eq!(
+        mask(
+            asm64(&|a| a.vinsertf32x4(ymm1.k1(), ymm2, ptr(rbp), 0x1b)),
+            0
+        ),
+        None
+    );
+    assert_eq!(
+        mask(asm64(&|a| a.vunpcklps(xmm1.k1(), xmm2, dword_bcst(rbp))), 0),
+        None
+    );
+    // VPMULUDQ: mask bit 1 is the second qword (dwords 2 and 3): at 8 bytes
+    // before a missing page it faults.
+    assert_eq!(
+        mask(asm64(&|a| a.vpmuludq(xmm1.k1(), xmm2, ptr(rbp))), 0x2),
+        Some(ElementMask {
+            element_size: 4,
+            bits: 0b1100
+        })
+    );
+    // VPSHUFBITQMB: mask bit 1 is byte 1 (CR2 at +1).
+    assert_eq!(
+        mask(asm64(&|a| a.vpshufbitqmb(k2.k1(), xmm1, ptr(rbp))), 0x2),
+        Some(ElementMask {
+            element_size: 1,
+            bits: 0b10
+        })
+    );
+    // A {1to4} broadcast reads nothing when only bit 4 is set.
+    assert_eq!(
+        mask(asm64(&|a| a.vaddps(xmm1.k1(), xmm2, dword_bcst(rbp))), 0x10),
+        Some(ElementMask {
+            element_size: 4,
+            bits: 0
+        })
+    );
+    // A complex FP16 scalar is one 32-bit element: bit 0 covers both halves.
+    assert_eq!(
+        mask(
+            asm64(&|a| a.vfmaddcsh(xmm1.k1(), xmm2, dword_ptr(rbp))),
+            0x1
+        ),
+        Some(ElementMask {
+            element_size: 2,
+            bits: 0b11
+        })
+    );
+    // Expand loads read popcount(k) elements from the start.
+    assert_eq!(
+        mask(asm64(&|a| a.vexpandps(xmm1.k1(), ptr(rbp))), 0b1010),
+        Some(ElementMask {
+            element_size: 4,
+            bits: 0b11
+        })
+    );
+    // An extract walks its whole operand, yet stores only selected elements.
+    let extract = decode(asm64(&|a| a.vextractf32x4(ptr(rbp).k1(), ymm1, 1)));
+    assert_eq!(element_mask(&extract, &image_with_k1(0b0101), layout), None);
+    assert_eq!(
+        masked_store(&extract, &image_with_k1(0b0101), layout),
+        Some(ElementMask {
+            element_size: 4,
+            bits: 0b0101
+        })
+    );
+}
