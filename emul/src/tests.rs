@@ -1997,6 +1997,8 @@ fn intel_shape() -> crate::stub::shape::HostShape {
     crate::stub::shape::HostShape {
         split_store_cr2_last: true,
         maskmovdqu_unmasked_fault: Some(8),
+        // Not measured on Intel.
+        maskmovq_unmasked_fault: None,
         gather_mask_normalized: true,
         fop_always: false,
         fdp_always: false,

@@ -242,7 +242,18 @@ fn registers(img: &[u8], l: Layout) -> Vec<(&'static str, Vec<u8>)> {
             img[off..off + len].to_vec()
         }
     };
+    // x87: FCW, FSW, abridged FTW and the data registers (MMX aliases
+    // them); in its initial state FCW is 0x37f and the rest zero.
+    let x87 = if bv & 1 == 0 {
+        let mut v = vec![0u8; 5 + 128];
+        v[0] = 0x7f;
+        v[1] = 0x03;
+        v
+    } else {
+        [&img[0..5], &img[32..160]].concat()
+    };
     vec![
+        ("x87", x87),
         ("mxcsr", img[24..28].to_vec()),
         ("xmm", comp(1, 160, 256)),
         ("ymm_hi128", comp(2, l.ymm_hi, 256)),
@@ -261,7 +272,7 @@ fn is_element_masked(ins: &Instruction) -> bool {
             OpKind::Memory | OpKind::MemorySegDI | OpKind::MemorySegEDI | OpKind::MemorySegRDI
         )
     });
-    matches!(ins.mnemonic(), M::Maskmovdqu | M::Vmaskmovdqu)
+    matches!(ins.mnemonic(), M::Maskmovq | M::Maskmovdqu | M::Vmaskmovdqu)
         || has_mem
             && (ins.op_mask() != Register::None
                 || ins.is_vsib()
@@ -283,11 +294,26 @@ fn vector_mask(ins: &Instruction) -> Option<(usize, usize)> {
         }
         // Operand 0 is the implicit DS:rDI destination.
         M::Maskmovdqu | M::Vmaskmovdqu => Some((ins.op_register(2).number(), 1)),
+        // MASKMOVQ's mask is an MMX register ([`put_mmx_mask`]).
+        M::Maskmovq => Some((ins.op_register(2).number(), 1)),
         _ if ins.is_vsib() && ins.encoding() == EncodingKind::VEX => {
             Some((ins.op_register(2).number(), es))
         }
         _ => None,
     }
+}
+
+/// MMX register `reg` = the low 8 bytes of `mask`: the x87 component in
+/// use, TOP 0 (so ST(i) is physical register i, MMi), all registers
+/// valid, MM0-7 patterned.
+fn put_mmx_mask(img: &mut [u8], reg: usize, mask: &[u8; 64]) {
+    img[4] = 0xff;
+    for r in 0..8 {
+        let v = 0x0101_0101_0101_0101u64.wrapping_mul(r as u64 + 3) ^ 0x8040_2010_0804_0201;
+        img[32 + 16 * r..40 + 16 * r].copy_from_slice(&v.to_le_bytes());
+    }
+    img[32 + 16 * reg..40 + 16 * reg].copy_from_slice(&mask[..8]);
+    img[512] |= 1;
 }
 
 /// A 64-byte vector whose element i (of `es` bytes) has its sign bit set
@@ -544,6 +570,8 @@ fn masked_accesses_match_the_cpu() {
             32
         } else if form.text.contains("maskmovdqu") {
             8
+        } else if form.text.starts_with("maskmovq") {
+            4
         } else {
             size / 2
         };
@@ -560,7 +588,11 @@ fn masked_accesses_match_the_cpu() {
                 };
                 let mut img = initial_image(l, rfbm, k1);
                 if let Some((reg, es)) = vmask {
-                    put_vreg(&mut img, l, reg, &sign_mask(mask, es));
+                    if ins.mnemonic() == Mnemonic::Maskmovq {
+                        put_mmx_mask(&mut img, reg, &sign_mask(mask, es));
+                    } else {
+                        put_vreg(&mut img, l, reg, &sign_mask(mask, es));
+                    }
                 }
                 let mut gprs = INIT_GPRS;
                 let rflags = u64::from(INIT_FLAGS);

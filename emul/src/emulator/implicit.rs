@@ -6,9 +6,9 @@
 //! The instruction runs in the stub (so MMX's switch of the x87 tag word
 //! and TOP happens as on the CPU) with RDI pointing into the bounce buffer
 //! at the guest address's offset modulo 64; only the selected bytes are
-//! written back. MASKMOVQ translates only pages holding a selected byte;
-//! (V)MASKMOVDQU faults on its whole destination as the host CPU does
-//! ([`HostShape`](crate::stub::shape::HostShape)).
+//! written back. Each walks its whole destination whatever the mask where
+//! the host CPU faults there ([`HostShape`](crate::stub::shape::HostShape);
+//! AMD and Intel do), else only the pages holding a selected byte.
 
 use iced_x86::{Instruction, Mnemonic, OpKind, Register};
 
@@ -77,13 +77,13 @@ impl Emulator {
         let first = size.min(PAGE_SIZE - (lin & (PAGE_SIZE - 1))) as usize;
         let next = lin.wrapping_add(first as u64);
         let mut pieces = [None; 2];
-        // (V)MASKMOVDQU faults on its whole destination whatever the mask
-        // (masked_native: AMD Zen 3 with an all-zero mask faults at the
-        // first byte of the missing page; Intel Sapphire Rapids at RDI + 8
-        // when RDI starts the missing page). MASKMOVQ is not measured and
-        // keeps the masked stores' rule.
+        // (V)MASKMOVDQU and MASKMOVQ fault on their whole destination
+        // whatever the mask, as the host CPU does (masked_native: AMD Zen 3
+        // with an all-zero mask faults at the first byte of the missing
+        // page; Intel Sapphire Rapids, MASKMOVDQU, at RDI + 8 when RDI
+        // starts the missing page).
         let unmasked_fault = if mmx {
-            None
+            self.shape.maskmovq_unmasked_fault
         } else {
             self.shape.maskmovdqu_unmasked_fault
         };

@@ -33,6 +33,9 @@ pub struct HostShape {
     /// (Intel: 8, even with an all-zero mask); `None` where masked-out
     /// bytes never fault (AMD).
     pub maskmovdqu_unmasked_fault: Option<u8>,
+    /// The same for MASKMOVQ (AMD: faults at the first byte of the missing
+    /// page with an all-zero mask).
+    pub maskmovq_unmasked_fault: Option<u8>,
     /// An AVX2 gather that faults leaves its mask as the SDM's pseudo-code
     /// does: elements not yet done all-ones where selected and zero where
     /// not (Intel); otherwise as they were (AMD).
@@ -53,6 +56,7 @@ impl Default for HostShape {
         HostShape {
             split_store_cr2_last: false,
             maskmovdqu_unmasked_fault: None,
+            maskmovq_unmasked_fault: None,
             gather_mask_normalized: false,
             fop_always: true,
             fdp_always: true,
@@ -188,6 +192,25 @@ fn measure(buf: &mut StubBuf) -> Result<HostShape, StubRunError> {
             };
             let addr = pf_addr(buf.run_with_vector(&insn, &mut g))?;
             shape.maskmovdqu_unmasked_fault =
+                addr.and_then(|a| u8::try_from(a.wrapping_sub(guard)).ok());
+        }
+    }
+
+    // maskmovq mm1, mm2 with an all-zero mask (MM2 is physical register 2
+    // with TOP 0), RDI at the guard page.
+    if buf.vector_mask() & 1 != 0 {
+        if let Some(insn) = assemble(|a| a.maskmovq(mm1, mm2)) {
+            load_image(buf, &[]);
+            let img = buf.guest_xsave_mut();
+            // MM1 (data) at 48, MM2 (mask) at 64.
+            img[48..56].fill(0x11);
+            img[64..72].fill(0);
+            let mut g = GuestGprs {
+                rdi: guard,
+                ..Default::default()
+            };
+            let addr = pf_addr(buf.run_with_vector(&insn, &mut g))?;
+            shape.maskmovq_unmasked_fault =
                 addr.and_then(|a| u8::try_from(a.wrapping_sub(guard)).ok());
         }
     }
