@@ -1,6 +1,8 @@
-//! Which bytes of a memory operand a store writes: all of them, or for a
+//! Which elements of a memory operand a masked instruction touches, and so
+//! which pages it may fault on ([`element_mask`], by each EVEX form's
+//! [`Selection`]), and which bytes a store writes: all of them, or for a
 //! masked store (AVX-512 `{k}`, VMASKMOV/VPMASKMOV) only the selected
-//! elements, read from the vector state after the instruction.
+//! elements ([`masked_store`]), read from the vector state.
 
 use iced_x86::{Instruction, Mnemonic, OpKind, Register};
 
