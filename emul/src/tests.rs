@@ -2002,6 +2002,8 @@ fn intel_shape() -> crate::stub::shape::HostShape {
         gather_mask_normalized: true,
         fop_always: false,
         fdp_always: false,
+        // Not measured on Intel.
+        state_checks: Default::default(),
     }
 }
 

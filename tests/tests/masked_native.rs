@@ -6,8 +6,10 @@
 //! ones this host runs.
 //!
 //! Every other vector form with one memory operand of up to 64 bytes
-//! (x87, MMX, SSE, AVX, unmasked EVEX) runs too, with one mask: across the
-//! missing page it checks the emulator's fault priority and CR2.
+//! (x87, MMX, SSE, AVX, unmasked EVEX), and the whole-state forms up to 3
+//! KiB (FXSAVE/FXRSTOR, FNSTENV/FLDENV/FNSAVE/FRSTOR, the XSAVE family),
+//! run too, with one mask: across the missing page they check the
+//! emulator's fault priority and CR2 (which bytes the CPU checks first).
 //!
 //! Each form runs with many masks, with its operand wholly on a mapped
 //! page, straddling the end of it into an unmapped page, and wholly on the
@@ -344,8 +346,9 @@ fn address_pre(pre: &[u8]) -> Result<Vec<u8>, String> {
         let keep = match i.mnemonic() {
             Mnemonic::Lea => i.memory_base() == Register::RBP && i.memory_index() == Register::None,
             Mnemonic::Mov => i.op1_kind() == OpKind::Immediate32,
-            // AVX2 gather mask set-up (all ones, then halved).
-            Mnemonic::Vpcmpeqd | Mnemonic::Vpsrldq => false,
+            // AVX2 gather mask set-up (all ones, then halved), and the x87
+            // access before state stores.
+            Mnemonic::Vpcmpeqd | Mnemonic::Vpsrldq | Mnemonic::Fcom => false,
             _ => return Err(format!("pre code {i}")),
         };
         if keep {
@@ -567,8 +570,12 @@ fn masked_accesses_match_the_cpu() {
         // bytes runs too, with one mask: across a missing page it shows the
         // emulator's fault priority and CR2 against the CPU's.
         let masked = is_element_masked(&ins);
-        let other_vector =
-            form.vector && form.has_memory && !form.state_image && form.mem_len == 64;
+        // Whole-state operands up to 3 KiB (FXSAVE, the x87 environment,
+        // the XSAVE family without AMX) fit the mapped page too.
+        let whole_state = form.state_image && form.mem_len <= 3072;
+        let other_vector = form.vector
+            && form.has_memory
+            && ((!form.state_image && form.mem_len == 64) || whole_state);
         if !(masked || other_vector)
             || (!only.is_empty() && !only.iter().any(|p| form.text.starts_with(p.as_str())))
         {
@@ -610,7 +617,8 @@ fn masked_accesses_match_the_cpu() {
         } else {
             size / 2
         };
-        let placements = [-(0x200i64), -(straddle.max(1) as i64), 0];
+        let on_a = -((size as i64).max(0x100) + 0x100);
+        let placements = [on_a, -(straddle.max(1) as i64), 0];
         let vmask = vector_mask(&ins);
         let mut form_ok = true;
         let masks = if masked { &MASKS[..] } else { &MASKS[1..2] };

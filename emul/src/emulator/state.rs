@@ -28,6 +28,7 @@ use crate::cpu::{CpuState, CR0_EM, CR0_PE, CR0_TS, CR4_OSXSAVE};
 use crate::exception::Exception;
 use crate::paging::{translate, Access};
 use crate::platform::{Platform, VectorState};
+use crate::stub::shape::{StateChecks, StateClass};
 use crate::stub::{
     BOUNCE_SIZE, MAX_INSN_LEN, VECTOR_XFEATURES, XSAVE_AREA_SIZE, XSAVE_HEADER_OFFSET,
 };
@@ -171,6 +172,27 @@ impl Emulator {
         }
         let lin = linear_address(cpu, bitness, &used, op.1 as u64, op.0 != Shape::Restore)?;
         let bounce_off = BOUNCE_BASE + (lin & 63) as usize;
+        // The bytes the host CPU checks before the rest (so a fault reports
+        // the CR2 it would): measured per class by the shape probes.
+        let state_class = match m {
+            M::Fxsave | M::Fxsave64 | M::Fxrstor | M::Fxrstor64 => StateClass::Fx,
+            M::Xsave | M::Xsave64 | M::Xsaveopt | M::Xsaveopt64 | M::Xsavec | M::Xsavec64 => {
+                StateClass::Xsave
+            }
+            M::Xrstor | M::Xrstor64 => StateClass::Xrstor,
+            _ => StateClass::X87Env,
+        };
+        let checks = self.shape.state_checks[state_class as usize];
+        if state_class == StateClass::Xrstor && checks.first {
+            // Before the header is read.
+            let first_only = StateChecks {
+                first: true,
+                ..Default::default()
+            };
+            if let Err(e) = self.check_state_bytes(cpu, lin, op.1, false, first_only, mem) {
+                return Err(self.state_fault(cpu, instr, class, lin, e, vec));
+            }
+        }
 
         // XRSTOR: the header decides the format, the size and whether the
         // guest's XCR0 allows the request (the stub's host XCR0 may not
@@ -210,7 +232,19 @@ impl Emulator {
             ));
         }
 
-        let pieces = match self.walk(cpu, lin, op.size, op.shape != Shape::Restore, mem) {
+        let write = op.shape != Shape::Restore;
+        let early = if state_class == StateClass::Xrstor {
+            StateChecks {
+                first: false,
+                ..checks
+            }
+        } else {
+            checks
+        };
+        if let Err(e) = self.check_state_bytes(cpu, lin, op.size, write, early, mem) {
+            return Err(self.state_fault(cpu, instr, class, lin, e, vec));
+        }
+        let pieces = match self.walk(cpu, lin, op.size, write, mem) {
             Ok(p) => p,
             Err(Stop::Exception(pf)) => {
                 return Err(self
@@ -311,6 +345,55 @@ impl Emulator {
         }
         // The instruction changes no GPR or flag.
         Ok(())
+    }
+
+    /// Translates the operand bytes the host CPU checks before the rest
+    /// (its first and last byte, in the measured order).
+    fn check_state_bytes(
+        &mut self,
+        cpu: &CpuState,
+        lin: u64,
+        size: usize,
+        write: bool,
+        checks: StateChecks,
+        mem: &mut dyn Platform,
+    ) -> Result<(), Stop> {
+        let access = Access {
+            write,
+            fetch: false,
+            user: cpu.cpl == 3,
+        };
+        let last = lin.wrapping_add(size.saturating_sub(1) as u64);
+        let order = [
+            (checks.last_first, last),
+            (checks.first, lin),
+            (checks.last_after_first, last),
+        ];
+        for (on, addr) in order {
+            if on {
+                translate(cpu, addr, access, mem)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A walk's fault, after the checks hardware makes before any walk
+    /// (alignment).
+    fn state_fault(
+        &mut self,
+        cpu: &CpuState,
+        instr: &Instruction,
+        class: Class,
+        lin: u64,
+        stop: Stop,
+        vec: &mut dyn VectorState,
+    ) -> Stop {
+        match stop {
+            Stop::Exception(pf) => self
+                .fault_before_walk(cpu, instr, class, lin, pf, vec)
+                .into(),
+            other => other,
+        }
     }
 
     /// Translates `size` bytes at `lin` page by page (at most 3 pieces).

@@ -47,6 +47,38 @@ pub struct HostShape {
     /// (AMD), not only by one that raises an unmasked exception (Intel with
     /// CPUID.(7,0):EBX bit 6, FDP_EXCPTN_ONLY).
     pub fdp_always: bool,
+    /// Which bytes of a whole-state operand the CPU checks before the rest,
+    /// per [`StateClass`]: the CR2 of an operand that runs onto a missing
+    /// page. AMD (Zen 3): FXSAVE/FXRSTOR check the last byte first; the x87
+    /// environment instructions and the XSAVE family the first, then the
+    /// last; XRSTOR the first (then its header).
+    pub state_checks: [StateChecks; 4],
+}
+
+/// The whole-state instruction classes [`HostShape::state_checks`] is
+/// indexed by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateClass {
+    /// FXSAVE, FXRSTOR.
+    Fx = 0,
+    /// FNSTENV, FLDENV, FNSAVE, FRSTOR.
+    X87Env = 1,
+    /// XSAVE, XSAVEOPT, XSAVEC.
+    Xsave = 2,
+    /// XRSTOR.
+    Xrstor = 3,
+}
+
+/// The operand bytes checked (translated) before the page-by-page walk,
+/// in order: the first byte, the last byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StateChecks {
+    /// Check the last byte before anything else.
+    pub last_first: bool,
+    /// Check the first byte (after the last byte, if that comes first).
+    pub first: bool,
+    /// Check the last byte after the first.
+    pub last_after_first: bool,
 }
 
 impl Default for HostShape {
@@ -60,6 +92,7 @@ impl Default for HostShape {
             gather_mask_normalized: false,
             fop_always: true,
             fdp_always: true,
+            state_checks: [StateChecks::default(); 4],
         }
     }
 }
@@ -233,6 +266,58 @@ fn measure(buf: &mut StubBuf) -> Result<HostShape, StubRunError> {
                     u32::from_le_bytes([img[at], img[at + 1], img[at + 2], img[at + 3]])
                 };
                 shape.gather_mask_normalized = word(2) == u32::MAX && word(3) == 0;
+            }
+        }
+    }
+
+    // Each whole-state class at the guard page and one alignment unit
+    // before it (16 bytes, 64 for the XSAVE family, 8 for FNSTENV), with
+    // EDX:EAX = 3 (x87 and SSE): the CR2 says which bytes it checks first.
+    if buf.vector_mask() & 0b11 == 0b11 {
+        let classes: [(StateClass, Option<Vec<u8>>, u64, u64); 4] = [
+            (StateClass::Fx, assemble(|a| a.fxsave64(ptr(rcx))), 512, 16),
+            (StateClass::X87Env, assemble(|a| a.fnstenv(ptr(rcx))), 28, 8),
+            (
+                StateClass::Xsave,
+                assemble(|a| a.xsave64(ptr(rcx))),
+                576,
+                64,
+            ),
+            (
+                StateClass::Xrstor,
+                assemble(|a| a.xrstor64(ptr(rcx))),
+                576,
+                64,
+            ),
+        ];
+        for (class, insn, size, before) in classes {
+            let Some(insn) = insn else { continue };
+            let mut at = [None; 2];
+            for (i, lin) in [guard, guard - before].into_iter().enumerate() {
+                load_image(buf, &[]);
+                // XRSTOR finds a valid (all-initial) legacy region where it
+                // is mapped.
+                pages.first().fill(0);
+                let mut g = GuestGprs {
+                    rax: 0b11,
+                    rcx: lin,
+                    ..Default::default()
+                };
+                // Anything but a #PF (a #GP on a host that checks more)
+                // leaves the class at the in-order walk.
+                at[i] = pf_addr(buf.run_with_vector(&insn, &mut g))
+                    .ok()
+                    .flatten()
+                    .map(|a| a.wrapping_sub(lin));
+            }
+            let (on_page, straddle) = (at[0], at[1]);
+            let checks = &mut shape.state_checks[class as usize];
+            if on_page == Some(size - 1) {
+                checks.last_first = true;
+                checks.first = true;
+            } else if on_page == Some(0) {
+                checks.first = true;
+                checks.last_after_first = straddle == Some(size - 1);
             }
         }
     }
