@@ -2253,3 +2253,45 @@ fn selection_rules_match_the_intel_measurements() {
         })
     );
 }
+
+/// MXCSR bit 17 (AMD's misaligned-SSE mask, MM) is valid where the CPU's
+/// MXCSR_MASK has it: LDMXCSR of it completes there, and the vector
+/// instructions after it still run (the stub once took such an image for
+/// a bad one and refused every vector instruction after it; found by the
+/// fuzz at case 3,827,190 of seed 20261130). Elsewhere it is #GP(0).
+#[test]
+fn ldmxcsr_of_a_bit_the_cpu_accepts_keeps_vector_instructions_running() {
+    let (mut cpu, mut mem) = setup();
+    let mut e = emul();
+    let mut img = XsaveImage::new();
+    img.bytes[512] = 0b11;
+    mem.set_u32(DATA, 0x2_1f80);
+    cpu.gprs.rax = DATA;
+    let o = e.emulate(
+        &mut cpu,
+        &asm64(|a| a.ldmxcsr(dword_ptr(rax))),
+        &mut img,
+        &mut mem,
+    );
+    if o == (Outcome::Done {
+        mnemonic: iced_x86::Mnemonic::Ldmxcsr,
+    }) {
+        assert_eq!(
+            u32::from_le_bytes(img.bytes[24..28].try_into().unwrap()),
+            0x2_1f80
+        );
+        cpu.rip = CODE;
+        done(&e.emulate(
+            &mut cpu,
+            &asm64(|a| a.movups(xmm0, ptr(rax))),
+            &mut img,
+            &mut mem,
+        ));
+    } else {
+        assert_eq!(
+            exc(&o),
+            (VEC_GP, Some(0)),
+            "not accepted: #GP(0) as natively"
+        );
+    }
+}

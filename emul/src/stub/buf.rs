@@ -23,6 +23,8 @@ pub struct StubBuf {
     policy: RetPolicy,
     /// The host's XCR0 (0 without OSXSAVE).
     xcr0: u64,
+    /// The MXCSR bits this CPU accepts (FXSAVE's MXCSR_MASK).
+    mxcsr_mask: u32,
     /// The XSAVE components a vector run switches (0: vector runs refused).
     vec_mask: u64,
     /// The stub left built by the last run. Guests repeat instructions (a
@@ -49,6 +51,24 @@ pub const VECTOR_XFEATURES: u64 = 0xe7;
 pub const XSAVE_HEADER_OFFSET: usize = 512;
 /// Offset of MXCSR in the legacy region.
 const MXCSR_OFFSET: usize = 24;
+
+/// The MXCSR bits LDMXCSR and XRSTOR accept on this CPU: FXSAVE's
+/// MXCSR_MASK, 0xffbf where it reads 0 (SDM vol. 1, 11.6.6). AMD CPUs
+/// with misaligned SSE mode accept bit 17 (MM) too: 0x2ffff here.
+fn host_mxcsr_mask() -> u32 {
+    #[repr(C, align(16))]
+    struct FxArea([u8; 512]);
+    let mut area = FxArea([0; 512]);
+    // SAFETY: FXSAVE64 stores 512 bytes into a 16-byte aligned buffer of
+    // that size; every x86-64 CPU has FXSR.
+    unsafe { core::arch::x86_64::_fxsave64(area.0.as_mut_ptr()) };
+    let mask = u32::from_le_bytes([area.0[28], area.0[29], area.0[30], area.0[31]]);
+    if mask == 0 {
+        0xffbf
+    } else {
+        mask
+    }
+}
 
 /// The host's XCR0, or 0 when the OS has not enabled XSAVE.
 fn host_xcr0() -> u64 {
@@ -120,6 +140,7 @@ impl StubBuf {
             helpers,
             policy,
             xcr0,
+            mxcsr_mask: host_mxcsr_mask(),
             vec_mask,
             cached: None,
         })
@@ -243,7 +264,9 @@ impl StubBuf {
 
     /// Checks what XRSTOR would reject in the guest image (so a fault in the
     /// stub is the instruction's, not the image's): XSTATE_BV outside XCR0,
-    /// a compacted-format or non-zero reserved header, reserved MXCSR bits.
+    /// a compacted-format or non-zero reserved header, MXCSR bits this CPU
+    /// does not accept (not 0xffff: AMD's MM bit 17 is valid where the CPU
+    /// has it, and a guest's LDMXCSR of it completes).
     fn check_guest_xsave(&self) -> Result<(), StubError> {
         let img = self.region.guest_xsave();
         let word = |off: usize| {
@@ -254,7 +277,7 @@ impl StubBuf {
         let xstate_bv = word(XSAVE_HEADER_OFFSET);
         let header_rest = (1..8).any(|i| word(XSAVE_HEADER_OFFSET + 8 * i) != 0);
         let mxcsr = word(MXCSR_OFFSET) as u32;
-        if xstate_bv & !self.xcr0 != 0 || header_rest || mxcsr & 0xffff_0000 != 0 {
+        if xstate_bv & !self.xcr0 != 0 || header_rest || mxcsr & !self.mxcsr_mask != 0 {
             return Err(StubError::BadXsaveImage);
         }
         Ok(())
