@@ -435,6 +435,15 @@ impl Emulator {
             } else {
                 staged.fill(0);
             }
+            // LDMXCSR of a bit outside MXCSR_MASK is #GP(0) (after the
+            // read), which an emulated host CPU may not raise itself (QEMU's
+            // TCG accepts any bit: the `mxcsr-reserved-accepted` probe).
+            if matches!(instr.mnemonic(), Mnemonic::Ldmxcsr | Mnemonic::Vldmxcsr) && op.size == 4 {
+                let value = u32::from_le_bytes([staged[0], staged[1], staged[2], staged[3]]);
+                if value & !self.stub.mxcsr_mask() != 0 {
+                    return Err(Exception::gp0().into());
+                }
+            }
         }
 
         let mut gprs = cpu.gprs;

@@ -146,6 +146,11 @@ impl StubBuf {
         })
     }
 
+    /// The MXCSR bits this CPU accepts (FXSAVE's MXCSR_MASK).
+    pub fn mxcsr_mask(&self) -> u32 {
+        self.mxcsr_mask
+    }
+
     /// Whether this buffer's code uses ITS-safe returns.
     pub fn its_on(&self) -> bool {
         matches!(self.policy, RetPolicy::Thunk(_))
