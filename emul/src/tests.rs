@@ -2019,7 +2019,6 @@ fn intel_measurements_replayed_with_intels_shape() {
         return;
     }
     let end = DATA + 4 * 0x1000; // first unmapped page
-    let ymm_hi = core::arch::x86_64::__cpuid_count(0xd, 2).ebx as usize;
     let image = |regs: &[(usize, [u32; 4])]| {
         let mut img = XsaveImage::new();
         for (r, d) in regs {
@@ -2102,7 +2101,6 @@ fn intel_measurements_replayed_with_intels_shape() {
             .map(|i| u32::from_le_bytes(img.bytes[192 + 4 * i..196 + 4 * i].try_into().unwrap()))
             .collect();
         assert_eq!(got, after, "mask {mask:x?}");
-        let _ = ymm_hi;
     }
 }
 

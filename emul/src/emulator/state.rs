@@ -182,9 +182,9 @@ impl Emulator {
             M::Xrstor | M::Xrstor64 => StateClass::Xrstor,
             _ => StateClass::X87Env,
         };
-        let checks = self.shape.state_checks[state_class as usize];
+        let mut checks = self.shape.state_checks[state_class as usize];
         if state_class == StateClass::Xrstor && checks.first {
-            // Before the header is read.
+            // XRSTOR checks its first byte before it reads the header.
             let first_only = StateChecks {
                 first: true,
                 ..Default::default()
@@ -192,6 +192,7 @@ impl Emulator {
             if let Err(e) = self.check_state_bytes(cpu, lin, op.1, false, first_only, mem) {
                 return Err(self.state_fault(cpu, instr, class, lin, e, vec));
             }
+            checks.first = false;
         }
 
         // XRSTOR: the header decides the format, the size and whether the
@@ -233,25 +234,12 @@ impl Emulator {
         }
 
         let write = op.shape != Shape::Restore;
-        let early = if state_class == StateClass::Xrstor {
-            StateChecks {
-                first: false,
-                ..checks
-            }
-        } else {
-            checks
-        };
-        if let Err(e) = self.check_state_bytes(cpu, lin, op.size, write, early, mem) {
-            return Err(self.state_fault(cpu, instr, class, lin, e, vec));
-        }
-        let pieces = match self.walk(cpu, lin, op.size, write, mem) {
+        let walked = self
+            .check_state_bytes(cpu, lin, op.size, write, checks, mem)
+            .and_then(|()| self.walk(cpu, lin, op.size, write, mem));
+        let pieces = match walked {
             Ok(p) => p,
-            Err(Stop::Exception(pf)) => {
-                return Err(self
-                    .fault_before_walk(cpu, instr, class, lin, pf, vec)
-                    .into())
-            }
-            Err(other) => return Err(other),
+            Err(e) => return Err(self.state_fault(cpu, instr, class, lin, e, vec)),
         };
 
         let mut code = [0u8; MAX_INSN_LEN];

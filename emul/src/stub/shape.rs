@@ -192,6 +192,21 @@ fn pf_addr(ran: Result<(), StubRunError>) -> Result<Option<u64>, StubRunError> {
     }
 }
 
+/// A byte-masked store's #PF with RDI at the guard page (the guest image
+/// already loaded): how far past RDI it reports, if it faults.
+fn fault_past_guard(
+    buf: &mut StubBuf,
+    insn: &[u8],
+    guard: u64,
+) -> Result<Option<u8>, StubRunError> {
+    let mut g = GuestGprs {
+        rdi: guard,
+        ..Default::default()
+    };
+    let addr = pf_addr(buf.run_with_vector(insn, &mut g))?;
+    Ok(addr.and_then(|a| u8::try_from(a.wrapping_sub(guard)).ok()))
+}
+
 fn measure(buf: &mut StubBuf) -> Result<HostShape, StubRunError> {
     let mut shape = HostShape::default();
     let Some(mut pages) = ProbePages::new() else {
@@ -219,13 +234,7 @@ fn measure(buf: &mut StubBuf) -> Result<HostShape, StubRunError> {
     if buf.vector_mask() & 0b10 != 0 {
         if let Some(insn) = assemble(|a| a.maskmovdqu(xmm2, xmm1)) {
             load_image(buf, &[[0; 16], [0; 16], [0x11; 16]]);
-            let mut g = GuestGprs {
-                rdi: guard,
-                ..Default::default()
-            };
-            let addr = pf_addr(buf.run_with_vector(&insn, &mut g))?;
-            shape.maskmovdqu_unmasked_fault =
-                addr.and_then(|a| u8::try_from(a.wrapping_sub(guard)).ok());
+            shape.maskmovdqu_unmasked_fault = fault_past_guard(buf, &insn, guard)?;
         }
     }
 
@@ -238,13 +247,7 @@ fn measure(buf: &mut StubBuf) -> Result<HostShape, StubRunError> {
             // MM1 (data) at 48, MM2 (mask) at 64.
             img[48..56].fill(0x11);
             img[64..72].fill(0);
-            let mut g = GuestGprs {
-                rdi: guard,
-                ..Default::default()
-            };
-            let addr = pf_addr(buf.run_with_vector(&insn, &mut g))?;
-            shape.maskmovq_unmasked_fault =
-                addr.and_then(|a| u8::try_from(a.wrapping_sub(guard)).ok());
+            shape.maskmovq_unmasked_fault = fault_past_guard(buf, &insn, guard)?;
         }
     }
 
