@@ -44,6 +44,8 @@ const TESTED_ELSEWHERE: &[&str] = &[
     "exactness",
     "kvm-defects",
     "xcr0-user",
+    "ts-user",
+    "em-user",
 ];
 
 program_tests! {

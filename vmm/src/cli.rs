@@ -51,6 +51,10 @@ pub struct BenchArgs {
     /// Draw the latency spread of every path as SVG to FILE.
     #[arg(long)]
     pub svg: Option<PathBuf>,
+    /// Run only the groups holding these paths (comma-separated names as
+    /// the report prints them; a path brings its floors along).
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
 }
 
 impl BenchArgs {
@@ -61,6 +65,7 @@ impl BenchArgs {
             json: self.json.clone(),
             svg: self.svg.clone(),
             its,
+            only: self.only.clone(),
         }
     }
 }

@@ -71,7 +71,7 @@ fn host_mxcsr_mask() -> u32 {
 }
 
 /// The host's XCR0, or 0 when the OS has not enabled XSAVE.
-fn host_xcr0() -> u64 {
+pub fn host_xcr0() -> u64 {
     const OSXSAVE: u32 = 1 << 27;
     if core::arch::x86_64::__cpuid(1).ecx & OSXSAVE == 0 {
         return 0;

@@ -80,7 +80,7 @@ mod ret;
 pub mod selftest;
 pub mod shape;
 
-pub use buf::{StubBuf, VECTOR_XFEATURES, XSAVE_HEADER_OFFSET};
+pub use buf::{host_xcr0, StubBuf, VECTOR_XFEATURES, XSAVE_HEADER_OFFSET};
 pub use builder::{BuiltStub, MAX_INSN_LEN, MAX_STUB_LEN, STUB_BUF_SIZE, STUB_PROLOGUE_LEN};
 pub use error::{StubError, StubRunError};
 pub use fault::{

@@ -56,6 +56,8 @@ const CATALOGUE: &[(&str, Builder)] = &[
     ("vector-unchanged", xstate::catalogue_vector_unchanged),
     ("vector-across-exits", xstate::vector_across_exits),
     ("xcr0-user", xstate::xcr0_user),
+    ("ts-user", xstate::ts_user),
+    ("em-user", xstate::em_user),
     ("exactness", exactness::exactness),
     ("kvm-defects", exactness::kvm_defects),
     ("multiboot-info", testdev::multiboot_info),

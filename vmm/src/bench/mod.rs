@@ -46,6 +46,8 @@ pub enum BenchError {
     Write { path: PathBuf, err: std::io::Error },
     #[error("cannot draw the SVG: {0}")]
     Plot(String),
+    #[error("no bench path named {0:?}; the paths are: {1}")]
+    UnknownPath(String, String),
 }
 
 /// What `vmm bench` was asked for.
@@ -56,6 +58,8 @@ pub struct BenchOptions {
     pub json: Option<PathBuf>,
     pub svg: Option<PathBuf>,
     pub its: emul::stub::ItsMode,
+    /// Path names to run (with their groups); empty: every path.
+    pub only: Vec<String>,
 }
 
 /// Builds a bench guest for an iteration count.
@@ -180,15 +184,32 @@ pub fn path_names() -> Vec<&'static str> {
 
 /// Runs every path; failures of one path are reported in it, not returned.
 pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
+    let names = path_names();
+    if let Some(bad) = opts.only.iter().find(|n| !names.contains(&n.as_str())) {
+        return Err(BenchError::UnknownPath(bad.clone(), names.join(", ")));
+    }
+    let wanted = |name: &str| opts.only.is_empty() || opts.only.iter().any(|n| n == name);
     crate::kvm::open()?;
     let iters = opts.iters.max(1);
     let runs = opts.runs.max(1);
     let mut results = Vec::new();
     for g in groups() {
-        results.extend(run_group(&g, iters, runs, opts.its));
+        let mut members = g
+            .paths
+            .iter()
+            .map(|p| p.name)
+            .chain(g.floor.map(|f| f.0))
+            .chain(g.same_image);
+        if members.any(wanted) {
+            results.extend(run_group(&g, iters, runs, opts.its));
+        }
     }
-    results.push(in_kernel(iters, runs));
-    results.push(host::host_emul(iters, runs, opts.its));
+    if wanted("in-kernel") {
+        results.push(in_kernel(iters, runs));
+    }
+    if wanted("host-emul") {
+        results.push(host::host_emul(iters, runs, opts.its));
+    }
     Ok(BenchReport {
         machine: machine_description(),
         iters,

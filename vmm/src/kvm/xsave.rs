@@ -35,12 +35,21 @@ pub struct KvmVectorState<'a> {
     /// The exit came from code the CPU ran natively (see
     /// [`VectorState::xcr0_checked_natively`]).
     native: bool,
+    /// The XCR0 the code ran under when it is not the guest's (PVM runs
+    /// 64-bit CPL 3 code under the host's): answered without KVM_GET_XCRS.
+    xcr0_in_force: Option<u64>,
 }
 
 impl<'a> KvmVectorState<'a> {
     /// `native`: the exiting instruction ran natively up to its memory
     /// access under the guest's XCR0 (hardware KVM), so the CPU checked it.
-    pub fn new(fd: &'a VcpuFd, buf: &'a mut XsaveBuf, native: bool) -> Self {
+    /// `xcr0_in_force`: the XCR0 it ran under when that is not the guest's.
+    pub fn new(
+        fd: &'a VcpuFd,
+        buf: &'a mut XsaveBuf,
+        native: bool,
+        xcr0_in_force: Option<u64>,
+    ) -> Self {
         KvmVectorState {
             fd,
             buf,
@@ -48,6 +57,7 @@ impl<'a> KvmVectorState<'a> {
             dirty: false,
             xcr0: None,
             native,
+            xcr0_in_force,
         }
     }
 
@@ -102,7 +112,7 @@ impl VectorState for KvmVectorState<'_> {
     }
 
     fn xcr0(&mut self) -> Result<u64, PlatformError> {
-        if let Some(xcr0) = self.xcr0 {
+        if let Some(xcr0) = self.xcr0.or(self.xcr0_in_force) {
             return Ok(xcr0);
         }
         let xcrs = self.fd.get_xcrs().map_err(|_| PlatformError {

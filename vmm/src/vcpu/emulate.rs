@@ -56,8 +56,10 @@ pub struct Emulator {
     /// The CPU reaches a VEX/EVEX access under the guest's XCR0 before it
     /// can exit (hardware KVM), so the XCR0 #UD check needs no ioctl. Not
     /// on PVM: CPL 0 code is interpreted, and CPL 3 code runs under the
-    /// host's XCR0 (the xcr0-user guest completes VEX loads there).
+    /// host's control state (see [`host_controls`]).
     cpu_checks_xcr0: bool,
+    /// On PVM, the host's XCR0: what 64-bit CPL 3 code runs under.
+    pvm_user_xcr0: Option<u64>,
 }
 
 impl Emulator {
@@ -75,6 +77,7 @@ impl Emulator {
             per_mnemonic: stats.then(|| vec![0; Mnemonic::values().count()]),
             ioctls: IoctlCounts::default(),
             cpu_checks_xcr0: !crate::kvm::is_pvm(),
+            pvm_user_xcr0: crate::kvm::is_pvm().then(emul::stub::host_xcr0),
         })
     }
 
@@ -134,7 +137,13 @@ impl Emulator {
             mmio: &shared.buses.mmio,
             stop: None,
         };
-        let mut vec = KvmVectorState::new(fd, &mut self.xsave, self.cpu_checks_xcr0);
+        let xcr0_in_force = self
+            .pvm_user_xcr0
+            .filter(|_| cpu.cpl == 3 && cpu.bitness() == 64);
+        if let Some(xcr0) = xcr0_in_force {
+            host_controls(&mut cpu, xcr0);
+        }
+        let mut vec = KvmVectorState::new(fd, &mut self.xsave, self.cpu_checks_xcr0, xcr0_in_force);
         let outcome = self.emu.emulate(&mut cpu, bytes, &mut vec, &mut phys);
         self.ioctls.get_xsave += u64::from(vec.fetched());
         self.ioctls.get_xcrs += u64::from(vec.read_xcr0());
@@ -218,7 +227,7 @@ impl Emulator {
     /// vCPU's XSAVE image once. Called on the vCPU's own thread (the stub's
     /// fault recovery is per thread) before its first KVM_RUN.
     pub fn warm_up(&mut self, fd: &VcpuFd) {
-        let mut vec = KvmVectorState::new(fd, &mut self.xsave, false);
+        let mut vec = KvmVectorState::new(fd, &mut self.xsave, false, None);
         if let Err(e) = emul::VectorState::image(&mut vec) {
             log::debug!("warm-up: {e}");
         }
@@ -393,6 +402,23 @@ pub fn cpu_state(r: &kvm_regs, s: &kvm_sregs, max_phys_bits: u8) -> CpuState {
         // code); always 0 in real mode.
         cpl: if s.cr0 & CR0_PE != 0 { s.ss.dpl } else { 0 },
         max_phys_bits,
+    }
+}
+
+/// PVM runs 64-bit CPL 3 code natively under the host's CR0.EM/TS,
+/// CR4.OSFXSR/OSXSAVE and XCR0, whatever the guest's kernel set
+/// (kvm-facts.md). Measured on AMD EPYC Zen 3 under PVM by the xcr0-user,
+/// ts-user and em-user guests: XGETBV at CPL 3 returns the host's 0x207
+/// after the kernel's XSETBV of 3, SSE, AVX and x87 loads from RAM
+/// complete with CR0.TS or CR0.EM set, and XSAVE's XSTATE_BV has AVX's
+/// bit. An instruction the VMM completes for that code sees the same
+/// control state, so its MMIO accesses end as its RAM accesses do.
+fn host_controls(cpu: &mut CpuState, host_xcr0: u64) {
+    use emul::cpu::{CR0_EM, CR0_TS, CR4_OSFXSR, CR4_OSXSAVE};
+    cpu.cr0 &= !(CR0_EM | CR0_TS);
+    cpu.cr4 |= CR4_OSFXSR;
+    if host_xcr0 != 0 {
+        cpu.cr4 |= CR4_OSXSAVE;
     }
 }
 
