@@ -238,6 +238,54 @@ fn state_ioctls_only_where_an_exit_needs_them() {
     assert_eq!(out.ioctls.get_events, 2, "{:?}", out.ioctls);
 }
 
+/// SREGS are copied only for exits that may be emulation failures: `lock
+/// cmpxchg16b [mmio]` makes KVM exit for its two 8-byte MMIO reads before
+/// it gives up at the same RIP, and once the guess has learnt that (after
+/// QUIET_AFTER iterations) those MMIO exits go without SREGS while every
+/// failure still has them, without a single KVM_GET_SREGS. Bursts of port
+/// writes with an emulation among every few exits keep SREGS synced (no
+/// wrong guess either).
+#[test]
+fn sregs_are_copied_only_for_exits_that_may_emulate() {
+    use guest::programs::bench;
+    const N: u64 = 1000;
+    let mut cfg = config_for(&bench::cmpxchg16b(N as u32).unwrap());
+    cfg.stats = true;
+    let (out, serial) = run_config(&cfg);
+    assert_eq!(
+        out.status,
+        bench::BENCH_DONE_STATUS,
+        "{}: {serial}",
+        out.message
+    );
+    let stats = out.stats.as_ref().expect("stats");
+    let count = |r| stats.histogram(r).map_or(0, |h| h.count());
+    let failures = count(vmm::kvm::run_page::ExitReason::Emulation);
+    let mmio = count(vmm::kvm::run_page::ExitReason::MmioRead);
+    println!(
+        "{failures} emulation failures, {mmio} MMIO reads, SREGS copied {} times, {:?}",
+        out.sregs_copies, out.ioctls
+    );
+    assert!(failures >= N, "every cmpxchg16b is completed by the VMM");
+    assert_eq!(
+        (out.ioctls.get_regs, out.ioctls.get_sregs),
+        (0, 0),
+        "{:?}",
+        out.ioctls
+    );
+    let learning = 3 * u64::from(vmm::vcpu::QUIET_AFTER) + 10;
+    assert!(
+        out.sregs_copies <= failures + learning,
+        "SREGS copied {} times for {failures} failures and {mmio} MMIO exits",
+        out.sregs_copies
+    );
+    // An emulation after every 10 port writes: synced all along.
+    let p = guest::programs::emulation::emulation_after_pio_bursts(20, 10).unwrap();
+    let (out, serial) = run_config(&config_for(&p));
+    assert_eq!(out.status, p.expect.status, "{}: {serial}", out.message);
+    assert_eq!(out.ioctls, vmm::vcpu::IoctlCounts::default());
+}
+
 /// Issue 10's side state, end to end: #XM leaves its MXCSR flag, a pending
 /// x87 exception leaves FSW, FOP, FIP and FDP naming the guest's own fdiv,
 /// and FWAIT then raises #MF, at CPL 0 (completed by the VMM on PVM hosts)
@@ -367,14 +415,21 @@ fn cpl3_vector_loads_and_xsave_on_mmio_end_as_on_ram_after_xsetbv() {
         assert_eq!(ram[1..], [6, 6], "VEX loads from RAM raise #UD");
     } else {
         // What the VMM relies on: PVM's CPL 3 runs under the host's XCR0.
-        assert_eq!(xcr0, emul::stub::host_xcr0(), "PVM: CPL 3 XCR0 is the host's");
+        assert_eq!(
+            xcr0,
+            emul::stub::host_xcr0(),
+            "PVM: CPL 3 XCR0 is the host's"
+        );
         assert_eq!(out.ioctls.get_xcrs, 0, "{:?}", out.ioctls);
     }
     assert_eq!(mmio, ram, "MMIO loads against RAM loads");
     if mmio[2] == NO_EXCEPTION {
         assert_eq!(low, DATA, "the completed loads' data");
     }
-    assert_eq!(bv_mmio, bv_ram, "XSTATE_BV of XSAVE to MMIO against XSAVE to RAM");
+    assert_eq!(
+        bv_mmio, bv_ram,
+        "XSTATE_BV of XSAVE to MMIO against XSAVE to RAM"
+    );
 }
 
 /// The same for CR0.TS and CR0.EM (ts-user, em-user): AVX and x87 loads
@@ -390,14 +445,21 @@ fn cpl3_loads_on_mmio_end_as_on_ram_with_cr0_ts_or_em_set() {
     for name in ["ts-user", "em-user"] {
         let p = common::program(name);
         let (out, serial) = run_config(&config_for(&p));
-        assert_eq!(out.status, p.expect.status, "{name}: {}: {serial}", out.message);
+        assert_eq!(
+            out.status, p.expect.status,
+            "{name}: {}: {serial}",
+            out.message
+        );
         let r = &out.reports;
         assert_eq!(r.len(), 6, "{name}: reports {r:x?}");
         let (ram, mmio) = (&r[..3], &r[3..]);
         println!("{name}: RAM {ram:x?}, MMIO {mmio:x?}");
         if !common::kvm_kind().cpl0_native() {
             // What the VMM relies on: PVM's CPL 3 ignores the guest's CR0.
-            assert_eq!(ram, [NO_EXCEPTION; 3], "{name}: PVM runs CPL 3 under the host's CR0");
+            assert_eq!(
+                ram, [NO_EXCEPTION; 3],
+                "{name}: PVM runs CPL 3 under the host's CR0"
+            );
         }
         if common::kvm_kind().cpl0_native() {
             assert_eq!(mmio, ram, "{name}: MMIO loads against RAM loads");

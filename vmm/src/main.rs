@@ -48,8 +48,8 @@ fn run(cli: Cli) -> i32 {
                         }
                         let i = out.ioctls;
                         eprintln!(
-                            "state ioctls: KVM_GET_REGS {} KVM_GET_SREGS {} KVM_GET_VCPU_EVENTS {} KVM_GET_XSAVE {} KVM_SET_XSAVE {} KVM_GET_XCRS {}",
-                            i.get_regs, i.get_sregs, i.get_events, i.get_xsave, i.set_xsave, i.get_xcrs
+                            "state ioctls: KVM_GET_REGS {} KVM_GET_SREGS {} KVM_GET_VCPU_EVENTS {} KVM_GET_XSAVE {} KVM_SET_XSAVE {} KVM_GET_XCRS {}; SREGS synced on {} exits",
+                            i.get_regs, i.get_sregs, i.get_events, i.get_xsave, i.set_xsave, i.get_xcrs, out.sregs_copies
                         );
                     }
                     eprintln!("vmm: {}", out.message);

@@ -194,6 +194,9 @@ pub struct VmOutcome {
     pub dumps: Vec<Vec<u8>>,
     /// vCPU state ioctls made while serving exits, all vCPUs together.
     pub ioctls: IoctlCounts,
+    /// KVM_RUNs that asked KVM to copy SREGS into the run page (~170 ns
+    /// each), all vCPUs together.
+    pub sregs_copies: u64,
 }
 
 /// Builds the VM described by `cfg` and runs it; the guest's serial output
@@ -308,9 +311,10 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
                 }
                 // The ioctls serving exits took (before `rip` may add one).
                 let ioctls = vcpu.ioctl_counts();
+                let sregs_copies = vcpu.sregs_copies();
                 // Where it stopped, for an end no vCPU reported itself
                 // (SIGINT/SIGTERM).
-                (vcpu.take_stats(), vcpu.id, vcpu.rip(), ioctls)
+                (vcpu.take_stats(), vcpu.id, vcpu.rip(), ioctls, sregs_copies)
             })
             .map_err(VmError::Thread)?;
         handles.push(h);
@@ -320,11 +324,13 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
     let mut stats = cfg.stats.then(ExitStats::new);
     let mut emulated: Vec<(iced_x86::Mnemonic, u64)> = Vec::new();
     let mut ioctls = IoctlCounts::default();
+    let mut sregs_copies = 0;
     let mut stopped_at = Vec::with_capacity(handles.len());
     for h in handles {
-        let joined = h.join().map(|(stats, id, rip, vcpu_ioctls)| {
+        let joined = h.join().map(|(stats, id, rip, vcpu_ioctls, copies)| {
             stopped_at.push(format!("vcpu {id} at rip {rip:#x}"));
             ioctls.add(&vcpu_ioctls);
+            sregs_copies += copies;
             stats
         });
         match joined {
@@ -379,6 +385,7 @@ pub fn run(cfg: &VmConfig, serial_out: serial::SerialOut) -> Result<VmOutcome, V
         emulated,
         dumps,
         ioctls,
+        sregs_copies,
     })
 }
 

@@ -4,21 +4,18 @@
 //! and only reads the clock when `--stats` or `--trace` asked for it.
 //!
 //! What KVM copies into the run page on every exit (KVM_CAP_SYNC_REGS) is
-//! kept to what exits use, because each class costs on every exit:
-//! - GPRs (~50 ns) and segment/control registers (~170 ns) only while the
-//!   guest keeps emulating (the emulator needs both): the first emulation
-//!   exit after a quiet stretch fetches them with KVM_GET_REGS and
-//!   KVM_GET_SREGS and puts them in the sync set; after
-//!   [`SYNC_IDLE_EXITS`] exits without emulation they leave it again. A
-//!   PIO or MMIO exit needs neither; rare paths (error messages, HLT, the
-//!   halt probe) fetch GPRs by ioctl when they are not synced.
-//! - Events (~100 ns) never: injecting an exception reads them with
-//!   KVM_GET_VCPU_EVENTS and writes them back through the run page.
+//! kept to what exits use, because each class costs on every exit (see
+//! [`sync`]): GPRs and SREGS only while the guest keeps emulating, SREGS
+//! only for exits that may be emulation failures, events never (injecting
+//! an exception reads them with KVM_GET_VCPU_EVENTS and writes them back
+//! through the run page). Rare paths (error messages, HLT, the halt probe)
+//! fetch GPRs by ioctl when they are not synced.
 
 mod diagnose;
 mod emulate;
 pub mod exit;
 mod platform;
+mod sync;
 
 use crate::kvm::run_page::{self, Exit};
 use crate::status;
@@ -61,65 +58,8 @@ impl IoctlCounts {
     }
 }
 
-/// Exits without an emulation failure after which GPRs and SREGS leave the
-/// sync set. Keeping them costs ~220 ns per exit, missing them a
-/// KVM_GET_REGS and a KVM_GET_SREGS (~4-5 us each on PVM hosts): after
-/// about that many exits' worth of copies, stop paying (so a guest pays at
-/// most about twice the better choice).
-pub const SYNC_IDLE_EXITS: u32 = 32;
-
-/// Whether GPRs and SREGS are in the run page's sync set, and for how long
-/// no exit has needed them.
-struct RegSync {
-    synced: bool,
-    idle_exits: u32,
-    /// `--trace` records RIP and the mode of every exit: never drop them.
-    keep: bool,
-}
-
-impl RegSync {
-    /// After an exit: a stretch without emulation drops both from the set.
-    #[inline]
-    fn after_exit(&mut self, fd: &mut VcpuFd, emulation: bool) {
-        if !self.synced || self.keep {
-            return;
-        }
-        if emulation {
-            self.idle_exits = 0;
-            return;
-        }
-        self.idle_exits += 1;
-        if self.idle_exits >= SYNC_IDLE_EXITS {
-            fd.clear_sync_valid_reg(SyncReg::Register);
-            fd.clear_sync_valid_reg(SyncReg::SystemRegister);
-            self.synced = false;
-        }
-    }
-
-    /// Makes the run page's GPRs and SREGS current for this exit: synced
-    /// by KVM, or fetched (and synced from the next exit on).
-    fn ensure(
-        &mut self,
-        fd: &mut VcpuFd,
-        ioctls: &mut IoctlCounts,
-    ) -> Result<(), (&'static str, kvm_ioctls::Error)> {
-        if self.synced {
-            return Ok(());
-        }
-        let regs = fd.get_regs().map_err(|e| ("KVM_GET_REGS", e))?;
-        let sregs = fd.get_sregs().map_err(|e| ("KVM_GET_SREGS", e))?;
-        ioctls.get_regs += 1;
-        ioctls.get_sregs += 1;
-        let page = fd.sync_regs_mut();
-        page.regs = regs;
-        page.sregs = sregs;
-        fd.set_sync_valid_reg(SyncReg::Register);
-        fd.set_sync_valid_reg(SyncReg::SystemRegister);
-        self.synced = true;
-        self.idle_exits = 0;
-        Ok(())
-    }
-}
+use sync::RegSync;
+pub use sync::{QUIET_AFTER, SYNC_IDLE_EXITS};
 
 pub struct Vcpu {
     pub id: u8,
@@ -133,25 +73,16 @@ pub struct Vcpu {
 
 impl Vcpu {
     pub fn new(id: u8, mut fd: VcpuFd, shared: Arc<Shared>, emulator: Emulator) -> Self {
-        // GPRs and SREGS start in the sync set, so a guest that emulates
-        // from the start never fetches them; one that does not drops them
-        // after SYNC_IDLE_EXITS exits (see the module comment).
-        fd.set_sync_valid_reg(SyncReg::Register);
-        fd.set_sync_valid_reg(SyncReg::SystemRegister);
         fd.clear_sync_valid_reg(SyncReg::VcpuEvents);
         let stats = shared.stats.then(crate::stats::ExitStats::new);
-        let keep = shared.tracer.is_some();
+        let sync = RegSync::new(&mut fd, shared.tracer.is_some());
         Vcpu {
             id,
             fd,
             shared,
             emulator,
             stats,
-            sync: RegSync {
-                synced: true,
-                idle_exits: 0,
-                keep,
-            },
+            sync,
             ioctls: IoctlCounts::default(),
         }
     }
@@ -161,6 +92,11 @@ impl Vcpu {
         let mut c = self.ioctls;
         c.add(&self.emulator.ioctl_counts());
         c
+    }
+
+    /// KVM_RUNs that had SREGS copied into the run page.
+    pub fn sregs_copies(&self) -> u64 {
+        self.sync.sregs_copies
     }
 
     /// This vCPU's exit latencies and emulated instructions per mnemonic
@@ -204,6 +140,7 @@ impl Vcpu {
             if self.shared.stopping() {
                 return None;
             }
+            self.sync.before_run(&mut self.fd);
             let t0 = timing.then(Instant::now);
             if let Err(e) = self.fd.run() {
                 if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN {
@@ -218,12 +155,18 @@ impl Vcpu {
             // The RIP the exit happened at (only to group an emulated
             // instruction's exits in the statistics; free while synced).
             let exit_rip = (timing && self.sync.synced).then(|| self.fd.sync_regs_mut().regs.rip);
+            // Where the exit happened, for the SREGS guess (free while synced).
+            let rip = self.sync.synced.then(|| self.fd.sync_regs().regs.rip);
             let exit = run_page::decode(self.fd.get_kvm_run());
             let reason = exit.reason();
+            let site = rip.map(|rip| sync::site(rip, &exit));
             let mut rec = self.shared.tracer.as_ref().map(|_| TraceRecord::of(&exit));
             let action = handle_exit(exit, &self.shared.buses);
-            self.sync
-                .after_exit(&mut self.fd, matches!(action, ExitAction::Emulate { .. }));
+            self.sync.after_exit(
+                &mut self.fd,
+                matches!(action, ExitAction::Emulate { .. }),
+                site,
+            );
             if let Some(rec) = &mut rec {
                 let s = self.fd.sync_regs_mut();
                 rec.set_regs(&s.regs, &s.sregs);
@@ -285,9 +228,7 @@ impl Vcpu {
     /// (into the `--stats` histograms, which the bench turns on).
     pub fn run_bare(&mut self) -> Option<VmEnd> {
         let id = self.id;
-        self.fd.clear_sync_valid_reg(SyncReg::Register);
-        self.fd.clear_sync_valid_reg(SyncReg::SystemRegister);
-        self.sync.synced = false;
+        self.sync.drop_all(&mut self.fd);
         loop {
             if self.shared.stopping() {
                 return None;

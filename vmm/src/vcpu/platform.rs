@@ -3,7 +3,10 @@
 
 use crate::bus::{BusAction, MmioBus};
 use emul::{Platform, PlatformError};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+    MemoryRegionAddress,
+};
 
 pub struct GuestPhys<'a> {
     pub mem: &'a GuestMemoryMmap,
@@ -13,46 +16,45 @@ pub struct GuestPhys<'a> {
 }
 
 impl GuestPhys<'_> {
-    /// Whether `[gpa, gpa+len)` is RAM. The emulator never crosses a page,
-    /// and RAM regions are page-aligned, so checking both ends suffices.
-    fn is_ram(&self, gpa: u64, len: usize) -> bool {
-        let last = gpa.saturating_add(len.max(1) as u64 - 1);
-        self.mem.address_in_range(GuestAddress(gpa))
-            && self.mem.address_in_range(GuestAddress(last))
+    /// The RAM region holding `[gpa, gpa+len)` and gpa's offset in it. The
+    /// emulator never crosses a page and RAM regions are page-aligned, so
+    /// one region holds the whole access or none does; one lookup (this is
+    /// every page-table entry of a walk).
+    #[inline]
+    fn ram(&self, gpa: u64, len: usize) -> Option<(&GuestRegionMmap, MemoryRegionAddress)> {
+        let region = self.mem.find_region(GuestAddress(gpa))?;
+        let at = region.to_region_addr(GuestAddress(gpa))?;
+        let last = at.0.checked_add(len.max(1) as u64 - 1)?;
+        region
+            .address_in_range(MemoryRegionAddress(last))
+            .then_some((region, at))
     }
-}
 
-impl GuestPhys<'_> {
     /// Reads guest RAM only (no device is touched).
     pub fn read_ram(&self, gpa: u64, buf: &mut [u8]) -> Result<(), PlatformError> {
-        if !self.is_ram(gpa, buf.len()) {
+        let Some((region, at)) = self.ram(gpa, buf.len()) else {
             return Err(PlatformError {
                 gpa,
                 len: buf.len(),
                 reason: "not guest RAM",
             });
-        }
-        self.mem
-            .read_slice(buf, GuestAddress(gpa))
-            .map_err(|_| PlatformError {
-                gpa,
-                len: buf.len(),
-                reason: "guest RAM read failed",
-            })
+        };
+        region.read_slice(buf, at).map_err(|_| PlatformError {
+            gpa,
+            len: buf.len(),
+            reason: "guest RAM read failed",
+        })
     }
 }
 
 impl Platform for GuestPhys<'_> {
     fn read_phys(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), PlatformError> {
-        if self.is_ram(gpa, buf.len()) {
-            return self
-                .mem
-                .read_slice(buf, GuestAddress(gpa))
-                .map_err(|_| PlatformError {
-                    gpa,
-                    len: buf.len(),
-                    reason: "guest RAM read failed",
-                });
+        if let Some((region, at)) = self.ram(gpa, buf.len()) {
+            return region.read_slice(buf, at).map_err(|_| PlatformError {
+                gpa,
+                len: buf.len(),
+                reason: "guest RAM read failed",
+            });
         }
         // Split across the devices and gaps the bytes fall in.
         self.mmio.read(gpa, buf);
@@ -60,15 +62,12 @@ impl Platform for GuestPhys<'_> {
     }
 
     fn write_phys(&mut self, gpa: u64, buf: &[u8]) -> Result<(), PlatformError> {
-        if self.is_ram(gpa, buf.len()) {
-            return self
-                .mem
-                .write_slice(buf, GuestAddress(gpa))
-                .map_err(|_| PlatformError {
-                    gpa,
-                    len: buf.len(),
-                    reason: "guest RAM write failed",
-                });
+        if let Some((region, at)) = self.ram(gpa, buf.len()) {
+            return region.write_slice(buf, at).map_err(|_| PlatformError {
+                gpa,
+                len: buf.len(),
+                reason: "guest RAM write failed",
+            });
         }
         // Split across the devices and gaps the bytes fall in.
         if let stop @ BusAction::Stop { .. } = self.mmio.write(gpa, buf) {
