@@ -17,7 +17,7 @@ use crate::address::{gpr_value, linear_from_effective};
 use crate::cpu::CpuState;
 use crate::paging::{translate, Access};
 use crate::platform::{Platform, VectorState};
-use crate::stub::{MAX_INSN_LEN, XSAVE_AREA_SIZE};
+use crate::stub::MAX_INSN_LEN;
 use crate::vregs::read_vec;
 
 /// Where MMX register n lives in the legacy region (ST(n)'s mantissa).
@@ -117,10 +117,7 @@ impl Emulator {
         let mut gprs = cpu.gprs;
         gprs.rdi = self.stub.bounce_exec_addr() + off as u64;
         gprs.rflags &= !crate::cpu::RFLAGS_AC;
-        let n = image.len().min(XSAVE_AREA_SIZE);
-        let area = self.stub.guest_xsave_mut();
-        area[..n].copy_from_slice(&image[..n]);
-        area[n..].fill(0);
+        let n = self.stub.load_guest_image(image);
         let ran = self.stub.run_with_vector(&code[..len], &mut gprs);
         map_run(cpu, ran)?;
         let after = &self.stub.guest_xsave()[..n];

@@ -14,7 +14,7 @@ use crate::paging::WalkError;
 use crate::platform::{Platform, PlatformError, VectorState};
 use crate::reencode::Reencoder;
 use crate::stub::shape::HostShape;
-use crate::stub::{StubBuf, StubError, StubRunError, MAX_INSN_LEN, XSAVE_AREA_SIZE};
+use crate::stub::{StubBuf, StubError, StubRunError, MAX_INSN_LEN};
 use crate::writeback::{element_mask, XsaveLayout};
 
 mod cache;
@@ -457,10 +457,7 @@ impl Emulator {
         }
         if class.vector {
             let image = vec.image()?;
-            let n = image.len().min(XSAVE_AREA_SIZE);
-            let area = self.stub.guest_xsave_mut();
-            area[..n].copy_from_slice(&image[..n]);
-            area[n..].fill(0);
+            let n = self.stub.load_guest_image(image);
             let ran = self.stub.run_with_vector(&code[..len], &mut gprs);
             // After #XM or #MF the image holds the state the exception left
             // (MXCSR's flags, a pending x87 exception), which the guest sees
@@ -530,10 +527,7 @@ impl Emulator {
             let Ok(image) = vec.image() else {
                 return pf;
             };
-            let n = image.len().min(XSAVE_AREA_SIZE);
-            let area = self.stub.guest_xsave_mut();
-            area[..n].copy_from_slice(&image[..n]);
-            area[n..].fill(0);
+            self.stub.load_guest_image(image);
             self.stub.run_with_vector(&code[..len], &mut gprs)
         } else {
             self.stub.run(&code[..len], &mut gprs)

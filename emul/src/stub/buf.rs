@@ -27,6 +27,8 @@ pub struct StubBuf {
     mxcsr_mask: u32,
     /// The XSAVE components a vector run switches (0: vector runs refused).
     vec_mask: u64,
+    /// Bytes of a standard-format image a vector run reads and writes.
+    vector_span: usize,
     /// The stub left built by the last run. Guests repeat instructions (a
     /// loop over MMIO), and rewriting code that just ran costs a
     /// self-modifying-code pipeline flush, so an identical request reuses it.
@@ -68,6 +70,19 @@ fn host_mxcsr_mask() -> u32 {
     } else {
         mask
     }
+}
+
+/// The end of the last component in `mask` in a standard-format XSAVE
+/// image (CPUID leaf 0xD), at least the legacy area and header.
+fn vector_span(mask: u64) -> usize {
+    let mut end = XSAVE_HEADER_OFFSET + 64;
+    for i in 2..63 {
+        if mask & (1 << i) != 0 {
+            let leaf = core::arch::x86_64::__cpuid_count(0xd, i);
+            end = end.max(leaf.ebx as usize + leaf.eax as usize);
+        }
+    }
+    end.min(XSAVE_AREA_SIZE)
 }
 
 /// The host's XCR0, or 0 when the OS has not enabled XSAVE.
@@ -142,8 +157,24 @@ impl StubBuf {
             xcr0,
             mxcsr_mask: host_mxcsr_mask(),
             vec_mask,
+            vector_span: vector_span(vec_mask),
             cached: None,
         })
+    }
+
+    /// Loads `image` (standard format) as the guest state the next vector
+    /// run switches to. Only the legacy area, the header and the components
+    /// the run switches are copied (832 bytes of 4 KiB on an AVX2 host):
+    /// XRSTOR and XSAVE touch nothing else, and each cache line copied
+    /// after a KVM_RUN is a miss. Returns how many bytes of the image the
+    /// run uses; compare and write back that many from
+    /// [`guest_xsave`](Self::guest_xsave).
+    pub fn load_guest_image(&mut self, image: &[u8]) -> usize {
+        let n = image.len().min(self.vector_span);
+        let area = self.region.guest_xsave_mut();
+        area[..n].copy_from_slice(&image[..n]);
+        area[n..self.vector_span].fill(0);
+        n
     }
 
     /// The MXCSR bits this CPU accepts (FXSAVE's MXCSR_MASK).
