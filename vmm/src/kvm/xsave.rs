@@ -6,20 +6,23 @@
 use emul::{PlatformError, VectorState};
 use kvm_bindings::kvm_xsave;
 use kvm_ioctls::VcpuFd;
+use zerocopy::IntoBytes;
 
 /// Size of the legacy KVM_GET_XSAVE area.
 pub const XSAVE_SIZE: usize = 4096;
 
 /// A per-vCPU XSAVE image buffer, reused across exits (no allocation on the
-/// exit path).
+/// exit path). It is KVM's own `kvm_xsave`, which the emulator reads and
+/// writes as bytes in place (zerocopy): no conversion after KVM_GET_XSAVE
+/// or before KVM_SET_XSAVE.
 pub struct XsaveBuf {
-    bytes: Box<[u8; XSAVE_SIZE]>,
+    xsave: Box<kvm_xsave>,
 }
 
 impl Default for XsaveBuf {
     fn default() -> Self {
         XsaveBuf {
-            bytes: Box::new([0; XSAVE_SIZE]),
+            xsave: Box::default(),
         }
     }
 }
@@ -77,30 +80,23 @@ impl<'a> KvmVectorState<'a> {
         if !self.dirty {
             return Ok(false);
         }
-        let mut x = kvm_xsave::default();
-        for (word, chunk) in x.region.iter_mut().zip(self.buf.bytes.chunks_exact(4)) {
-            *word = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
-        }
-        // SAFETY: `x` is a complete legacy 4096-byte kvm_xsave; the VM never
-        // enabled XSAVE2-sized state (AMX), so KVM reads nothing beyond it.
-        unsafe { self.fd.set_xsave(&x) }.map(|()| true)
+        // SAFETY: the buffer is a complete legacy 4096-byte kvm_xsave; the VM
+        // never enabled XSAVE2-sized state (AMX), so KVM reads nothing beyond it.
+        unsafe { self.fd.set_xsave(&self.buf.xsave) }.map(|()| true)
     }
 }
 
 impl VectorState for KvmVectorState<'_> {
     fn image(&mut self) -> Result<&mut [u8], PlatformError> {
         if !self.fetched {
-            let x = self.fd.get_xsave().map_err(|_| PlatformError {
+            *self.buf.xsave = self.fd.get_xsave().map_err(|_| PlatformError {
                 gpa: 0,
                 len: XSAVE_SIZE,
                 reason: "KVM_GET_XSAVE failed",
             })?;
-            for (chunk, word) in self.buf.bytes.chunks_exact_mut(4).zip(x.region.iter()) {
-                chunk.copy_from_slice(&word.to_le_bytes());
-            }
             self.fetched = true;
         }
-        Ok(&mut self.buf.bytes[..])
+        Ok(self.buf.xsave.region.as_mut_bytes())
     }
 
     fn mark_dirty(&mut self) {
