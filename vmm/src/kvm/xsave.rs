@@ -15,16 +15,9 @@ pub const XSAVE_SIZE: usize = 4096;
 /// exit path). It is KVM's own `kvm_xsave`, which the emulator reads and
 /// writes as bytes in place (zerocopy): no conversion after KVM_GET_XSAVE
 /// or before KVM_SET_XSAVE.
+#[derive(Default)]
 pub struct XsaveBuf {
     xsave: Box<kvm_xsave>,
-}
-
-impl Default for XsaveBuf {
-    fn default() -> Self {
-        XsaveBuf {
-            xsave: Box::default(),
-        }
-    }
 }
 
 /// One exit's lazy view of the vector state.
