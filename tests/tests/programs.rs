@@ -46,6 +46,7 @@ const TESTED_ELSEWHERE: &[&str] = &[
     "xcr0-user",
     "ts-user",
     "em-user",
+    "controls-user",
 ];
 
 program_tests! {

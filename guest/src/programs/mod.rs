@@ -58,6 +58,7 @@ const CATALOGUE: &[(&str, Builder)] = &[
     ("xcr0-user", xstate::xcr0_user),
     ("ts-user", xstate::ts_user),
     ("em-user", xstate::em_user),
+    ("controls-user", xstate::controls_user),
     ("exactness", exactness::exactness),
     ("kvm-defects", exactness::kvm_defects),
     ("multiboot-info", testdev::multiboot_info),

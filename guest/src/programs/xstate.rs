@@ -261,7 +261,8 @@ pub fn vector_across_exits() -> Result<Program, IcedError> {
 /// the CPU runs CPL 3 code under another XCR0 (PVM). Reports the CPL 3
 /// XGETBV, the three RAM outcomes, the three MMIO outcomes (exception
 /// vectors, 0xff: none), the low quadword the last MMIO load left, and the
-/// XSTATE_BV of an XSAVE (EDX:EAX = x87|SSE|AVX) to RAM, then to MMIO.
+/// XSTATE_BV of an XSAVE to RAM, then to MMIO, with EDX:EAX = x87|SSE|AVX,
+/// then 0x2e7 (also AVX-512 and PKRU).
 pub fn xcr0_user() -> Result<Program, IcedError> {
     const DATA: u64 = 0x0bad_cafe_f00d_d00d;
     let image = assemble(Mode::Long, LOAD_ADDR, |a| {
@@ -315,14 +316,18 @@ pub fn xcr0_user() -> Result<Program, IcedError> {
         // MMIO: the XSTATE_BV each wrote (AVX's bit only if XCR0 has it;
         // YMM1's upper half is non-zero if a VEX.256 load completed: the
         // last load of each round is the VEX.256 one).
+        // Then with PKRU and the AVX-512 components asked for too (0x2e7,
+        // no AMX: its 8 KiB would not fit): the host's XCR0 has PKRU.
         a.and(rsp, -64)?;
-        a.sub(rsp, 1024)?;
-        for base in [rsp, rbx] {
-            a.mov(eax, 7)?;
-            a.xor(edx, edx)?;
-            a.xsave64(ptr(base))?;
-            a.mov(rax, qword_ptr(base + XSAVE_HEADER))?;
-            sys_report(a, rax)?;
+        a.sub(rsp, 4096)?;
+        for rfbm in [7, 0x2e7] {
+            for base in [rsp, rbx] {
+                a.mov(eax, rfbm)?;
+                a.xor(edx, edx)?;
+                a.xsave64(ptr(base))?;
+                a.mov(rax, qword_ptr(base + XSAVE_HEADER))?;
+                sys_report(a, rax)?;
+            }
         }
         sys_exit(a, EXIT_PASS)?;
         k.finish(a)
@@ -418,4 +423,82 @@ pub fn em_user() -> Result<Program, IcedError> {
         1 << 2,
         "CPL 3 after the kernel set CR0.EM: SSE, AVX and x87 loads from MMIO end as the same loads from RAM",
     )
+}
+
+/// `controls-user`: the kernel clears CR4.OSXMMEXCPT (CR0.AM is already
+/// clear at entry), then at CPL 3, first from RAM, natively, then from
+/// MMIO: `divss` by 0.0 with ZM unmasked (#XM with OSXMMEXCPT, #UD
+/// without), and with RFLAGS.AC set a misaligned `fld` (#AC only with
+/// CR0.AM). Each MMIO outcome must equal its RAM twin's. Reports the four
+/// exception vectors (0xff: none): divss RAM, divss MMIO, fld RAM, fld MMIO.
+pub fn controls_user() -> Result<Program, IcedError> {
+    const ONE_F32: u32 = 0x3f80_0000;
+    let image = assemble(Mode::Long, LOAD_ADDR, |a| {
+        let k = Kernel64::new(a)?;
+        let mut user = a.create_label();
+        k.setup(a)?;
+        a.mov(rbx, BENCH_MMIO)?;
+        for i in 0..4 {
+            a.mov(qword_ptr(rbx + 8 * i), 0)?;
+        }
+        a.mov(rax, cr4)?;
+        a.and(eax, !(1u32 << 10) as i32)?;
+        a.mov(cr4, rax)?;
+        k.enter_user(a, user)?;
+        a.set_label(&mut user)?;
+        a.sub(rsp, 64)?;
+        a.and(rsp, -64)?;
+        for i in 0..4 {
+            a.mov(qword_ptr(rsp + 8 * i), 0)?;
+        }
+        a.mov(rsi, rsp)?;
+        let resume_at = |a: &mut Asm, emit: &dyn Fn(&mut Asm) -> AsmResult| -> AsmResult {
+            let mut resume = a.create_label();
+            a.mov(qword_ptr(k.exc_vector), NONE)?;
+            a.lea(rax, ptr(resume))?;
+            a.mov(qword_ptr(k.resume_rip), rax)?;
+            emit(a)?;
+            a.set_label(&mut resume)?;
+            // RFLAGS.AC off before the kernel's (unaligned) variables.
+            a.pushfq()?;
+            a.and(qword_ptr(rsp), !(1i32 << 18))?;
+            a.popfq()?;
+            a.mov(qword_ptr(k.resume_rip), 0)?;
+            a.mov(rax, qword_ptr(k.exc_vector))?;
+            sys_report(a, rax)
+        };
+        for base in [rsi, rbx] {
+            resume_at(a, &|a| {
+                a.mov(eax, ONE_F32)?;
+                a.movd(xmm1, eax)?;
+                a.mov(dword_ptr(rsp + 32), MXCSR_ZM_CLEAR)?;
+                a.ldmxcsr(dword_ptr(rsp + 32))?;
+                a.divss(xmm1, dword_ptr(base))
+            })?;
+            a.mov(dword_ptr(rsp + 32), 0x1f80)?;
+            a.ldmxcsr(dword_ptr(rsp + 32))?;
+        }
+        for base in [rsi, rbx] {
+            resume_at(a, &|a| {
+                a.pushfq()?;
+                a.or(qword_ptr(rsp), 1 << 18)?;
+                a.popfq()?;
+                a.fld(qword_ptr(base + 1))
+            })?;
+            a.fninit()?;
+        }
+        sys_exit(a, EXIT_PASS)?;
+        k.finish(a)
+    })?;
+    Ok(Program::new(
+        "controls-user",
+        "CPL 3 with CR4.OSXMMEXCPT and CR0.AM clear: #XM/#UD and #AC from MMIO end as from RAM",
+        Mode::Long,
+        LOAD_ADDR,
+        image,
+        // The platform decides the outcomes (tests/tests/emulation.rs
+        // compares MMIO with RAM).
+        expect(status_of(EXIT_PASS), "", None),
+    )
+    .with_mmio_ram(vec![(BENCH_MMIO, BENCH_MMIO_SIZE)]))
 }

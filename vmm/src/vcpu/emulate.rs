@@ -58,7 +58,8 @@ pub struct Emulator {
     /// on PVM: CPL 0 code is interpreted, and CPL 3 code runs under the
     /// host's control state (see [`host_controls`]).
     cpu_checks_xcr0: bool,
-    /// On PVM, the host's XCR0: what 64-bit CPL 3 code runs under.
+    /// On PVM, the host's XCR0 (what 64-bit CPL 3 code runs under) within
+    /// the components the VMM switches (see [`host_controls`]).
     pvm_user_xcr0: Option<u64>,
 }
 
@@ -77,7 +78,8 @@ impl Emulator {
             per_mnemonic: stats.then(|| vec![0; Mnemonic::values().count()]),
             ioctls: IoctlCounts::default(),
             cpu_checks_xcr0: !crate::kvm::is_pvm(),
-            pvm_user_xcr0: crate::kvm::is_pvm().then(emul::stub::host_xcr0),
+            pvm_user_xcr0: crate::kvm::is_pvm()
+                .then(|| emul::stub::host_xcr0() & emul::stub::VECTOR_XFEATURES),
         })
     }
 
@@ -405,18 +407,23 @@ pub fn cpu_state(r: &kvm_regs, s: &kvm_sregs, max_phys_bits: u8) -> CpuState {
     }
 }
 
-/// PVM runs 64-bit CPL 3 code natively under the host's CR0.EM/TS,
-/// CR4.OSFXSR/OSXSAVE and XCR0, whatever the guest's kernel set
-/// (kvm-facts.md). Measured on AMD EPYC Zen 3 under PVM by the xcr0-user,
-/// ts-user and em-user guests: XGETBV at CPL 3 returns the host's 0x207
-/// after the kernel's XSETBV of 3, SSE, AVX and x87 loads from RAM
-/// complete with CR0.TS or CR0.EM set, and XSAVE's XSTATE_BV has AVX's
-/// bit. An instruction the VMM completes for that code sees the same
-/// control state, so its MMIO accesses end as its RAM accesses do.
+/// PVM runs 64-bit CPL 3 code natively under the host's CR0 (EM, TS, AM),
+/// CR4 (OSFXSR, OSXMMEXCPT, OSXSAVE) and XCR0, whatever the guest's kernel
+/// set (kvm-facts.md). Measured on AMD EPYC Zen 3 under PVM by the
+/// xcr0-user, ts-user, em-user and controls-user guests: XGETBV at CPL 3
+/// returns the host's 0x207 after the kernel's XSETBV of 3; SSE, AVX and
+/// x87 loads from RAM complete with CR0.TS or CR0.EM set; `divss` by zero
+/// from RAM raises #XM with CR4.OSXMMEXCPT clear; a misaligned `fld` with
+/// RFLAGS.AC raises #AC with CR0.AM clear. An instruction the VMM completes
+/// for that code sees the same control state, so its MMIO accesses end as
+/// its RAM accesses do; the stub runs under the host's state anyway, so
+/// what the host raises the guest gets. XCR0 is the host's within the
+/// components the VMM switches: a native XSAVE there also saves PKRU, which
+/// the emulator's XSAVE leaves out (README: Behaviours that differ).
 fn host_controls(cpu: &mut CpuState, host_xcr0: u64) {
-    use emul::cpu::{CR0_EM, CR0_TS, CR4_OSFXSR, CR4_OSXSAVE};
-    cpu.cr0 &= !(CR0_EM | CR0_TS);
-    cpu.cr4 |= CR4_OSFXSR;
+    use emul::cpu::{CR0_AM, CR0_EM, CR0_TS, CR4_OSFXSR, CR4_OSXMMEXCPT, CR4_OSXSAVE};
+    cpu.cr0 = (cpu.cr0 & !(CR0_EM | CR0_TS)) | CR0_AM;
+    cpu.cr4 |= CR4_OSFXSR | CR4_OSXMMEXCPT;
     if host_xcr0 != 0 {
         cpu.cr4 |= CR4_OSXSAVE;
     }

@@ -430,6 +430,9 @@ impl Vcpu {
 
     /// What the guest last did before a triple fault (see `diagnose`).
     fn triple_fault_clue(&mut self) -> String {
+        // The run page's registers may be from an earlier exit (SREGS are
+        // not synced on every one); a failed fetch leaves them as they are.
+        let _ = self.sync.ensure(&mut self.fd, &mut self.ioctls);
         let sync = self.fd.sync_regs();
         let cpu = emulate::cpu_state(&sync.regs, &sync.sregs, self.emulator.max_phys_bits());
         let mut phys = platform::GuestPhys {
