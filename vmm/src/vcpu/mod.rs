@@ -433,6 +433,11 @@ impl Vcpu {
         // The run page's registers may be from an earlier exit (SREGS are
         // not synced on every one); a failed fetch leaves them as they are.
         let _ = self.sync.ensure(&mut self.fd, &mut self.ioctls);
+        // Events are never synced: read them for the clue (not written back).
+        if let Ok(events) = self.fd.get_vcpu_events() {
+            self.ioctls.get_events += 1;
+            self.fd.sync_regs_mut().events = events;
+        }
         let sync = self.fd.sync_regs();
         let cpu = emulate::cpu_state(&sync.regs, &sync.sregs, self.emulator.max_phys_bits());
         let mut phys = platform::GuestPhys {
