@@ -465,11 +465,9 @@ fn cpl3_simd_exception_and_alignment_check_on_mmio_end_as_on_ram() {
         r[0], r[1], r[2], r[3]
     );
     if common::kvm_kind().cpl0_native() {
-        assert_eq!(
-            [r[0], r[2]],
-            [6, NO_EXCEPTION],
-            "the guest's CR4 and CR0 apply"
-        );
+        // The guest's CR0.AM is clear. (Its OSXMMEXCPT decides #UD for
+        // divss, except on QEMU's TCG, which raises no #XM at all.)
+        assert_eq!(r[2], NO_EXCEPTION, "the guest's CR0 applies");
     }
     assert_eq!(r[1], r[0], "divss by zero: MMIO against RAM");
     assert_eq!(r[3], r[2], "misaligned fld with AC: MMIO against RAM");
