@@ -157,3 +157,43 @@ fn zero_iterations_are_refused() {
     let out = common::vmm(&["bench", "--iters", "0"]);
     assert_eq!(common::status(&out), 2);
 }
+
+/// `--only` runs the groups holding the named paths (their floors come
+/// along) and nothing else; an unknown name is an error that names it.
+#[test]
+fn only_runs_the_named_paths_groups() {
+    let dir = common::scratch("only");
+    let json = dir.join("bench.json");
+    let json_arg = json.display().to_string();
+    let argv = [
+        "bench",
+        "--iters",
+        "50",
+        "--runs",
+        "1",
+        "--only",
+        "pio,in-kernel",
+        "--json",
+        &json_arg,
+    ];
+    let out = common::vmm(&argv);
+    assert_eq!(
+        common::status(&out),
+        0,
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let names: Vec<&str> = v["paths"]
+        .as_array()
+        .expect("paths array")
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    assert_eq!(names, ["floor-pio", "same-image-pio", "pio", "in-kernel"]);
+
+    let out = common::vmm(&["bench", "--only", "pio,no-such-path"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(common::status(&out), 0, "{stderr}");
+    assert!(stderr.contains("\"no-such-path\""), "{stderr}");
+}
