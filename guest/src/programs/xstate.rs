@@ -407,7 +407,7 @@ fn cr0_user(name: &'static str, cr0_bit: u32, what: &'static str) -> Result<Prog
     .with_mmio_ram(vec![(BENCH_MMIO, BENCH_MMIO_SIZE)]))
 }
 
-/// CR0.TS (bit 3); see [`cr0_user`].
+/// CR0.TS (bit 3): SSE, AVX and x87 loads from MMIO end as from RAM.
 pub fn ts_user() -> Result<Program, IcedError> {
     cr0_user(
         "ts-user",
@@ -416,7 +416,7 @@ pub fn ts_user() -> Result<Program, IcedError> {
     )
 }
 
-/// CR0.EM (bit 2); see [`cr0_user`].
+/// CR0.EM (bit 2): SSE, AVX and x87 loads from MMIO end as from RAM.
 pub fn em_user() -> Result<Program, IcedError> {
     cr0_user(
         "em-user",

@@ -5,7 +5,7 @@
 //!
 //! What KVM copies into the run page on every exit (KVM_CAP_SYNC_REGS) is
 //! kept to what exits use, because each class costs on every exit (see
-//! [`sync`]): GPRs and SREGS only while the guest keeps emulating, SREGS
+//! `sync.rs`): GPRs and SREGS only while the guest keeps emulating, SREGS
 //! only for exits that may be emulation failures, events never (injecting
 //! an exception reads them with KVM_GET_VCPU_EVENTS and writes them back
 //! through the run page). Rare paths (error messages, HLT, the halt probe)
