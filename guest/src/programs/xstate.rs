@@ -253,6 +253,53 @@ pub fn vector_across_exits() -> Result<Program, IcedError> {
     .with_mmio_ram(vec![(BENCH_MMIO, BENCH_MMIO_SIZE)]))
 }
 
+/// A long-mode program with MMIO RAM at [`BENCH_MMIO`] whose outcomes the
+/// platform decides: tests/tests/emulation.rs compares each MMIO outcome
+/// with its RAM twin's, so only the exit status is expected here.
+fn mmio_against_ram(name: &'static str, what: &'static str, image: Vec<u8>) -> Program {
+    Program::new(
+        name,
+        what,
+        Mode::Long,
+        LOAD_ADDR,
+        image,
+        expect(status_of(EXIT_PASS), "", None),
+    )
+    .with_mmio_ram(vec![(BENCH_MMIO, BENCH_MMIO_SIZE)])
+}
+
+/// Writes `data` to the four quadwords (32 bytes) at `base` (through RAX).
+fn fill_32(a: &mut Asm, base: AsmRegister64, data: u64) -> AsmResult {
+    a.mov(rax, data)?;
+    for i in 0..4 {
+        a.mov(qword_ptr(base + 8 * i), rax)?;
+    }
+    Ok(())
+}
+
+/// Runs what `emit` emits with the kernel set to resume after an exception
+/// it raises, then reports that exception's vector ([`NONE`] when none).
+/// RFLAGS.AC is cleared first at the resume point: the kernel's variables
+/// are not aligned.
+fn report_exception(
+    a: &mut Asm,
+    k: &Kernel64,
+    emit: impl FnOnce(&mut Asm) -> AsmResult,
+) -> AsmResult {
+    let mut resume = a.create_label();
+    a.mov(qword_ptr(k.exc_vector), NONE)?;
+    a.lea(rax, ptr(resume))?;
+    a.mov(qword_ptr(k.resume_rip), rax)?;
+    emit(a)?;
+    a.set_label(&mut resume)?;
+    a.pushfq()?;
+    a.and(qword_ptr(rsp), !(1i32 << 18))?;
+    a.popfq()?;
+    a.mov(qword_ptr(k.resume_rip), 0)?;
+    a.mov(rax, qword_ptr(k.exc_vector))?;
+    sys_report(a, rax)
+}
+
 /// `xcr0-user`: the kernel turns AVX state off (XSETBV, XCR0 = x87|SSE),
 /// then at CPL 3 the payload reads XCR0 with XGETBV and runs the same three
 /// loads (legacy SSE, VEX.128, VEX.256) first from RAM, natively, then from
@@ -270,10 +317,7 @@ pub fn xcr0_user() -> Result<Program, IcedError> {
         let mut user = a.create_label();
         k.setup(a)?;
         a.mov(rbx, BENCH_MMIO)?;
-        a.mov(rax, DATA)?;
-        for i in 0..4 {
-            a.mov(qword_ptr(rbx + 8 * i), rax)?;
-        }
+        fill_32(a, rbx, DATA)?;
         a.xor(ecx, ecx)?;
         a.mov(eax, 3)?;
         a.xor(edx, edx)?;
@@ -287,27 +331,16 @@ pub fn xcr0_user() -> Result<Program, IcedError> {
         sys_report(a, rax)?;
         // 32 bytes of RAM on the user stack.
         a.sub(rsp, 32)?;
-        a.mov(rax, DATA)?;
-        for i in 0..4 {
-            a.mov(qword_ptr(rsp + 8 * i), rax)?;
-        }
+        fill_32(a, rsp, DATA)?;
         a.mov(rsi, rsp)?;
         for base in [rsi, rbx] {
             a.pxor(xmm1, xmm1)?;
             for load in 0..3 {
-                let mut resume = a.create_label();
-                a.mov(qword_ptr(k.exc_vector), NONE)?;
-                a.lea(rax, ptr(resume))?;
-                a.mov(qword_ptr(k.resume_rip), rax)?;
-                match load {
-                    0 => a.movups(xmm1, xmmword_ptr(base))?,
-                    1 => a.vmovups(xmm1, xmmword_ptr(base))?,
-                    _ => a.vmovups(ymm1, ymmword_ptr(base))?,
-                }
-                a.set_label(&mut resume)?;
-                a.mov(qword_ptr(k.resume_rip), 0)?;
-                a.mov(rax, qword_ptr(k.exc_vector))?;
-                sys_report(a, rax)?;
+                report_exception(a, &k, |a| match load {
+                    0 => a.movups(xmm1, xmmword_ptr(base)),
+                    1 => a.vmovups(xmm1, xmmword_ptr(base)),
+                    _ => a.vmovups(ymm1, ymmword_ptr(base)),
+                })?;
             }
         }
         a.movq(rax, xmm1)?;
@@ -332,17 +365,7 @@ pub fn xcr0_user() -> Result<Program, IcedError> {
         sys_exit(a, EXIT_PASS)?;
         k.finish(a)
     })?;
-    Ok(Program::new(
-        "xcr0-user",
-        "CPL 3 after XSETBV turned AVX off: VEX and SSE loads from MMIO end as the same loads from RAM",
-        Mode::Long,
-        LOAD_ADDR,
-        image,
-        // The platform decides the XGETBV value and the VEX outcomes
-        // (tests/tests/emulation.rs compares MMIO with RAM).
-        expect(status_of(EXIT_PASS), "", None),
-    )
-    .with_mmio_ram(vec![(BENCH_MMIO, BENCH_MMIO_SIZE)]))
+    Ok(mmio_against_ram("xcr0-user", "CPL 3 after XSETBV turned AVX off: VEX and SSE loads from MMIO end as the same loads from RAM", image))
 }
 
 /// `ts-user` and `em-user`: the kernel sets CR0.TS (or CR0.EM), then at
@@ -359,52 +382,28 @@ fn cr0_user(name: &'static str, cr0_bit: u32, what: &'static str) -> Result<Prog
         let mut user = a.create_label();
         k.setup(a)?;
         a.mov(rbx, BENCH_MMIO)?;
-        a.mov(rax, DATA)?;
-        for i in 0..4 {
-            a.mov(qword_ptr(rbx + 8 * i), rax)?;
-        }
+        fill_32(a, rbx, DATA)?;
         a.mov(rax, cr0)?;
         a.or(eax, cr0_bit)?;
         a.mov(cr0, rax)?;
         k.enter_user(a, user)?;
         a.set_label(&mut user)?;
         a.sub(rsp, 32)?;
-        a.mov(rax, DATA)?;
-        for i in 0..4 {
-            a.mov(qword_ptr(rsp + 8 * i), rax)?;
-        }
+        fill_32(a, rsp, DATA)?;
         a.mov(rsi, rsp)?;
         for base in [rsi, rbx] {
             for load in 0..3 {
-                let mut resume = a.create_label();
-                a.mov(qword_ptr(k.exc_vector), NONE)?;
-                a.lea(rax, ptr(resume))?;
-                a.mov(qword_ptr(k.resume_rip), rax)?;
-                match load {
-                    0 => a.movups(xmm1, xmmword_ptr(base))?,
-                    1 => a.vmovups(ymm1, ymmword_ptr(base))?,
-                    _ => a.fld(qword_ptr(base))?,
-                }
-                a.set_label(&mut resume)?;
-                a.mov(qword_ptr(k.resume_rip), 0)?;
-                a.mov(rax, qword_ptr(k.exc_vector))?;
-                sys_report(a, rax)?;
+                report_exception(a, &k, |a| match load {
+                    0 => a.movups(xmm1, xmmword_ptr(base)),
+                    1 => a.vmovups(ymm1, ymmword_ptr(base)),
+                    _ => a.fld(qword_ptr(base)),
+                })?;
             }
         }
         sys_exit(a, EXIT_PASS)?;
         k.finish(a)
     })?;
-    Ok(Program::new(
-        name,
-        what,
-        Mode::Long,
-        LOAD_ADDR,
-        image,
-        // The platform decides the outcomes (tests/tests/emulation.rs
-        // compares MMIO with RAM).
-        expect(status_of(EXIT_PASS), "", None),
-    )
-    .with_mmio_ram(vec![(BENCH_MMIO, BENCH_MMIO_SIZE)]))
+    Ok(mmio_against_ram(name, what, image))
 }
 
 /// CR0.TS (bit 3): SSE, AVX and x87 loads from MMIO end as from RAM.
@@ -438,9 +437,7 @@ pub fn controls_user() -> Result<Program, IcedError> {
         let mut user = a.create_label();
         k.setup(a)?;
         a.mov(rbx, BENCH_MMIO)?;
-        for i in 0..4 {
-            a.mov(qword_ptr(rbx + 8 * i), 0)?;
-        }
+        fill_32(a, rbx, 0)?;
         a.mov(rax, cr4)?;
         a.and(eax, !(1u32 << 10) as i32)?;
         a.mov(cr4, rax)?;
@@ -448,27 +445,10 @@ pub fn controls_user() -> Result<Program, IcedError> {
         a.set_label(&mut user)?;
         a.sub(rsp, 64)?;
         a.and(rsp, -64)?;
-        for i in 0..4 {
-            a.mov(qword_ptr(rsp + 8 * i), 0)?;
-        }
+        fill_32(a, rsp, 0)?;
         a.mov(rsi, rsp)?;
-        let resume_at = |a: &mut Asm, emit: &dyn Fn(&mut Asm) -> AsmResult| -> AsmResult {
-            let mut resume = a.create_label();
-            a.mov(qword_ptr(k.exc_vector), NONE)?;
-            a.lea(rax, ptr(resume))?;
-            a.mov(qword_ptr(k.resume_rip), rax)?;
-            emit(a)?;
-            a.set_label(&mut resume)?;
-            // RFLAGS.AC off before the kernel's (unaligned) variables.
-            a.pushfq()?;
-            a.and(qword_ptr(rsp), !(1i32 << 18))?;
-            a.popfq()?;
-            a.mov(qword_ptr(k.resume_rip), 0)?;
-            a.mov(rax, qword_ptr(k.exc_vector))?;
-            sys_report(a, rax)
-        };
         for base in [rsi, rbx] {
-            resume_at(a, &|a| {
+            report_exception(a, &k, |a| {
                 a.mov(eax, ONE_F32)?;
                 a.movd(xmm1, eax)?;
                 a.mov(dword_ptr(rsp + 32), MXCSR_ZM_CLEAR)?;
@@ -479,7 +459,7 @@ pub fn controls_user() -> Result<Program, IcedError> {
             a.ldmxcsr(dword_ptr(rsp + 32))?;
         }
         for base in [rsi, rbx] {
-            resume_at(a, &|a| {
+            report_exception(a, &k, |a| {
                 a.pushfq()?;
                 a.or(qword_ptr(rsp), 1 << 18)?;
                 a.popfq()?;
@@ -490,15 +470,9 @@ pub fn controls_user() -> Result<Program, IcedError> {
         sys_exit(a, EXIT_PASS)?;
         k.finish(a)
     })?;
-    Ok(Program::new(
+    Ok(mmio_against_ram(
         "controls-user",
         "CPL 3 with CR4.OSXMMEXCPT and CR0.AM clear: #XM/#UD and #AC from MMIO end as from RAM",
-        Mode::Long,
-        LOAD_ADDR,
         image,
-        // The platform decides the outcomes (tests/tests/emulation.rs
-        // compares MMIO with RAM).
-        expect(status_of(EXIT_PASS), "", None),
-    )
-    .with_mmio_ram(vec![(BENCH_MMIO, BENCH_MMIO_SIZE)]))
+    ))
 }
