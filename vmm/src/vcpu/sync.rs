@@ -49,13 +49,51 @@ pub(super) struct RegSync {
     idle_exits: u32,
     /// `--trace` records RIP and the mode of every exit: never drop them.
     keep: bool,
+    guess: SregsGuess,
+    /// KVM_RUNs that asked for SREGS (`VmOutcome::sregs_copies`).
+    pub sregs_copies: u64,
+}
+
+/// Whether the exit after the one being served may be an emulation
+/// failure, learnt per exit site.
+struct SregsGuess {
     /// Per site, how many successors in a row were not emulation failures
     /// (saturating at [`QUIET_AFTER`]).
     quiet: [u8; SITES],
     /// The slot of the exit being served (`None` when GPRs were not synced).
     site: Option<usize>,
-    /// KVM_RUNs that asked for SREGS (`VmOutcome::sregs_copies`).
-    pub sregs_copies: u64,
+}
+
+impl SregsGuess {
+    const fn new() -> Self {
+        SregsGuess {
+            quiet: [0; SITES],
+            site: None,
+        }
+    }
+
+    /// An exit at `site` (`None`: unknown) follows the one being served.
+    fn learn(&mut self, emulation: bool, site: Option<usize>) {
+        if let Some(prev) = self.site {
+            let q = &mut self.quiet[prev];
+            *q = if emulation {
+                0
+            } else {
+                (*q + 1).min(QUIET_AFTER)
+            };
+        }
+        self.site = site;
+    }
+
+    /// Whether the next exit may need SREGS: unless the site being served
+    /// has been followed only by other exits [`QUIET_AFTER`] times in a row.
+    fn wants_sregs(&self) -> bool {
+        self.site.is_none_or(|s| self.quiet[s] < QUIET_AFTER)
+    }
+
+    fn forget_site(&mut self) {
+        self.site = None;
+    }
 }
 
 /// The predictor slot of an exit at `rip`.
@@ -83,8 +121,7 @@ impl RegSync {
             sregs_current: true,
             idle_exits: 0,
             keep,
-            quiet: [0; SITES],
-            site: None,
+            guess: SregsGuess::new(),
             sregs_copies: 0,
         }
     }
@@ -96,7 +133,7 @@ impl RegSync {
         self.synced = false;
         self.sregs_on = false;
         self.sregs_current = false;
-        self.site = None;
+        self.guess.forget_site();
     }
 
     /// After an exit at `site` (when GPRs were synced): learns whether the
@@ -107,15 +144,7 @@ impl RegSync {
         if !self.synced {
             return;
         }
-        if let Some(prev) = self.site {
-            let q = &mut self.quiet[prev];
-            *q = if emulation {
-                0
-            } else {
-                (*q + 1).min(QUIET_AFTER)
-            };
-        }
-        self.site = site;
+        self.guess.learn(emulation, site);
         if self.keep {
             return;
         }
@@ -136,7 +165,7 @@ impl RegSync {
         if !self.synced {
             return;
         }
-        let want = self.keep || self.site.is_none_or(|s| self.quiet[s] < QUIET_AFTER);
+        let want = self.keep || self.guess.wants_sregs();
         if want != self.sregs_on {
             if want {
                 fd.set_sync_valid_reg(SyncReg::SystemRegister);
@@ -187,6 +216,65 @@ mod tests {
             write: false,
             data: &mut [],
         }
+    }
+
+    /// `lock cmpxchg16b [mmio]` in a loop: two MMIO reads at its RIP, then
+    /// the failure. Once each site has had QUIET_AFTER quiet successors,
+    /// only the second read asks for SREGS (for the failure after it).
+    #[test]
+    fn an_instructions_mmio_exits_learn_to_go_without_sregs() {
+        let (rip, a) = (0x10_0040, 0xd000_0000);
+        let fail = site(
+            rip,
+            &Exit::EmulationFailure {
+                bytes: [0; 15],
+                len: 0,
+            },
+        );
+        let (read1, read2) = (site(rip, &mmio(a)), site(rip, &mmio(a + 8)));
+        let mut g = SregsGuess::new();
+        let mut asked = Vec::new();
+        for i in 0..=u32::from(QUIET_AFTER) + 2 {
+            for (emulation, s) in [(false, read1), (false, read2), (true, fail)] {
+                g.learn(emulation, Some(s));
+                if i > u32::from(QUIET_AFTER) {
+                    asked.push(g.wants_sregs());
+                }
+            }
+        }
+        // After: the first read, the second read, the failure.
+        assert_eq!(asked, [false, true, false, false, true, false]);
+    }
+
+    /// A failure after a quiet site resets it: the guess was wrong once and
+    /// the site asks for SREGS again until it has been quiet long enough.
+    #[test]
+    fn a_wrong_guess_resets_the_site() {
+        let port = |p| {
+            site(
+                0x2000,
+                &Exit::Io {
+                    port: p,
+                    size: 1,
+                    out: true,
+                    data: &mut [],
+                },
+            )
+        };
+        let (s, other) = (port(0x80), port(0x81));
+        let mut g = SregsGuess::new();
+        for _ in 0..QUIET_AFTER {
+            g.learn(false, Some(s));
+            g.learn(false, Some(other));
+        }
+        g.learn(false, Some(s));
+        assert!(!g.wants_sregs(), "quiet long enough: no SREGS");
+        g.learn(true, Some(other));
+        g.learn(false, Some(s));
+        assert!(g.wants_sregs(), "after the miss the site asks again");
+        // An exit whose site is unknown (GPRs not synced) always asks.
+        g.learn(false, None);
+        assert!(g.wants_sregs());
     }
 
     /// Sites differ by RIP, address and kind, and land in the table.
