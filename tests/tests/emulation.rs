@@ -437,12 +437,16 @@ fn cpl3_vector_loads_and_xsave_on_mmio_end_as_on_ram_after_xsetbv() {
     // Asking for PKRU completes too (the VMM switches x87, SSE, AVX and
     // AVX-512 only): on PVM the native XSAVE also saves the host's PKRU,
     // the one component the emulated one leaves out (README, Behaviours
-    // that differ); before, the guest's XCR0 left out more.
+    // that differ); the guest's XCR0 used to leave out AVX as well.
+    // Hi16_ZMM's bit is not compared either: on Intel a native XSAVE was
+    // seen to report it in use with zero registers where KVM's image has
+    // it clear (session 4's Intel run; open in issue 9).
     const PKRU: u64 = 1 << 9;
+    const HI16_ZMM: u64 = 1 << 7;
     assert_eq!(
-        bv_all_mmio,
-        bv_all_ram & !PKRU,
-        "XSTATE_BV of XSAVE 0x2e7 to MMIO against RAM (PKRU aside)"
+        bv_all_mmio & !HI16_ZMM,
+        bv_all_ram & !(PKRU | HI16_ZMM),
+        "XSTATE_BV of XSAVE 0x2e7 to MMIO against RAM (PKRU and Hi16_ZMM aside)"
     );
 }
 
