@@ -39,22 +39,28 @@ impl GuestPhys<'_> {
                 reason: "not guest RAM",
             });
         };
-        region.read_slice(buf, at).map_err(|_| PlatformError {
-            gpa,
-            len: buf.len(),
-            reason: "guest RAM read failed",
-        })
+        read_region(region, at, gpa, buf)
     }
+}
+
+/// Reads `buf` from `region` at `at` (guest-physical `gpa`, for the error).
+fn read_region(
+    region: &GuestRegionMmap,
+    at: MemoryRegionAddress,
+    gpa: u64,
+    buf: &mut [u8],
+) -> Result<(), PlatformError> {
+    region.read_slice(buf, at).map_err(|_| PlatformError {
+        gpa,
+        len: buf.len(),
+        reason: "guest RAM read failed",
+    })
 }
 
 impl Platform for GuestPhys<'_> {
     fn read_phys(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), PlatformError> {
         if let Some((region, at)) = self.ram(gpa, buf.len()) {
-            return region.read_slice(buf, at).map_err(|_| PlatformError {
-                gpa,
-                len: buf.len(),
-                reason: "guest RAM read failed",
-            });
+            return read_region(region, at, gpa, buf);
         }
         // Split across the devices and gaps the bytes fall in.
         self.mmio.read(gpa, buf);

@@ -41,11 +41,9 @@ const SITES: usize = 64;
 pub(super) struct RegSync {
     /// GPRs (and SREGS unless dropped for this exit) are in the sync set.
     pub synced: bool,
-    /// SREGS are asked for on the coming (or, while an exit is served, the
-    /// last) KVM_RUN.
+    /// SREGS are asked for on the coming KVM_RUN; while an exit is served,
+    /// the run page holds its SREGS (synced for it, or fetched since).
     sregs_on: bool,
-    /// The run page holds this exit's SREGS (synced, or fetched since).
-    sregs_current: bool,
     idle_exits: u32,
     /// `--trace` records RIP and the mode of every exit: never drop them.
     keep: bool,
@@ -118,7 +116,6 @@ impl RegSync {
         RegSync {
             synced: true,
             sregs_on: true,
-            sregs_current: true,
             idle_exits: 0,
             keep,
             guess: SregsGuess::new(),
@@ -132,7 +129,6 @@ impl RegSync {
         fd.clear_sync_valid_reg(SyncReg::SystemRegister);
         self.synced = false;
         self.sregs_on = false;
-        self.sregs_current = false;
         self.guess.forget_site();
     }
 
@@ -174,7 +170,6 @@ impl RegSync {
             }
             self.sregs_on = want;
         }
-        self.sregs_current = want;
         self.sregs_copies += u64::from(want);
     }
 
@@ -185,7 +180,7 @@ impl RegSync {
         fd: &mut VcpuFd,
         ioctls: &mut IoctlCounts,
     ) -> Result<(), (&'static str, kvm_ioctls::Error)> {
-        if self.synced && self.sregs_current {
+        if self.synced && self.sregs_on {
             return Ok(());
         }
         if !self.synced {
@@ -201,7 +196,6 @@ impl RegSync {
         fd.sync_regs_mut().sregs = sregs;
         fd.set_sync_valid_reg(SyncReg::SystemRegister);
         self.sregs_on = true;
-        self.sregs_current = true;
         Ok(())
     }
 }
