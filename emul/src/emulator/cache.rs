@@ -74,8 +74,7 @@ impl Emulator {
         let has_mem = (0..instr.op_count()).any(|i| instr.op_kind(i) == iced_x86::OpKind::Memory);
         let target = has_mem.then(|| self.stub.bounce_exec_addr() + offset as u64);
         let len = self
-            .reencoder
-            .encode(instr, self.stub.insn_exec_addr(), target, &mut code)
+            .reencode(instr, target, &mut code)
             .map_err(Stop::Unsupported)?;
         let mut gprs = cpu.gprs;
         map_run(cpu, self.stub.run(&code[..len], &mut gprs))

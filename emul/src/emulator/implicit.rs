@@ -110,8 +110,7 @@ impl Emulator {
         insn.set_op0_kind(OpKind::MemorySegRDI);
         let mut code = [0u8; MAX_INSN_LEN];
         let len = self
-            .reencoder
-            .encode(&insn, self.stub.insn_exec_addr(), None, &mut code)
+            .reencode(&insn, None, &mut code)
             .map_err(Stop::Unsupported)?;
         self.stub.bounce_mut()[off..off + size as usize].fill(0);
         let mut gprs = cpu.gprs;

@@ -12,7 +12,6 @@ use crate::cpu::{CpuState, CR0_AM, CR4_OSXMMEXCPT, RFLAGS_AC};
 use crate::exception::{Exception, VEC_AC, VEC_GP, VEC_PF, VEC_SS, VEC_XM};
 use crate::paging::WalkError;
 use crate::platform::{Platform, PlatformError, VectorState};
-use crate::reencode::Reencoder;
 use crate::stub::shape::HostShape;
 use crate::stub::{StubBuf, StubError, StubRunError, MAX_INSN_LEN};
 use crate::writeback::{element_mask, XsaveLayout};
@@ -159,7 +158,9 @@ impl Decoded {
 pub struct Emulator {
     stub: StubBuf,
     info: InstructionInfoFactory,
-    reencoder: Reencoder,
+    /// The bytes of the instruction being completed, which the stub's
+    /// copy of it is patched from ([`crate::reencode`]).
+    insn_bytes: [u8; MAX_INSN_LEN],
     layout: XsaveLayout,
     state_layout: state::StateLayout,
     last_mnemonic: Mnemonic,
@@ -188,7 +189,7 @@ impl Emulator {
             stub,
             shape,
             info: InstructionInfoFactory::new(),
-            reencoder: Reencoder::new(),
+            insn_bytes: [0; MAX_INSN_LEN],
             layout: XsaveLayout::from_host(),
             state_layout: state::StateLayout::from_host(),
             last_mnemonic: Mnemonic::INVALID,
@@ -196,6 +197,24 @@ impl Emulator {
             system: Default::default(),
             host_movdir64b: direct::host_has_movdir64b(),
         })
+    }
+
+    /// The stub's copy of `instr` (the instruction being completed, or
+    /// it with an operand kind changed), its memory operand at the
+    /// absolute address `target`: see [`crate::reencode`].
+    fn reencode(
+        &self,
+        instr: &Instruction,
+        target: Option<u64>,
+        code: &mut [u8; MAX_INSN_LEN],
+    ) -> Result<usize, crate::reencode::ReencodeError> {
+        crate::reencode::reencode(
+            instr,
+            &self.insn_bytes,
+            self.stub.insn_exec_addr(),
+            target,
+            code,
+        )
     }
 
     /// What the guest's CPUID offers of the system instructions
@@ -247,6 +266,7 @@ impl Emulator {
             },
         };
         self.last_mnemonic = instr.mnemonic();
+        self.insn_bytes = raw;
         if let Some(out) = crate::system::emulate(&self.system, cpu, &instr, vec, mem) {
             return out;
         }
@@ -399,8 +419,7 @@ impl Emulator {
             }
             None => {
                 let target = target_off.map(|off| self.stub.bounce_exec_addr() + off as u64);
-                self.reencoder
-                    .encode(instr, self.stub.insn_exec_addr(), target, &mut code)
+                self.reencode(instr, target, &mut code)
                     .map_err(Stop::Unsupported)?
             }
         };
@@ -514,10 +533,7 @@ impl Emulator {
         let off = BOUNCE_BASE + (lin & 63) as usize;
         let mut code = [0u8; MAX_INSN_LEN];
         let target = self.stub.bounce_exec_addr() + off as u64;
-        let Ok(len) =
-            self.reencoder
-                .encode(instr, self.stub.insn_exec_addr(), Some(target), &mut code)
-        else {
+        let Ok(len) = self.reencode(instr, Some(target), &mut code) else {
             return pf;
         };
         self.stub.bounce_mut().fill(0);

@@ -245,8 +245,7 @@ impl Emulator {
         let mut code = [0u8; MAX_INSN_LEN];
         let target = self.stub.bounce_exec_addr() + bounce_off as u64;
         let len = self
-            .reencoder
-            .encode(instr, self.stub.insn_exec_addr(), Some(target), &mut code)
+            .reencode(instr, Some(target), &mut code)
             .map_err(Stop::Unsupported)?;
         let mut gprs = cpu.gprs;
         if let Some(rfbm) = op.rfbm {

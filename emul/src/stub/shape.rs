@@ -13,8 +13,6 @@
 
 use std::sync::OnceLock;
 
-use iced_x86::code_asm::*;
-
 use super::buf::{StubBuf, XSAVE_HEADER_OFFSET};
 use super::error::StubRunError;
 use super::fault::EXC_PF;
@@ -155,11 +153,27 @@ impl Drop for ProbePages {
     }
 }
 
-fn assemble(f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Option<Vec<u8>> {
-    let mut a = CodeAssembler::new(64).ok()?;
-    f(&mut a).ok()?;
-    a.assemble(0).ok()
-}
+// The probes' instructions, as bytes: building iced-x86's encoder tables
+// to assemble them would cost every VM ~1 ms at start-up. The test below
+// decodes each one back.
+/// `vmaskmovps [rax], xmm1, xmm2`
+const VMASKMOVPS_STORE: &[u8] = &[0xc4, 0xe2, 0x71, 0x2e, 0x10];
+/// `maskmovdqu xmm2, xmm1`
+const MASKMOVDQU: &[u8] = &[0x66, 0x0f, 0xf7, 0xd1];
+/// `maskmovq mm1, mm2`
+const MASKMOVQ: &[u8] = &[0x0f, 0xf7, 0xca];
+/// `vpgatherdd xmm0, [rax+xmm1], xmm2`
+const VPGATHERDD: &[u8] = &[0xc4, 0xe2, 0x69, 0x90, 0x04, 0x08];
+/// `fxsave64 [rcx]`
+const FXSAVE64: &[u8] = &[0x48, 0x0f, 0xae, 0x01];
+/// `fnstenv [rcx]`
+const FNSTENV: &[u8] = &[0xd9, 0x31];
+/// `xsave64 [rcx]`
+const XSAVE64: &[u8] = &[0x48, 0x0f, 0xae, 0x21];
+/// `xrstor64 [rcx]`
+const XRSTOR64: &[u8] = &[0x48, 0x0f, 0xae, 0x29];
+/// `fld dword [rax]; fnstenv [rax+16]`
+const FLD_FNSTENV: &[u8] = &[0xd9, 0x00, 0xd9, 0x70, 0x10];
 
 /// A valid guest image: x87 default, MXCSR default, XMM registers as given
 /// (16 bytes each, from XMM0), components x87|SSE|AVX within the buffer's.
@@ -219,57 +233,49 @@ fn measure(buf: &mut StubBuf) -> Result<HostShape, StubRunError> {
     // vmaskmovps [rax], xmm1 (mask: all four), xmm2, 8 bytes before the
     // guard page: two dwords on each page.
     if avx {
-        if let Some(insn) = assemble(|a| a.vmaskmovps(ptr(rax), xmm1, xmm2)) {
-            load_image(buf, &[[0; 16], [0xff; 16], [0x11; 16]]);
-            let mut g = GuestGprs {
-                rax: guard - 8,
-                ..Default::default()
-            };
-            let addr = pf_addr(buf.run_with_vector(&insn, &mut g))?;
-            shape.split_store_cr2_last = addr == Some(guard + 7);
-        }
+        load_image(buf, &[[0; 16], [0xff; 16], [0x11; 16]]);
+        let mut g = GuestGprs {
+            rax: guard - 8,
+            ..Default::default()
+        };
+        let addr = pf_addr(buf.run_with_vector(VMASKMOVPS_STORE, &mut g))?;
+        shape.split_store_cr2_last = addr == Some(guard + 7);
     }
 
     // maskmovdqu xmm2, xmm1 with an all-zero mask, RDI at the guard page.
     if buf.vector_mask() & 0b10 != 0 {
-        if let Some(insn) = assemble(|a| a.maskmovdqu(xmm2, xmm1)) {
-            load_image(buf, &[[0; 16], [0; 16], [0x11; 16]]);
-            shape.maskmovdqu_unmasked_fault = fault_past_guard(buf, &insn, guard)?;
-        }
+        load_image(buf, &[[0; 16], [0; 16], [0x11; 16]]);
+        shape.maskmovdqu_unmasked_fault = fault_past_guard(buf, MASKMOVDQU, guard)?;
     }
 
     // maskmovq mm1, mm2 with an all-zero mask (MM2 is physical register 2
     // with TOP 0), RDI at the guard page.
     if buf.vector_mask() & 1 != 0 {
-        if let Some(insn) = assemble(|a| a.maskmovq(mm1, mm2)) {
-            load_image(buf, &[]);
-            let img = buf.guest_xsave_mut();
-            // MM1 (data) at 48, MM2 (mask) at 64.
-            img[48..56].fill(0x11);
-            img[64..72].fill(0);
-            shape.maskmovq_unmasked_fault = fault_past_guard(buf, &insn, guard)?;
-        }
+        load_image(buf, &[]);
+        let img = buf.guest_xsave_mut();
+        // MM1 (data) at 48, MM2 (mask) at 64.
+        img[48..56].fill(0x11);
+        img[64..72].fill(0);
+        shape.maskmovq_unmasked_fault = fault_past_guard(buf, MASKMOVQ, guard)?;
     }
 
     // vpgatherdd xmm0, [rax+xmm1], xmm2: element 0 (selected) 4 bytes
     // before the guard page, element 1 (selected) on it, element 2
     // selected with other mask bits set, element 3 not selected.
     if avx2 {
-        if let Some(insn) = assemble(|a| a.vpgatherdd_3(xmm0, ptr(rax + xmm1), xmm2)) {
-            let mask = [0x8000_0000, 0x8000_0000, 0x8000_0001, 0x7fff_ffff];
-            load_image(buf, &[[0; 16], dwords([0, 8, 0, 0]), dwords(mask)]);
-            let mut g = GuestGprs {
-                rax: guard - 4,
-                ..Default::default()
+        let mask = [0x8000_0000, 0x8000_0000, 0x8000_0001, 0x7fff_ffff];
+        load_image(buf, &[[0; 16], dwords([0, 8, 0, 0]), dwords(mask)]);
+        let mut g = GuestGprs {
+            rax: guard - 4,
+            ..Default::default()
+        };
+        if pf_addr(buf.run_with_vector_keeping_fault_state(VPGATHERDD, &mut g))?.is_some() {
+            let img = buf.guest_xsave_mut();
+            let word = |i: usize| {
+                let at = 160 + 32 + 4 * i;
+                u32::from_le_bytes([img[at], img[at + 1], img[at + 2], img[at + 3]])
             };
-            if pf_addr(buf.run_with_vector_keeping_fault_state(&insn, &mut g))?.is_some() {
-                let img = buf.guest_xsave_mut();
-                let word = |i: usize| {
-                    let at = 160 + 32 + 4 * i;
-                    u32::from_le_bytes([img[at], img[at + 1], img[at + 2], img[at + 3]])
-                };
-                shape.gather_mask_normalized = word(2) == u32::MAX && word(3) == 0;
-            }
+            shape.gather_mask_normalized = word(2) == u32::MAX && word(3) == 0;
         }
     }
 
@@ -277,24 +283,13 @@ fn measure(buf: &mut StubBuf) -> Result<HostShape, StubRunError> {
     // before it (16 bytes, 64 for the XSAVE family, 8 for FNSTENV), with
     // EDX:EAX = 3 (x87 and SSE): the CR2 says which bytes it checks first.
     if buf.vector_mask() & 0b11 == 0b11 {
-        let classes: [(StateClass, Option<Vec<u8>>, u64, u64); 4] = [
-            (StateClass::Fx, assemble(|a| a.fxsave64(ptr(rcx))), 512, 16),
-            (StateClass::X87Env, assemble(|a| a.fnstenv(ptr(rcx))), 28, 8),
-            (
-                StateClass::Xsave,
-                assemble(|a| a.xsave64(ptr(rcx))),
-                576,
-                64,
-            ),
-            (
-                StateClass::Xrstor,
-                assemble(|a| a.xrstor64(ptr(rcx))),
-                576,
-                64,
-            ),
+        let classes: [(StateClass, &[u8], u64, u64); 4] = [
+            (StateClass::Fx, FXSAVE64, 512, 16),
+            (StateClass::X87Env, FNSTENV, 28, 8),
+            (StateClass::Xsave, XSAVE64, 576, 64),
+            (StateClass::Xrstor, XRSTOR64, 576, 64),
         ];
         for (class, insn, size, before) in classes {
-            let Some(insn) = insn else { continue };
             let mut at = [None; 2];
             for (i, lin) in [guard, guard - before].into_iter().enumerate() {
                 load_image(buf, &[]);
@@ -308,7 +303,7 @@ fn measure(buf: &mut StubBuf) -> Result<HostShape, StubRunError> {
                 };
                 // Anything but a #PF (a #GP on a host that checks more)
                 // leaves the class at the in-order walk.
-                at[i] = pf_addr(buf.run_with_vector(&insn, &mut g))
+                at[i] = pf_addr(buf.run_with_vector(insn, &mut g))
                     .ok()
                     .flatten()
                     .map(|a| a.wrapping_sub(lin));
@@ -330,28 +325,22 @@ fn measure(buf: &mut StubBuf) -> Result<HostShape, StubRunError> {
     // instruction that raises nothing.
     {
         pages.first()[..4].copy_from_slice(&1.0f32.to_bits().to_le_bytes());
-        let insn = assemble(|a| {
-            a.fld(dword_ptr(rax))?;
-            a.fnstenv(ptr(rax + 16))
-        });
-        if let Some(insn) = insn {
-            load_image(buf, &[]);
-            let img = buf.guest_xsave_mut();
-            img[6..8].copy_from_slice(&0x555u16.to_le_bytes());
-            img[16..24].copy_from_slice(&0x1111_2222u64.to_le_bytes());
-            let mut g = GuestGprs {
-                rax: pages.first().as_ptr() as u64,
-                ..Default::default()
-            };
-            buf.run_with_vector(&insn, &mut g)?;
-            // 32-bit protected-mode environment: FOP in bits 16-26 of the
-            // dword at 16, FDP (the offset) at 20.
-            let env = &pages.first()[16..44];
-            let fop = u16::from_le_bytes([env[18], env[19]]) & 0x7ff;
-            let fdp = u32::from_le_bytes([env[20], env[21], env[22], env[23]]);
-            shape.fop_always = fop == 0x100;
-            shape.fdp_always = fdp == pages.first().as_ptr() as u32;
-        }
+        load_image(buf, &[]);
+        let img = buf.guest_xsave_mut();
+        img[6..8].copy_from_slice(&0x555u16.to_le_bytes());
+        img[16..24].copy_from_slice(&0x1111_2222u64.to_le_bytes());
+        let mut g = GuestGprs {
+            rax: pages.first().as_ptr() as u64,
+            ..Default::default()
+        };
+        buf.run_with_vector(FLD_FNSTENV, &mut g)?;
+        // 32-bit protected-mode environment: FOP in bits 16-26 of the
+        // dword at 16, FDP (the offset) at 20.
+        let env = &pages.first()[16..44];
+        let fop = u16::from_le_bytes([env[18], env[19]]) & 0x7ff;
+        let fdp = u32::from_le_bytes([env[20], env[21], env[22], env[23]]);
+        shape.fop_always = fop == 0x100;
+        shape.fdp_always = fdp == pages.first().as_ptr() as u32;
     }
     Ok(shape)
 }
@@ -369,5 +358,33 @@ mod tests {
         let shape = measure(&mut buf).expect("probes run");
         eprintln!("host shape: {shape:?}");
         assert_eq!(HostShape::host(&mut buf), shape, "measured once, the same");
+    }
+
+    /// Each probe's bytes are the instructions its comment names.
+    #[test]
+    fn probe_bytes_decode_as_named() {
+        use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
+        let cases: [(&[u8], &str); 9] = [
+            (VMASKMOVPS_STORE, "vmaskmovps [rax],xmm1,xmm2"),
+            (MASKMOVDQU, "maskmovdqu xmm2,xmm1"),
+            (MASKMOVQ, "maskmovq mm1,mm2"),
+            (VPGATHERDD, "vpgatherdd xmm0,[rax+xmm1],xmm2"),
+            (FXSAVE64, "fxsave64 [rcx]"),
+            (FNSTENV, "fnstenv [rcx]"),
+            (XSAVE64, "xsave64 [rcx]"),
+            (XRSTOR64, "xrstor64 [rcx]"),
+            (FLD_FNSTENV, "fld st,dword ptr [rax]; fnstenv [rax+10h]"),
+        ];
+        let mut fmt = IntelFormatter::new();
+        for (bytes, want) in cases {
+            let mut text = Vec::new();
+            for insn in Decoder::new(64, bytes, DecoderOptions::NONE) {
+                assert!(!insn.is_invalid(), "{want}: {bytes:02x?}");
+                let mut t = String::new();
+                fmt.format(&insn, &mut t);
+                text.push(t);
+            }
+            assert_eq!(text.join("; "), want, "{bytes:02x?}");
+        }
     }
 }

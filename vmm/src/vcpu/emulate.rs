@@ -267,13 +267,14 @@ impl Emulator {
     }
 }
 
-/// Builds iced-x86's process-wide tables (decoder, instruction info,
-/// encoder) and the emulator's allow-list view of them, for instructions of
-/// each encoding the emulator meets (legacy, VEX, EVEX). About 1 ms on
-/// first use; [`crate::vm::run`] runs this on a helper thread while it sets
-/// the VM up, so a guest never waits for it.
+/// Builds iced-x86's process-wide tables (decoder, instruction info) and
+/// the emulator's allow-list view of them, for instructions of each
+/// encoding the emulator meets (legacy, VEX, EVEX). About 1 ms on first
+/// use; [`crate::vm::run`] runs this before the first KVM_RUN, so no guest
+/// instruction waits for it. (The emulator needs no encoder tables: it
+/// patches the guest's own bytes, see `emul::reencode`.)
 pub fn warm_up_tables() {
-    use iced_x86::{Decoder, DecoderOptions, Encoder, InstructionInfoFactory};
+    use iced_x86::{Decoder, DecoderOptions, InstructionInfoFactory};
     // lock cmpxchg16b [rsi]; vmovdqu ymm0, [rsi]; vpaddd zmm0{k1}, zmm1,
     // [rsi]; adcx rax, rbx; fld dword [rsi]
     let code: [&[u8]; 5] = [
@@ -284,13 +285,10 @@ pub fn warm_up_tables() {
         &[0xd9, 0x06],
     ];
     let mut info = InstructionInfoFactory::new();
-    let mut encoder = Encoder::new(64);
     for bytes in code {
         let insn = Decoder::with_ip(64, bytes, 0x1000, DecoderOptions::NONE).decode();
         let _ = info.info(&insn).used_memory().len();
         let _ = emul::classify::classify(&insn);
-        let _ = encoder.encode(&insn, 0x2000);
-        let _ = encoder.take_buffer();
     }
 }
 
