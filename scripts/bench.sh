@@ -7,5 +7,5 @@ out=${1:-bench-out}
 shift || true
 mkdir -p "$out"
 cargo build --release -q -p vmm
-./target/release/vmm bench --json "$out/bench.json" --svg "$out/bench.svg" "$@"
+./target/x86_64-unknown-linux-gnu/release/vmm bench --json "$out/bench.json" --svg "$out/bench.svg" "$@"
 echo "wrote $out/bench.json and $out/bench.svg"

@@ -9,5 +9,5 @@ kernel=${1:?usage: run-unit-test.sh KERNEL [SMP] [ARGS...]}
 smp=${2:-1}
 shift $(( $# >= 2 ? 2 : 1 ))
 cargo build --release -q -p vmm
-exec ./target/release/vmm run --testdev --cpus "$smp" --mem 256M \
+exec ./target/x86_64-unknown-linux-gnu/release/vmm run --testdev --cpus "$smp" --mem 256M \
     --cmdline "$(basename "$kernel") $*" "$kernel"

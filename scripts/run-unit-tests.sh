@@ -54,7 +54,7 @@ set -f
 
 cd "$(dirname "$0")/.."
 cargo build --release -q -p vmm || exit 2
-vmm=$PWD/target/release/vmm
+vmm=$PWD/target/x86_64-unknown-linux-gnu/release/vmm
 if [ -z "$logdir" ]; then
     logdir=$(mktemp -d /tmp/unit-tests.XXXXXX)
 fi

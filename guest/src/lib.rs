@@ -1,9 +1,9 @@
 //! Scripted guest programs, assembled with iced-x86's CodeAssembler.
 //!
 //! Each [`Program`] states the entry mode it needs, the devices it expects
-//! and the outcome it must produce; `./target/release/guest NAME OUT.bin`
-//! (built by `cargo build --release`)
-//! writes one as a flat image for `vmm run`. The runtime in [`rt`] gives
+//! and the outcome it must produce; the `guest` binary (`cargo build
+//! --release`, then `target/x86_64-unknown-linux-gnu/release/guest NAME
+//! OUT.bin`) writes one as a flat image for `vmm run`. The runtime in [`rt`] gives
 //! every mode a way to print, report values and exit, and 64-bit programs a
 //! mini kernel that runs their payload at CPL 3.
 

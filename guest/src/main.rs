@@ -9,7 +9,7 @@
 //! DIR in `NAME.args`), for runners without cargo (scripts/hwkvm).
 //!
 //! `cargo build --release` builds this tool with the VMM; run it as
-//! `./target/release/guest`.
+//! `./target/x86_64-unknown-linux-gnu/release/guest`.
 
 use guest::shell_quote;
 use std::io::Write;
@@ -17,7 +17,7 @@ use std::process::ExitCode;
 
 /// The binary the printed command line runs: the one the Quick start's
 /// `cargo build --release` made.
-const VMM: &str = "./target/release/vmm";
+const VMM: &str = "./target/x86_64-unknown-linux-gnu/release/vmm";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();

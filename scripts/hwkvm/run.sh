@@ -147,7 +147,7 @@ for m in irqbypass kvm ccp kvm-amd; do
 done
 
 strip_copy() { strip --strip-debug -o "$2" "$1" 2>/dev/null || cp "$1" "$2"; }
-strip_copy target/release/vmm "$stage/t/vmm"
+strip_copy target/x86_64-unknown-linux-gnu/release/vmm "$stage/t/vmm"
 libs_of=("$stage/t/vmm")
 names=()
 for b in "${test_bins[@]}"; do
@@ -174,7 +174,7 @@ printf '%s\n' "${names[@]}" >"$stage/t/tests.list"
 for kv in ${HWKVM_ENV:-}; do
     printf 'export %q\n' "$kv" >>"$stage/t/env"
 done
-./target/release/guest export "$stage/guests" >/dev/null
+./target/x86_64-unknown-linux-gnu/release/guest export "$stage/guests" >/dev/null
 ls "$stage/guests" | sed -n 's/\.bin$//p' | grep -v '^bench-' >"$stage/guests/list" || true
 
 # Shared libraries the binaries need, at the paths the loader expects.
