@@ -6,6 +6,7 @@
 use super::{BenchError, Measure};
 use crate::boot::{self, EntryMode};
 use crate::kvm::run_page::{self, Exit};
+use crate::kvm::xsave::XsaveBuf;
 use crate::kvm::{self, cpuid, ioctl_err};
 use crate::loader::{self, ImageFormat, LoadRequest};
 use crate::stats::InstructionChain;
@@ -33,6 +34,7 @@ pub enum Serve {
 /// A VM and vCPU ready to run `program` from its entry point.
 pub struct FloorVm {
     vcpu: VcpuFd,
+    xsave: XsaveBuf,
     // Kept alive for the vCPU: the VM fd and the memory it maps.
     _vm: VmFd,
     _mem: GuestMemoryMmap,
@@ -70,6 +72,7 @@ impl FloorVm {
             .map_err(|e| BenchError::Setup(e.to_string()))?;
         Ok(FloorVm {
             vcpu,
+            xsave: XsaveBuf::default(),
             _vm: vm,
             _mem: mem,
             _kvm: kvm,
@@ -112,8 +115,15 @@ impl FloorVm {
                     }
                     self.skip_insn(&bytes[..len], &mut insn_len)?;
                     if serve == Serve::SkipRipXsave {
-                        let xsave = self.vcpu.get_xsave().map_err(ioctl_err("KVM_GET_XSAVE"))?;
-                        self.set_xsave(&xsave)?;
+                        // The VMM's own buffer and ioctls, so the floor
+                        // pays what a vector completion's ioctls cost.
+                        let xsave = &mut self.xsave;
+                        xsave
+                            .fetch(&self.vcpu)
+                            .map_err(ioctl_err("KVM_GET_XSAVE"))?;
+                        xsave
+                            .store(&self.vcpu)
+                            .map_err(ioctl_err("KVM_SET_XSAVE"))?;
                     }
                     false
                 }
@@ -200,13 +210,6 @@ impl FloorVm {
         };
         regs.rip = rip + len;
         self.vcpu.set_sync_dirty_reg(SyncReg::Register);
-        Ok(())
-    }
-
-    fn set_xsave(&mut self, xsave: &kvm_bindings::kvm_xsave) -> Result<(), BenchError> {
-        // SAFETY: `xsave` was filled by KVM_GET_XSAVE on this very vCPU, so
-        // it is a 4 KiB state image in the layout KVM expects.
-        unsafe { self.vcpu.set_xsave(xsave) }.map_err(ioctl_err("KVM_SET_XSAVE"))?;
         Ok(())
     }
 }
