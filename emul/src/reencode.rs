@@ -442,8 +442,16 @@ mod tests {
             out[i] = PREFIXES[rng.below(usable) as usize];
             i += 1;
         }
+        // REX, sometimes followed by a legacy prefix (which voids it) or a
+        // second REX (which replaces it).
         if bitness == 64 && !vex && rng.below(2) == 0 {
             out[i] = 0x40 | (rng.byte() & 0xf);
+            i += 1;
+            match rng.below(8) {
+                0 => out[i] = PREFIXES[rng.below(PREFIXES.len() as u64) as usize],
+                1 => out[i] = 0x40 | (rng.byte() & 0xf),
+                _ => i -= 1,
+            }
             i += 1;
         }
         out[i..i + escape.len()].copy_from_slice(escape);
@@ -542,6 +550,74 @@ mod tests {
             assert!(
                 both > 10_000 && vex > 300 && evex > 300,
                 "{bitness}-bit corpus too thin: {both}, {vex}, {evex}"
+            );
+        }
+    }
+
+    fn decode(bitness: u32, bytes: &[u8]) -> Instruction {
+        Decoder::with_ip(bitness, bytes, 0x1000, DecoderOptions::NONE).decode()
+    }
+
+    /// Bytes that are not the instruction's own are refused, whatever they
+    /// decode to: the stub never runs anything but the guest's instruction.
+    #[test]
+    fn bytes_of_another_instruction_are_refused() {
+        // movups xmm1, [rax] decoded; movups xmm2, [rax] given as its bytes.
+        let instr = decode(64, &[0x0f, 0x10, 0x08]);
+        let mut out = [0u8; MAX_INSN_LEN];
+        let target = Some(EXEC_IP + 0x1000);
+        assert!(reencode(&instr, &[0x0f, 0x10, 0x10], EXEC_IP, target, &mut out).is_err());
+        assert!(reencode(&instr, &[0x0f, 0x10], EXEC_IP, target, &mut out).is_err());
+        assert!(reencode(&instr, &[0x0f, 0x10, 0x08], EXEC_IP, None, &mut out).is_err());
+        assert_eq!(
+            reencode(&instr, &[0x0f, 0x10, 0x08], EXEC_IP, target, &mut out),
+            Ok(7)
+        );
+    }
+
+    /// Segment overrides, the address-size prefix and REP/HLE hints are
+    /// dropped; a mandatory F2/F3 is kept (the last one, as the CPU reads
+    /// it); REX loses X and B under RIP-relative addressing.
+    #[test]
+    fn prefixes_the_stub_keeps() {
+        let cases: [(u32, &[u8], &[u8]); 5] = [
+            // xrelease lock cmpxchg16b fs:[r9+rcx*4+8] (F3 is a hint)
+            (
+                64,
+                &[0xf3, 0xf0, 0x64, 0x4b, 0x0f, 0xc7, 0x4c, 0x89, 0x08],
+                &[0xf0, 0x48, 0x0f, 0xc7, 0x0d],
+            ),
+            // F2 F3 addss xmm1, es:[eax] with 67: F3 is the mandatory one
+            (
+                64,
+                &[0xf2, 0x67, 0x26, 0xf3, 0x0f, 0x58, 0x08],
+                &[0xf3, 0x0f, 0x58, 0x0d],
+            ),
+            // REX.W then 66: the REX is void, 66 stays (movdqa xmm1, [rax])
+            (
+                64,
+                &[0x48, 0x66, 0x0f, 0x6f, 0x08],
+                &[0x66, 0x0f, 0x6f, 0x0d],
+            ),
+            // 16-bit fnstenv [bx+si+2] (14-byte form): 66 added in 64-bit code
+            (16, &[0xd9, 0x70, 0x02], &[0x66, 0xd9, 0x35]),
+            // 32-bit vmovdqu ymm1, [ebx] with VEX.B clear (ignored there)
+            (
+                32,
+                &[0xc4, 0xc1, 0x7e, 0x6f, 0x0b],
+                &[0xc4, 0xe1, 0x7e, 0x6f, 0x0d],
+            ),
+        ];
+        for (bitness, bytes, want) in cases {
+            let instr = decode(bitness, bytes);
+            assert!(!instr.is_invalid(), "{bytes:02x?}");
+            let mut out = [0u8; MAX_INSN_LEN];
+            let len = reencode(&instr, bytes, EXEC_IP, Some(EXEC_IP + 0x1000), &mut out)
+                .unwrap_or_else(|e| panic!("{bitness}-bit {bytes:02x?}: {e}"));
+            assert_eq!(
+                &out[..len - 4],
+                want,
+                "{bitness}-bit {bytes:02x?} ({instr})"
             );
         }
     }

@@ -39,9 +39,9 @@ struct PageAligned(kvm_xsave);
 impl XsaveBuf {
     /// KVM_GET_XSAVE straight into this buffer.
     pub fn fetch(&mut self, fd: &VcpuFd) -> Result<(), kvm_ioctls::Error> {
-        // SAFETY: KVM_GET_XSAVE writes exactly one kvm_xsave (the legacy
-        // 4096 bytes: the VM never enabled XSAVE2-sized state) into the
-        // buffer, which the mutable borrow owns for the call.
+        // SAFETY: KVM_GET_XSAVE writes exactly one kvm_xsave (4096 bytes;
+        // the kernel refuses with EINVAL when the guest's state would not
+        // fit) into the buffer, which the mutable borrow owns for the call.
         let ret = unsafe { ioctl_with_mut_ref(fd, KVM_GET_XSAVE(), &mut self.xsave.0) };
         if ret != 0 {
             return Err(kvm_ioctls::Error::last());
