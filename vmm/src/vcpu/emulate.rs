@@ -221,9 +221,9 @@ impl Emulator {
     }
 
     /// Builds now what the first emulated instruction would otherwise
-    /// build while the guest waits (~0.6 ms): iced-x86's decoder,
-    /// instruction-info and encoder tables (built on first use, once per
-    /// process), the stub's bounce and XSAVE pages, this vCPU's XSAVE
+    /// build while the guest waits (~0.6 ms): iced-x86's decoder and
+    /// instruction-info tables (built on first use, once per process),
+    /// the stub's bounce and XSAVE pages, this vCPU's XSAVE
     /// buffer and KVM's XSAVE path. Runs a GPR, a vector and a fetched
     /// instruction on a mock guest (32-bit flat, no paging) and reads the
     /// vCPU's XSAVE image once. Called on the vCPU's own thread (the stub's
