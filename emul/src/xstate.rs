@@ -91,9 +91,19 @@ fn live(image: &[u8], in_use: bool, at: usize, len: usize) -> Option<&[u8]> {
 fn same_or_zero(a: Option<&[u8]>, b: Option<&[u8]>) -> bool {
     match (a, b) {
         (Some(x), Some(y)) => x == y,
-        (Some(x), None) | (None, Some(x)) => x.iter().all(|&v| v == 0),
+        (Some(x), None) | (None, Some(x)) => is_zero(x),
         (None, None) => true,
     }
+}
+
+/// Whether `bytes` are all zero, compared with memcmp against zeros. After
+/// a load of zeros one image has the SSE/AVX bits of XSTATE_BV clear and
+/// the other holds those registers as zeros: a byte loop made that
+/// comparison ~3.5x the memcmp of a load of non-zero data (~380 against
+/// ~100 ns per instruction, timed inside the emulator).
+fn is_zero(bytes: &[u8]) -> bool {
+    static ZEROS: [u8; 1024] = [0; 1024];
+    bytes.chunks(ZEROS.len()).all(|c| c == &ZEROS[..c.len()])
 }
 
 /// Whether the x87 registers differ (FCW, FSW, abridged FTW, FOP, FIP,

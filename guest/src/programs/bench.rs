@@ -240,6 +240,9 @@ pub fn catalogue_adcx() -> Result<Program, IcedError> {
 pub fn catalogue_vmovdqu() -> Result<Program, IcedError> {
     vmovdqu(CATALOGUE_ITERS)
 }
+pub fn catalogue_vmovdqu_nonzero() -> Result<Program, IcedError> {
+    vmovdqu_nonzero(CATALOGUE_ITERS)
+}
 pub fn catalogue_xsave() -> Result<Program, IcedError> {
     xsave(CATALOGUE_ITERS)
 }

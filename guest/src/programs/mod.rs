@@ -71,6 +71,7 @@ const CATALOGUE: &[(&str, Builder)] = &[
     ("bench-cmpxchg16b", bench::catalogue_cmpxchg16b),
     ("bench-adcx", bench::catalogue_adcx),
     ("bench-vmovdqu", bench::catalogue_vmovdqu),
+    ("bench-vmovdqu-nonzero", bench::catalogue_vmovdqu_nonzero),
     ("bench-xsave", bench::catalogue_xsave),
     ("bench-xrstor", bench::catalogue_xrstor),
     ("bench-simd-cpl0", bench::catalogue_simd_cpl0),
