@@ -171,6 +171,10 @@ impl VectorState for KvmVectorState<'_> {
         let image = match self.image.take() {
             Some(image) => image,
             None => {
+                // Kept simple. A VMM on a hot path reads the image into a
+                // reused, 64-byte aligned buffer instead: KVM copies it with
+                // `rep movsb`, slow on AMD Zen 3 into a misaligned
+                // destination (see the vmm crate's `kvm/xsave.rs`).
                 let x = self.vcpu.get_xsave().map_err(|_| PlatformError {
                     gpa: 0,
                     len: 4096,
