@@ -321,4 +321,20 @@ mod tests {
             assert_eq!(img, before, "bv {bv:#x}");
         }
     }
+
+    /// A held component is zero only if every byte is, at any length (the
+    /// check runs in 1 KiB chunks; Hi16_ZMM is exactly 1 KiB).
+    #[test]
+    fn zero_check_sees_every_byte() {
+        for len in [1usize, 16, 256, 1023, 1024, 1025, 2048 + 7] {
+            let mut v = vec![0u8; len];
+            assert!(is_zero(&v), "{len} zeros");
+            for at in [0, len / 2, len - 1] {
+                v[at] = 0x80;
+                assert!(!is_zero(&v), "{len} bytes, non-zero at {at}");
+                assert!(!same_or_zero(Some(&v), None));
+                v[at] = 0;
+            }
+        }
+    }
 }
