@@ -105,23 +105,62 @@ const LONG5: [Level; 5] = [
     lv(12, 9, false),
 ];
 
+/// How many times a walk starts again because another CPU changed an
+/// entry between the walk's read and its accessed/dirty update. The CPU
+/// retries without limit; a bound keeps a guest that rewrites its own page
+/// tables in a tight loop on another vCPU from holding this thread.
+const WALK_ATTEMPTS: usize = 1024;
+
 /// Translates linear address `lin` for `access`; on success returns the
 /// guest-physical address, after setting accessed bits on every entry used
 /// and the dirty bit on the leaf of a write. Entry bits from the guest's
 /// MAXPHYADDR ([`CpuState::max_phys_bits`]) up to 51 are reserved.
+///
+/// The bits are set as the CPU's walker sets them, each with a
+/// compare-and-exchange ([`Platform::update_table_entry`]); when another
+/// CPU changed an entry after the walk read it, the walk starts again
+/// with what the entries hold now.
 pub fn translate(
     cpu: &CpuState,
     lin: u64,
     access: Access,
     mem: &mut dyn Platform,
 ) -> Result<u64, WalkError> {
+    let mut lost = 0;
+    for _ in 0..WALK_ATTEMPTS {
+        match walk(cpu, lin, access, mem)? {
+            Walked::Done(gpa) => return Ok(gpa),
+            Walked::EntryChanged(at) => lost = at,
+        }
+    }
+    Err(WalkError::Platform(PlatformError {
+        gpa: lost,
+        len: 8,
+        reason: "another vCPU kept changing this page-table entry during the walk",
+    }))
+}
+
+/// One pass of [`translate`].
+enum Walked {
+    /// The guest-physical address, with the accessed/dirty bits set.
+    Done(u64),
+    /// The entry at this address changed before its accessed/dirty update.
+    EntryChanged(u64),
+}
+
+fn walk(
+    cpu: &CpuState,
+    lin: u64,
+    access: Access,
+    mem: &mut dyn Platform,
+) -> Result<Walked, WalkError> {
     if cpu.cr0 & CR0_PG == 0 {
         // Paging off: linear is physical (32 bits outside long mode).
-        return Ok(if cpu.efer & EFER_LMA != 0 {
+        return Ok(Walked::Done(if cpu.efer & EFER_LMA != 0 {
             lin
         } else {
             lin & 0xffff_ffff
-        });
+        }));
     }
     let nxe = cpu.efer & EFER_NXE != 0;
     let (levels, entry_size, mut table): (&[Level], usize, u64) = if cpu.cr4 & CR4_PAE == 0 {
@@ -219,34 +258,25 @@ pub fn translate(
     }
 
     // Accessed on every level, dirty on the leaf of a write, as the
-    // hardware walker does (not atomically: the Platform has no
-    // compare-and-swap).
+    // hardware walker does: each a locked update of the entry the walk
+    // read.
     for (i, &(addr, entry, pdpte)) in used[..used_len].iter().enumerate() {
         if pdpte {
             continue;
         }
         let leaf = i + 1 == used_len;
         let new = entry | PTE_A | if leaf && access.write { PTE_D } else { 0 };
-        if new != entry {
-            write_entry(mem, addr, entry_size, new)?;
+        if new != entry && !mem.update_table_entry(addr, entry_size, entry, new)? {
+            return Ok(Walked::EntryChanged(addr));
         }
     }
-    Ok(gpa)
+    Ok(Walked::Done(gpa))
 }
 
 fn read_entry(mem: &mut dyn Platform, addr: u64, size: usize) -> Result<u64, PlatformError> {
     let mut b = [0u8; 8];
     mem.read_phys(addr, &mut b[..size])?;
     Ok(u64::from_le_bytes(b))
-}
-
-fn write_entry(
-    mem: &mut dyn Platform,
-    addr: u64,
-    size: usize,
-    value: u64,
-) -> Result<(), PlatformError> {
-    mem.write_phys(addr, &value.to_le_bytes()[..size])
 }
 
 /// Whether `lin` is canonical for 48-bit (or, with LA57, 57-bit) linear

@@ -75,15 +75,16 @@ impl MockPlatform {
         self.set_u64(table + ((lin >> 12) & 0x1ff) * 8, gpa | flags);
     }
     fn leaf(&mut self, root: u64, levels: u32, lin: u64) -> u64 {
+        self.u64_at(self.leaf_slot(root, levels, lin))
+    }
+    /// The guest-physical address of the 4 KiB leaf entry mapping `lin`.
+    fn leaf_slot(&self, root: u64, levels: u32, lin: u64) -> u64 {
         let mut table = root;
-        for level in (0..levels).rev() {
+        for level in (1..levels).rev() {
             let e = self.u64_at(table + ((lin >> (12 + 9 * level)) & 0x1ff) * 8);
-            if level == 0 {
-                return e;
-            }
             table = e & 0x000f_ffff_ffff_f000;
         }
-        unreachable!()
+        table + ((lin >> 12) & 0x1ff) * 8
     }
 }
 
@@ -257,6 +258,99 @@ fn walk_faults_and_permissions() {
         pf(translate(&cpu, user_nx, user, &mut mem)),
         (VEC_PF, PFEC_P | PFEC_RSVD | PFEC_U, user_nx)
     );
+}
+
+/// Another vCPU storing to one page-table entry between the walk's read
+/// of it and the walk's locked accessed/dirty update: each update attempt
+/// at `slot` first lands the next of `stores` (the last one repeats).
+struct RacingVcpu<'a> {
+    mem: &'a mut MockPlatform,
+    slot: u64,
+    stores: Vec<u64>,
+    attempts: usize,
+}
+
+impl Platform for RacingVcpu<'_> {
+    fn read_phys(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), PlatformError> {
+        self.mem.read_phys(gpa, buf)
+    }
+    fn write_phys(&mut self, gpa: u64, buf: &[u8]) -> Result<(), PlatformError> {
+        self.mem.write_phys(gpa, buf)
+    }
+    fn update_table_entry(
+        &mut self,
+        gpa: u64,
+        size: usize,
+        old: u64,
+        new: u64,
+    ) -> Result<bool, PlatformError> {
+        if gpa == self.slot {
+            let i = self.attempts.min(self.stores.len() - 1);
+            self.mem.set_u64(gpa, self.stores[i]);
+            self.attempts += 1;
+        }
+        crate::platform::compare_and_write_entry(self.mem, gpa, size, old, new)
+    }
+}
+
+/// The walker sets accessed/dirty bits with a locked compare-and-exchange
+/// and walks again when the entry changed: an entry another vCPU cleared
+/// stays clear (a plain write of `entry | A` would map the page again
+/// behind the guest's back), and a remapped one is used as it is now.
+#[test]
+fn walk_restarts_when_another_vcpu_changes_an_entry() {
+    let (cpu, mut mem) = setup();
+    let slot = mem.leaf_slot(CR3, 4, DATA);
+    let before = mem.u64_at(slot);
+    assert_eq!(before & 0x20, 0, "the walk has an accessed bit to set");
+    let read = Access::default();
+
+    // Unmapped under the walk: not present, and it stays unmapped.
+    let mut racing = RacingVcpu {
+        mem: &mut mem,
+        slot,
+        stores: vec![0],
+        attempts: 0,
+    };
+    match translate(&cpu, DATA + 0x10, read, &mut racing) {
+        Err(WalkError::Fault(e)) => {
+            assert_eq!(
+                (e.vector, e.error_code, e.cr2),
+                (VEC_PF, Some(0), Some(DATA + 0x10))
+            )
+        }
+        other => panic!("expected #PF, got {other:?}"),
+    }
+    assert_eq!(racing.attempts, 1);
+    assert_eq!(mem.u64_at(slot), 0, "the cleared entry was written back");
+
+    // Remapped under the walk: the new frame, with its accessed bit.
+    mem.set_u64(slot, before);
+    let moved = 0x9000 | RW;
+    let mut racing = RacingVcpu {
+        mem: &mut mem,
+        slot,
+        stores: vec![moved],
+        attempts: 0,
+    };
+    assert_eq!(translate(&cpu, DATA + 0x10, read, &mut racing), Ok(0x9010));
+    assert_eq!(mem.u64_at(slot), moved | 0x20);
+
+    // An entry that changes before every update: the walk gives up with
+    // the VMM's error, not a guess.
+    mem.set_u64(slot, before);
+    let mut racing = RacingVcpu {
+        mem: &mut mem,
+        slot,
+        // Flips an ignored bit, so each value differs from the last.
+        stores: (1..=2000).map(|i| before ^ ((i & 1) << 9)).collect(),
+        attempts: 0,
+    };
+    match translate(&cpu, DATA, read, &mut racing) {
+        Err(WalkError::Platform(p)) => assert_eq!(p.gpa, slot),
+        other => panic!("expected a platform error, got {other:?}"),
+    }
+    assert!(racing.attempts > 1 && racing.attempts < 2000);
 }
 
 #[test]

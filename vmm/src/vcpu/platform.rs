@@ -3,9 +3,10 @@
 
 use crate::bus::{BusAction, MmioBus};
 use emul::{Platform, PlatformError};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
-    MemoryRegionAddress,
+    MemoryRegionAddress, VolatileMemory,
 };
 
 pub struct GuestPhys<'a> {
@@ -81,6 +82,45 @@ impl Platform for GuestPhys<'_> {
         }
         Ok(())
     }
+
+    /// A locked compare-and-exchange on RAM, as the CPU's walker makes:
+    /// other vCPUs change page tables while this one emulates (an
+    /// unmapping vCPU clears an entry; a plain write of the accessed bit
+    /// would bring it back). Tables in device memory are read, compared
+    /// and written through the bus.
+    fn update_table_entry(
+        &mut self,
+        gpa: u64,
+        size: usize,
+        old: u64,
+        new: u64,
+    ) -> Result<bool, PlatformError> {
+        let Some((region, at)) = self.ram(gpa, size) else {
+            return emul::platform::compare_and_write_entry(self, gpa, size, old, new);
+        };
+        let fail = |reason| PlatformError {
+            gpa,
+            len: size,
+            reason,
+        };
+        let slice = region
+            .get_slice(at, size)
+            .map_err(|_| fail("guest RAM access failed"))?;
+        let swapped = match size {
+            8 => slice
+                .get_atomic_ref::<AtomicU64>(0)
+                .map_err(|_| fail("page-table entry not 8-byte aligned"))?
+                .compare_exchange(old, new, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok(),
+            4 => slice
+                .get_atomic_ref::<AtomicU32>(0)
+                .map_err(|_| fail("page-table entry not 4-byte aligned"))?
+                .compare_exchange(old as u32, new as u32, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok(),
+            _ => return Err(fail("page-table entries are 4 or 8 bytes")),
+        };
+        Ok(swapped)
+    }
 }
 
 #[cfg(test)]
@@ -113,5 +153,72 @@ mod tests {
         assert_eq!(back[..48], zmm[..48]);
         assert_eq!(back[48..], [0xff; 16]);
         assert!(phys.stop.is_none());
+    }
+
+    /// The walker's accessed/dirty update is a compare-and-exchange on RAM
+    /// (an entry changed since the walk read it is left alone) and, for a
+    /// table in device memory, a read-compare-write through the bus.
+    #[test]
+    fn table_entry_update_writes_only_what_the_walk_read() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x2000)]).unwrap();
+        let mut mmio = MmioBus::new_mmio();
+        let window = Arc::new(Mutex::new(MmioRam::new(0x1000).unwrap()));
+        mmio.register(0xd000_0000, 0x1000, window.clone()).unwrap();
+        let mut phys = GuestPhys {
+            mem: &mem,
+            mmio: &mmio,
+            stop: None,
+        };
+        let pte = 0x5000_u64 | 0x3;
+        mem.write_obj(pte, GuestAddress(0x1008)).unwrap();
+        // Another vCPU changed the entry: nothing is written.
+        assert_eq!(
+            phys.update_table_entry(0x1008, 8, 0x9003, 0x9023),
+            Ok(false)
+        );
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(0x1008)).unwrap(), pte);
+        assert_eq!(
+            phys.update_table_entry(0x1008, 8, pte, pte | 0x60),
+            Ok(true)
+        );
+        assert_eq!(
+            mem.read_obj::<u64>(GuestAddress(0x1008)).unwrap(),
+            pte | 0x60
+        );
+        // 32-bit paging: the neighbouring entry is untouched.
+        mem.write_obj(0x0003_3003_u32, GuestAddress(0x1004))
+            .unwrap();
+        assert_eq!(
+            phys.update_table_entry(0x1000, 4, 0x0003_3003, 0x23),
+            Ok(false)
+        );
+        assert_eq!(
+            phys.update_table_entry(0x1004, 4, 0x0003_3003, 0x0003_3023),
+            Ok(true)
+        );
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress(0x1004)).unwrap(),
+            0x0003_3023
+        );
+        assert_eq!(
+            mem.read_obj::<u64>(GuestAddress(0x1008)).unwrap(),
+            pte | 0x60
+        );
+        // A misaligned entry is the VMM's error, not a torn write.
+        assert!(phys.update_table_entry(0x1009, 8, 0, 1).is_err());
+        // Device memory.
+        phys.write_phys(0xd000_0010, &pte.to_le_bytes()).unwrap();
+        assert_eq!(
+            phys.update_table_entry(0xd000_0010, 8, 0x9003, 0),
+            Ok(false)
+        );
+        assert_eq!(
+            phys.update_table_entry(0xd000_0010, 8, pte, pte | 0x20),
+            Ok(true)
+        );
+        assert_eq!(
+            window.lock().unwrap().contents()[0x10..0x18],
+            (pte | 0x20).to_le_bytes()
+        );
     }
 }
