@@ -117,7 +117,7 @@ const WALK_ATTEMPTS: usize = 1024;
 /// MAXPHYADDR ([`CpuState::max_phys_bits`]) up to 51 are reserved.
 ///
 /// The bits are set as the CPU's walker sets them, each with a
-/// compare-and-exchange ([`Platform::update_table_entry`]); when another
+/// compare-and-exchange ([`Platform::compare_exchange_phys`]); when another
 /// CPU changed an entry after the walk read it, the walk starts again
 /// with what the entries hold now.
 pub fn translate(
@@ -266,7 +266,9 @@ fn walk(
         }
         let leaf = i + 1 == used_len;
         let new = entry | PTE_A | if leaf && access.write { PTE_D } else { 0 };
-        if new != entry && !mem.update_table_entry(addr, entry_size, entry, new)? {
+        let (current, new) = (entry.to_le_bytes(), new.to_le_bytes());
+        let size = entry_size;
+        if new != current && !mem.compare_exchange_phys(addr, &current[..size], &new[..size])? {
             return Ok(Walked::EntryChanged(addr));
         }
     }

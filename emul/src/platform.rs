@@ -26,47 +26,32 @@ pub trait Platform {
     fn read_phys(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), PlatformError>;
     /// Writes `buf` at guest-physical `gpa` (RAM or a device).
     fn write_phys(&mut self, gpa: u64, buf: &[u8]) -> Result<(), PlatformError>;
-    /// Sets a paging-structure entry's accessed and dirty bits as the
-    /// CPU's page walker does, with one locked compare-and-exchange: the
-    /// naturally aligned entry of `size` bytes (4 or 8) at `gpa` becomes
-    /// `new` only if it still holds `old`. `Ok(false)`: another CPU
-    /// changed it since the walk read it, and the walk starts again (a
-    /// plain write would bring back an entry another vCPU just cleared).
+    /// Stores `new` at `gpa` only if the bytes there still equal `current`
+    /// (same length, 1 to 16 bytes, within one page), as one locked
+    /// access; `Ok(false)`: they changed and nothing was written. This is
+    /// how the emulator's read-modify-writes that the CPU makes atomic
+    /// reach memory: the page walker's accessed and dirty bits (a plain
+    /// write would bring back an entry another vCPU just cleared), and the
+    /// result of a LOCK-prefixed instruction or XCHG, which ran on a copy
+    /// of the operand. On `false` the emulator walks again, or runs the
+    /// instruction again on what memory holds now (as KVM's emulator does
+    /// for CMPXCHG).
     ///
-    /// The default reads, compares and writes through
-    /// [`read_phys`](Self::read_phys) and [`write_phys`](Self::write_phys)
-    /// ([`compare_and_write_entry`]): enough for a guest nobody else
-    /// writes to while the emulator runs (one vCPU, no DMA). A VMM with
-    /// several vCPUs must override it for RAM.
-    fn update_table_entry(
+    /// The default writes `new` through [`write_phys`](Self::write_phys)
+    /// and reports success: right for a guest nobody else writes while the
+    /// emulator runs (one vCPU, no DMA) and for device memory, where a
+    /// second read could have side effects. A VMM with several vCPUs must
+    /// override it for RAM.
+    fn compare_exchange_phys(
         &mut self,
         gpa: u64,
-        size: usize,
-        old: u64,
-        new: u64,
+        current: &[u8],
+        new: &[u8],
     ) -> Result<bool, PlatformError> {
-        compare_and_write_entry(self, gpa, size, old, new)
+        let _ = current;
+        self.write_phys(gpa, new)?;
+        Ok(true)
     }
-}
-
-/// [`Platform::update_table_entry`] without a lock: reads the entry, and
-/// writes `new` if it holds `old` (also what a VMM does for page tables
-/// in device memory, which no CPU updates under the walker's feet).
-pub fn compare_and_write_entry<P: Platform + ?Sized>(
-    mem: &mut P,
-    gpa: u64,
-    size: usize,
-    old: u64,
-    new: u64,
-) -> Result<bool, PlatformError> {
-    let size = size.min(8);
-    let mut b = [0u8; 8];
-    mem.read_phys(gpa, &mut b[..size])?;
-    if u64::from_le_bytes(b) != old {
-        return Ok(false);
-    }
-    mem.write_phys(gpa, &new.to_le_bytes()[..size])?;
-    Ok(true)
 }
 
 /// The guest's x87/SSE/AVX/AVX-512 state, fetched only for instructions

@@ -277,19 +277,23 @@ impl Platform for RacingVcpu<'_> {
     fn write_phys(&mut self, gpa: u64, buf: &[u8]) -> Result<(), PlatformError> {
         self.mem.write_phys(gpa, buf)
     }
-    fn update_table_entry(
+    fn compare_exchange_phys(
         &mut self,
         gpa: u64,
-        size: usize,
-        old: u64,
-        new: u64,
+        current: &[u8],
+        new: &[u8],
     ) -> Result<bool, PlatformError> {
         if gpa == self.slot {
             let i = self.attempts.min(self.stores.len() - 1);
             self.mem.set_u64(gpa, self.stores[i]);
             self.attempts += 1;
         }
-        crate::platform::compare_and_write_entry(self.mem, gpa, size, old, new)
+        let slot = self.mem.slot(gpa, new.len())?;
+        if slot != current {
+            return Ok(false);
+        }
+        slot.copy_from_slice(new);
+        Ok(true)
     }
 }
 
@@ -524,6 +528,77 @@ fn cmpxchg16b_and_misaligned_gp() {
         (VEC_GP, Some(0))
     );
     assert_eq!(cpu.rip, CODE, "no RIP advance on a fault");
+}
+
+/// A locked instruction is stored with a compare-and-exchange against the
+/// operand it ran on; when another vCPU wrote the operand first, it runs
+/// again on the new value, so the other vCPU's store is never lost (a
+/// plain write-back would put 0x33:0x44 over it).
+#[test]
+fn locked_instruction_runs_again_when_another_vcpu_wrote_its_operand() {
+    let (mut cpu, mut mem) = setup();
+    let mut e = emul();
+    let code = asm64(|a| a.lock().cmpxchg16b(xmmword_ptr(rsi)));
+    let at = DATA + 0x40;
+    mem.set_u64(at, 1);
+    mem.set_u64(at + 8, 2);
+    let start = crate::stub::GuestGprs {
+        rsi: at,
+        rax: 1,
+        rdx: 2,
+        rbx: 0x33,
+        rcx: 0x44,
+        ..Default::default()
+    };
+    cpu.gprs = start;
+    // The other vCPU's store lands between our read and our write.
+    let mut racing = RacingVcpu {
+        mem: &mut mem,
+        slot: at,
+        stores: vec![7],
+        attempts: 0,
+    };
+    done(&e.emulate(&mut cpu, &code, &mut NoVectorState, &mut racing));
+    assert_eq!(racing.attempts, 2, "stored on the second run");
+    // The second run compared 1:2 against 7:2: no match, memory kept.
+    assert_eq!((mem.u64_at(at), mem.u64_at(at + 8)), (7, 2));
+    assert_eq!((cpu.gprs.rax, cpu.gprs.rdx), (7, 2));
+    assert_eq!(cpu.gprs.rflags & 0x40, 0, "ZF clear");
+    assert_eq!(cpu.rip, CODE + code.len() as u64);
+
+    // XCHG with memory is locked without a prefix.
+    let xchg = asm64(|a| a.xchg(qword_ptr(rsi), rbx));
+    cpu.rip = CODE;
+    cpu.gprs = start;
+    let mut racing = RacingVcpu {
+        mem: &mut mem,
+        slot: at,
+        stores: vec![9],
+        attempts: 0,
+    };
+    done(&e.emulate(&mut cpu, &xchg, &mut NoVectorState, &mut racing));
+    assert_eq!((mem.u64_at(at), cpu.gprs.rbx), (0x33, 9));
+
+    // An operand another vCPU rewrites before every store: the VMM's
+    // error, memory as the other vCPU left it.
+    cpu.rip = CODE;
+    cpu.gprs = start;
+    let mut racing = RacingVcpu {
+        mem: &mut mem,
+        slot: at,
+        stores: (1..=2000).collect(),
+        attempts: 0,
+    };
+    let o = e.emulate(&mut cpu, &code, &mut NoVectorState, &mut racing);
+    assert!(
+        matches!(o, Outcome::Platform(ref p) if p.gpa == at),
+        "{o:?}"
+    );
+    let attempts = racing.attempts;
+    assert!(attempts > 1 && attempts < 2000);
+    // Store i is i + 1: the last one is still there.
+    assert_eq!(mem.u64_at(at), attempts as u64);
+    assert_eq!((cpu.rip, cpu.gprs.rax), (CODE, 1), "nothing completed");
 }
 
 fn avx_ok() -> bool {

@@ -21,6 +21,7 @@ mod direct;
 mod fetch;
 mod gather;
 mod implicit;
+mod locked;
 mod operand;
 mod state;
 mod vector;
@@ -474,6 +475,8 @@ impl Emulator {
         if !alignment_check {
             gprs.rflags &= !RFLAGS_AC;
         }
+        // Whether the result already reached memory (a locked write).
+        let mut stored = false;
         if class.vector {
             let image = vec.image()?;
             let n = self.stub.load_guest_image(image);
@@ -493,11 +496,16 @@ impl Emulator {
                 vec.mark_dirty();
             }
             map_run(cpu, ran)?;
+        } else if let Some(op) = operand.filter(|o| {
+            o.reads && o.writes && !o.masked && o.pieces[1].1 == 0 && locked::is_locked_rmw(instr)
+        }) {
+            self.run_locked(cpu, &code[..len], &mut gprs, &op, bounce_off, mem)?;
+            stored = true;
         } else {
             map_run(cpu, self.stub.run(&code[..len], &mut gprs))?;
         }
 
-        if let Some(op) = operand.filter(|o| o.writes) {
+        if let Some(op) = operand.filter(|o| o.writes && !stored) {
             self.write_back(instr, &op, bounce_off, mem)?;
         }
         gprs.rflags = (gprs.rflags & !RFLAGS_AC) | (cpu.gprs.rflags & RFLAGS_AC);

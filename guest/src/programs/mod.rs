@@ -5,6 +5,7 @@ pub mod bench;
 mod bios;
 pub mod emulation;
 pub mod exactness;
+mod locked;
 mod masked;
 mod mmio;
 mod pio;
@@ -66,6 +67,7 @@ const CATALOGUE: &[(&str, Builder)] = &[
     ("testdev-irq", testdev::testdev_irq),
     ("smp-2", testdev::smp2),
     ("smp-4", testdev::smp4),
+    ("smp-cmpxchg16b", locked::smp_cmpxchg16b),
     ("bench-pio", bench::catalogue_pio),
     ("bench-mmio", bench::catalogue_mmio),
     ("bench-cmpxchg16b", bench::catalogue_cmpxchg16b),

@@ -44,3 +44,47 @@ pub fn create_guest_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap, Memo
     }
     Ok(mem)
 }
+
+/// CMPXCHG16B on the 16 bytes of guest RAM `slice` holds (the locked
+/// write of an emulated `lock cmpxchg16b`): `Some(true)` if they held
+/// `current` and now hold `new`, `Some(false)` if they held something
+/// else (left as it was), `None` if `slice` is not 16 bytes aligned to 16
+/// or the host CPU lacks the instruction.
+pub fn compare_exchange_16(
+    slice: &vm_memory::VolatileSlice<'_, ()>,
+    current: &[u8],
+    new: &[u8],
+) -> Option<bool> {
+    let int = |b: &[u8]| -> Option<u128> { Some(u128::from_le_bytes(b.try_into().ok()?)) };
+    let (current, new) = (int(current)?, int(new)?);
+    let guard = slice.ptr_guard_mut();
+    let ptr = guard.as_ptr();
+    if guard.len() != 16
+        || !(ptr as usize).is_multiple_of(16)
+        || !std::is_x86_feature_detected!("cmpxchg16b")
+    {
+        return None;
+    }
+    let swapped: u8;
+    // SAFETY: `ptr` is 16 bytes of guest RAM, mapped while `guard` lives
+    // and aligned to 16 (checked above), and the CPU has CMPXCHG16B. Other
+    // vCPUs access these bytes concurrently, which is the point: the
+    // locked instruction is atomic against them. RBX is reserved by the
+    // compiler, so `new`'s low half is swapped into it and RBX restored.
+    unsafe {
+        std::arch::asm!(
+            "xchg {new_lo}, rbx",
+            "lock cmpxchg16b xmmword ptr [{ptr}]",
+            "sete {swapped}",
+            "mov rbx, {new_lo}",
+            ptr = in(reg) ptr,
+            new_lo = inout(reg) new as u64 => _,
+            swapped = out(reg_byte) swapped,
+            inout("rax") current as u64 => _,
+            inout("rdx") (current >> 64) as u64 => _,
+            in("rcx") (new >> 64) as u64,
+            options(nostack),
+        );
+    }
+    Some(swapped != 0)
+}

@@ -3,10 +3,10 @@
 
 use crate::bus::{BusAction, MmioBus};
 use emul::{Platform, PlatformError};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
-    MemoryRegionAddress, VolatileMemory,
+    MemoryRegionAddress, VolatileMemory, VolatileSlice,
 };
 
 pub struct GuestPhys<'a> {
@@ -83,45 +83,87 @@ impl Platform for GuestPhys<'_> {
         Ok(())
     }
 
-    /// A locked compare-and-exchange on RAM, as the CPU's walker makes:
-    /// other vCPUs change page tables while this one emulates (an
-    /// unmapping vCPU clears an entry; a plain write of the accessed bit
-    /// would bring it back). Tables in device memory are read, compared
-    /// and written through the bus.
-    fn update_table_entry(
+    /// One locked compare-and-exchange on RAM: other vCPUs run natively
+    /// while this one emulates. Device memory gets the plain write (one
+    /// read and one write reach the device, as a locked access on the bus
+    /// makes; a second read could have side effects).
+    fn compare_exchange_phys(
         &mut self,
         gpa: u64,
-        size: usize,
-        old: u64,
-        new: u64,
+        current: &[u8],
+        new: &[u8],
     ) -> Result<bool, PlatformError> {
-        let Some((region, at)) = self.ram(gpa, size) else {
-            return emul::platform::compare_and_write_entry(self, gpa, size, old, new);
-        };
-        let fail = |reason| PlatformError {
-            gpa,
-            len: size,
-            reason,
+        let len = new.len();
+        let fail = |reason| PlatformError { gpa, len, reason };
+        if current.len() != len {
+            return Err(fail("compare-and-exchange of unequal lengths"));
+        }
+        let Some((region, at)) = self.ram(gpa, len) else {
+            self.write_phys(gpa, new)?;
+            return Ok(true);
         };
         let slice = region
-            .get_slice(at, size)
+            .get_slice(at, len)
             .map_err(|_| fail("guest RAM access failed"))?;
-        let swapped = match size {
-            8 => slice
-                .get_atomic_ref::<AtomicU64>(0)
-                .map_err(|_| fail("page-table entry not 8-byte aligned"))?
-                .compare_exchange(old, new, Ordering::SeqCst, Ordering::SeqCst)
-                .is_ok(),
-            4 => slice
-                .get_atomic_ref::<AtomicU32>(0)
-                .map_err(|_| fail("page-table entry not 4-byte aligned"))?
-                .compare_exchange(old as u32, new as u32, Ordering::SeqCst, Ordering::SeqCst)
-                .is_ok(),
-            _ => return Err(fail("page-table entries are 4 or 8 bytes")),
+        let swapped = match len {
+            1 => swap::<AtomicU8>(&slice, current, new),
+            2 => swap::<AtomicU16>(&slice, current, new),
+            4 => swap::<AtomicU32>(&slice, current, new),
+            8 => swap::<AtomicU64>(&slice, current, new),
+            16 => crate::kvm::memory::compare_exchange_16(&slice, current, new),
+            _ => None,
         };
-        Ok(swapped)
+        match swapped {
+            Some(done) => Ok(done),
+            // Misaligned or of an odd size: the CPU locks the bus for such
+            // a split lock; here it is a read, a compare and a write.
+            None => {
+                let mut now = [0u8; 16];
+                let now = now
+                    .get_mut(..len)
+                    .ok_or(fail("locked operand over 16 bytes"))?;
+                read_region(region, at, gpa, now)?;
+                if now != current {
+                    return Ok(false);
+                }
+                self.write_phys(gpa, new)?;
+                Ok(true)
+            }
+        }
     }
 }
+
+/// A compare-and-exchange of the naturally aligned `A` that `slice` holds,
+/// or `None` when `slice` is not aligned for it.
+fn swap<A: AtomicBytes>(slice: &VolatileSlice<'_, ()>, current: &[u8], new: &[u8]) -> Option<bool> {
+    slice
+        .get_atomic_ref::<A>(0)
+        .ok()
+        .map(|a| a.swap_bytes(current, new))
+}
+
+/// The atomics [`swap`] takes: a compare-and-exchange of little-endian
+/// bytes.
+trait AtomicBytes: vm_memory::AtomicInteger {
+    fn swap_bytes(&self, current: &[u8], new: &[u8]) -> bool;
+}
+
+macro_rules! atomic_bytes {
+    ($($atomic:ty => $int:ty),*) => {$(
+        impl AtomicBytes for $atomic {
+            fn swap_bytes(&self, current: &[u8], new: &[u8]) -> bool {
+                let int = |b: &[u8]| {
+                    let mut le = [0u8; size_of::<$int>()];
+                    le.copy_from_slice(b);
+                    <$int>::from_le_bytes(le)
+                };
+                self.compare_exchange(int(current), int(new), Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+            }
+        }
+    )*};
+}
+atomic_bytes!(AtomicU8 => u8, AtomicU16 => u16, AtomicU32 => u32, AtomicU64 => u64);
 
 #[cfg(test)]
 mod tests {
@@ -155,11 +197,12 @@ mod tests {
         assert!(phys.stop.is_none());
     }
 
-    /// The walker's accessed/dirty update is a compare-and-exchange on RAM
-    /// (an entry changed since the walk read it is left alone) and, for a
-    /// table in device memory, a read-compare-write through the bus.
+    /// Locked writes (the walker's accessed/dirty bits, a LOCK-prefixed
+    /// instruction's result) are one compare-and-exchange on RAM: bytes
+    /// another vCPU changed since the emulator read them are left alone.
+    /// Device memory gets the plain write (no second read).
     #[test]
-    fn table_entry_update_writes_only_what_the_walk_read() {
+    fn compare_exchange_writes_only_what_was_read() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x2000)]).unwrap();
         let mut mmio = MmioBus::new_mmio();
         let window = Arc::new(Mutex::new(MmioRam::new(0x1000).unwrap()));
@@ -169,56 +212,91 @@ mod tests {
             mmio: &mmio,
             stop: None,
         };
+        let at = |gpa| GuestAddress(gpa);
         let pte = 0x5000_u64 | 0x3;
-        mem.write_obj(pte, GuestAddress(0x1008)).unwrap();
-        // Another vCPU changed the entry: nothing is written.
+        mem.write_obj(pte, at(0x1008)).unwrap();
+        let b = |v: u64| v.to_le_bytes();
+        // Changed since it was read: nothing is written.
         assert_eq!(
-            phys.update_table_entry(0x1008, 8, 0x9003, 0x9023),
+            phys.compare_exchange_phys(0x1008, &b(0x9003), &b(0x9023)),
             Ok(false)
         );
-        assert_eq!(mem.read_obj::<u64>(GuestAddress(0x1008)).unwrap(), pte);
+        assert_eq!(mem.read_obj::<u64>(at(0x1008)).unwrap(), pte);
         assert_eq!(
-            phys.update_table_entry(0x1008, 8, pte, pte | 0x60),
+            phys.compare_exchange_phys(0x1008, &b(pte), &b(pte | 0x60)),
             Ok(true)
         );
+        assert_eq!(mem.read_obj::<u64>(at(0x1008)).unwrap(), pte | 0x60);
+        // 32-bit entries: the neighbour is untouched.
+        mem.write_obj(0x0003_3003_u32, at(0x1004)).unwrap();
+        let w = |v: u32| v.to_le_bytes();
         assert_eq!(
-            mem.read_obj::<u64>(GuestAddress(0x1008)).unwrap(),
-            pte | 0x60
-        );
-        // 32-bit paging: the neighbouring entry is untouched.
-        mem.write_obj(0x0003_3003_u32, GuestAddress(0x1004))
-            .unwrap();
-        assert_eq!(
-            phys.update_table_entry(0x1000, 4, 0x0003_3003, 0x23),
-            Ok(false)
-        );
-        assert_eq!(
-            phys.update_table_entry(0x1004, 4, 0x0003_3003, 0x0003_3023),
-            Ok(true)
-        );
-        assert_eq!(
-            mem.read_obj::<u32>(GuestAddress(0x1004)).unwrap(),
-            0x0003_3023
-        );
-        assert_eq!(
-            mem.read_obj::<u64>(GuestAddress(0x1008)).unwrap(),
-            pte | 0x60
-        );
-        // A misaligned entry is the VMM's error, not a torn write.
-        assert!(phys.update_table_entry(0x1009, 8, 0, 1).is_err());
-        // Device memory.
-        phys.write_phys(0xd000_0010, &pte.to_le_bytes()).unwrap();
-        assert_eq!(
-            phys.update_table_entry(0xd000_0010, 8, 0x9003, 0),
+            phys.compare_exchange_phys(0x1000, &w(0x3003), &w(0x23)),
             Ok(false)
         );
         assert_eq!(
-            phys.update_table_entry(0xd000_0010, 8, pte, pte | 0x20),
+            phys.compare_exchange_phys(0x1004, &w(0x0003_3003), &w(0x0003_3023)),
             Ok(true)
         );
+        assert_eq!(mem.read_obj::<u32>(at(0x1004)).unwrap(), 0x0003_3023);
+        assert_eq!(mem.read_obj::<u64>(at(0x1008)).unwrap(), pte | 0x60);
+        // 16 bytes (CMPXCHG16B), and a misaligned 8 (a split lock).
+        let old: [u8; 16] = std::array::from_fn(|i| i as u8);
+        let new: [u8; 16] = std::array::from_fn(|i| 0xa0 + i as u8);
+        mem.write_slice(&old, at(0x1010)).unwrap();
+        assert_eq!(phys.compare_exchange_phys(0x1010, &new, &new), Ok(false));
+        assert_eq!(mem.read_obj::<[u8; 16]>(at(0x1010)).unwrap(), old);
+        assert_eq!(phys.compare_exchange_phys(0x1010, &old, &new), Ok(true));
+        assert_eq!(mem.read_obj::<[u8; 16]>(at(0x1010)).unwrap(), new);
         assert_eq!(
-            window.lock().unwrap().contents()[0x10..0x18],
-            (pte | 0x20).to_le_bytes()
+            phys.compare_exchange_phys(0x1013, &new[..8], &old[..8]),
+            Ok(false)
         );
+        assert_eq!(
+            phys.compare_exchange_phys(0x1013, &new[3..11], &old[..8]),
+            Ok(true)
+        );
+        assert_eq!(mem.read_obj::<[u8; 8]>(at(0x1013)).unwrap(), old[..8]);
+        assert!(phys.compare_exchange_phys(0x1008, &b(0), &w(0)).is_err());
+        // Device memory: written as given.
+        phys.write_phys(0xd000_0010, &b(pte)).unwrap();
+        assert_eq!(
+            phys.compare_exchange_phys(0xd000_0010, &b(0x9003), &b(7)),
+            Ok(true)
+        );
+        assert_eq!(window.lock().unwrap().contents()[0x10..0x18], b(7));
+    }
+
+    /// Two vCPU threads incrementing one 16-byte counter in guest RAM by
+    /// read and compare-and-exchange, as an emulated `lock cmpxchg16b`
+    /// loop does: no increment is lost (a read-compare-write loses some
+    /// within a few thousand on two host CPUs).
+    #[test]
+    fn sixteen_byte_compare_exchange_is_atomic_between_threads() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        let mmio = MmioBus::new_mmio();
+        const N: u128 = 200_000;
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                s.spawn(|| {
+                    let mut phys = GuestPhys {
+                        mem: &mem,
+                        mmio: &mmio,
+                        stop: None,
+                    };
+                    let mut done = 0;
+                    while done < N {
+                        let mut now = [0u8; 16];
+                        phys.read_phys(0x40, &mut now).unwrap();
+                        let next = (u128::from_le_bytes(now) + (1 << 64) + 1).to_le_bytes();
+                        if phys.compare_exchange_phys(0x40, &now, &next).unwrap() {
+                            done += 1;
+                        }
+                    }
+                });
+            }
+        });
+        let end = mem.read_obj::<u128>(GuestAddress(0x40)).unwrap();
+        assert_eq!(end, 2 * N * ((1 << 64) + 1));
     }
 }

@@ -1,0 +1,155 @@
+//! Locked read-modify-writes the VMM completes while other vCPUs run: two
+//! vCPUs at CPL 0 in long mode increment one 16-byte counter in RAM with
+//! `lock cmpxchg16b` loops. KVM's emulator gives up on CMPXCHG16B, so on
+//! PVM (which interprets CPL 0 code) every one reaches the VMM, and the
+//! emulator's compare-and-exchange decides whether a write lands: a plain
+//! write-back of the result would lose the other vCPU's increments.
+
+use super::{assemble, expect, LOAD_ADDR};
+use crate::rt::{exit, print, report_rax, status_of, Asm, AsmResult, EXIT_PASS};
+use crate::{Mode, Program};
+use iced_x86::code_asm::*;
+use iced_x86::IcedError;
+
+/// The AP's real-mode start (SIPI vector 8) and its long-mode code.
+const TRAMPOLINE: u64 = 0x8000;
+const AP_LONG: u64 = 0x8100;
+/// The AP's GDTR: the VMM's boot GDT (README memory map), whose 64-bit
+/// code selector is 0x18.
+const AP_GDTR: u64 = 0x80f0;
+const BOOT_GDT: u32 = 0x1000;
+const BOOT_PML4: u32 = 0x2000;
+const CODE64: u16 = 0x18;
+/// The 16-byte counter both halves of which every increment adds one to,
+/// and the AP's "done" flag.
+const COUNTER: u64 = 0x9000;
+const AP_DONE: u64 = 0x9010;
+const LAPIC: u64 = 0xfee0_0000;
+/// Increments per vCPU.
+const INCREMENTS: u32 = 2000;
+
+/// `INCREMENTS` times: read the counter, add one to both halves and store
+/// it with `lock cmpxchg16b`, again from the value it found on a miss.
+fn increment_loop(a: &mut Asm) -> AsmResult {
+    a.mov(rsi, COUNTER)?;
+    a.mov(r8d, INCREMENTS)?;
+    let mut next = a.create_label();
+    let mut retry = a.create_label();
+    a.set_label(&mut next)?;
+    a.mov(rax, qword_ptr(rsi))?;
+    a.mov(rdx, qword_ptr(rsi + 8))?;
+    a.set_label(&mut retry)?;
+    a.lea(rbx, ptr(rax + 1))?;
+    a.lea(rcx, ptr(rdx + 1))?;
+    a.lock().cmpxchg16b(xmmword_ptr(rsi))?;
+    a.jnz(retry)?;
+    a.dec(r8d)?;
+    a.jnz(next)
+}
+
+/// Real mode to long mode on the VMM's page tables, then the loop.
+fn application_processor() -> Result<Vec<u8>, IcedError> {
+    let mut a = CodeAssembler::new(16)?;
+    a.cli()?;
+    a.xor(ax, ax)?;
+    a.mov(ds, ax)?;
+    a.lgdt(ptr(AP_GDTR))?;
+    a.mov(eax, 0x20u32)?; // CR4.PAE
+    a.mov(cr4, eax)?;
+    a.mov(eax, BOOT_PML4)?;
+    a.mov(cr3, eax)?;
+    a.mov(ecx, 0xc000_0080u32)?; // EFER.LME
+    a.rdmsr()?;
+    a.or(eax, 0x100)?;
+    a.wrmsr()?;
+    a.mov(eax, cr0)?;
+    a.or(eax, 0x8000_0001u32)?; // PG, PE
+    a.mov(cr0, eax)?;
+    // jmp far CODE64:AP_LONG (32-bit offset).
+    let [s0, s1] = CODE64.to_le_bytes();
+    let [o0, o1, o2, o3] = (AP_LONG as u32).to_le_bytes();
+    a.db(&[0x66, 0xea, o0, o1, o2, o3, s0, s1])?;
+    let mut real = a.assemble(TRAMPOLINE)?;
+    real.resize((AP_GDTR - TRAMPOLINE) as usize, 0xcc);
+    real.extend_from_slice(&0x1fu16.to_le_bytes());
+    real.extend_from_slice(&BOOT_GDT.to_le_bytes());
+    real.resize((AP_LONG - TRAMPOLINE) as usize, 0xcc);
+
+    let mut a = CodeAssembler::new(64)?;
+    increment_loop(&mut a)?;
+    a.lock().inc(dword_ptr(AP_DONE))?;
+    let mut halt = a.create_label();
+    a.set_label(&mut halt)?;
+    a.hlt()?;
+    a.jmp(halt)?;
+    real.extend(a.assemble(AP_LONG)?);
+    Ok(real)
+}
+
+/// Two vCPUs, `INCREMENTS` locked increments each of one 16-byte counter:
+/// both halves end at twice `INCREMENTS`, as on the CPU.
+pub fn smp_cmpxchg16b() -> Result<Program, IcedError> {
+    let ap = application_processor()?;
+    let image = assemble(Mode::Long, LOAD_ADDR, |a| {
+        let mut ap_code = a.create_label();
+        let mut main = a.create_label();
+        a.jmp(main)?;
+        a.set_label(&mut ap_code)?;
+        a.db(&ap)?;
+        a.set_label(&mut main)?;
+        a.xor(eax, eax)?;
+        a.mov(qword_ptr(COUNTER), rax)?;
+        a.mov(qword_ptr(COUNTER + 8), rax)?;
+        a.mov(dword_ptr(AP_DONE), eax)?;
+        a.cld()?;
+        a.lea(rsi, ptr(ap_code))?;
+        a.mov(edi, TRAMPOLINE as u32)?;
+        a.mov(ecx, ap.len() as u32)?;
+        a.rep().movsb()?;
+        // INIT to all but self, then SIPI twice, as the MP spec asks.
+        a.mov(rdi, LAPIC)?;
+        a.mov(dword_ptr(rdi + 0xf0), 0x1ffu32)?;
+        a.mov(dword_ptr(rdi + 0x310), 0u32)?;
+        a.mov(dword_ptr(rdi + 0x300), 0x000c_4500u32)?;
+        for _ in 0..2 {
+            a.mov(
+                dword_ptr(rdi + 0x300),
+                0x000c_4600u32 | (TRAMPOLINE >> 12) as u32,
+            )?;
+        }
+        increment_loop(a)?;
+        // Wait for the AP (bounded).
+        a.mov(ecx, 5_000_000u32)?;
+        let mut wait = a.create_label();
+        let mut done = a.create_label();
+        a.set_label(&mut wait)?;
+        a.cmp(dword_ptr(AP_DONE), 0)?;
+        a.jne(done)?;
+        a.pause()?;
+        a.dec(ecx)?;
+        a.jnz(wait)?;
+        a.set_label(&mut done)?;
+        a.mov(eax, dword_ptr(AP_DONE))?;
+        report_rax(a)?;
+        a.mov(rax, qword_ptr(COUNTER))?;
+        report_rax(a)?;
+        a.mov(rax, qword_ptr(COUNTER + 8))?;
+        report_rax(a)?;
+        print(a, "smp cmpxchg16b done\n")?;
+        exit(a, EXIT_PASS)
+    })?;
+    let total = 2 * u64::from(INCREMENTS);
+    Ok(Program::new(
+        "smp-cmpxchg16b",
+        "two vCPUs at CPL 0 increment one 16-byte counter with lock cmpxchg16b loops (completed by the VMM on PVM): no increment lost",
+        Mode::Long,
+        LOAD_ADDR,
+        image,
+        expect(
+            status_of(EXIT_PASS),
+            "smp cmpxchg16b done",
+            Some(vec![1, total, total]),
+        ),
+    )
+    .with_args(vec!["--cpus", "2"]))
+}
