@@ -270,6 +270,17 @@ struct RacingVcpu<'a> {
     attempts: usize,
 }
 
+impl<'a> RacingVcpu<'a> {
+    fn new(mem: &'a mut MockPlatform, slot: u64, stores: Vec<u64>) -> Self {
+        RacingVcpu {
+            mem,
+            slot,
+            stores,
+            attempts: 0,
+        }
+    }
+}
+
 impl Platform for RacingVcpu<'_> {
     fn read_phys(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), PlatformError> {
         self.mem.read_phys(gpa, buf)
@@ -310,12 +321,7 @@ fn walk_restarts_when_another_vcpu_changes_an_entry() {
     let read = Access::default();
 
     // Unmapped under the walk: not present, and it stays unmapped.
-    let mut racing = RacingVcpu {
-        mem: &mut mem,
-        slot,
-        stores: vec![0],
-        attempts: 0,
-    };
+    let mut racing = RacingVcpu::new(&mut mem, slot, vec![0]);
     match translate(&cpu, DATA + 0x10, read, &mut racing) {
         Err(WalkError::Fault(e)) => {
             assert_eq!(
@@ -331,25 +337,16 @@ fn walk_restarts_when_another_vcpu_changes_an_entry() {
     // Remapped under the walk: the new frame, with its accessed bit.
     mem.set_u64(slot, before);
     let moved = 0x9000 | RW;
-    let mut racing = RacingVcpu {
-        mem: &mut mem,
-        slot,
-        stores: vec![moved],
-        attempts: 0,
-    };
+    let mut racing = RacingVcpu::new(&mut mem, slot, vec![moved]);
     assert_eq!(translate(&cpu, DATA + 0x10, read, &mut racing), Ok(0x9010));
     assert_eq!(mem.u64_at(slot), moved | 0x20);
 
     // An entry that changes before every update: the walk gives up with
     // the VMM's error, not a guess.
     mem.set_u64(slot, before);
-    let mut racing = RacingVcpu {
-        mem: &mut mem,
-        slot,
-        // Flips an ignored bit, so each value differs from the last.
-        stores: (1..=2000).map(|i| before ^ ((i & 1) << 9)).collect(),
-        attempts: 0,
-    };
+    // Flips an ignored bit, so each value differs from the last.
+    let flips = (1..=2000).map(|i| before ^ ((i & 1) << 9)).collect();
+    let mut racing = RacingVcpu::new(&mut mem, slot, flips);
     match translate(&cpu, DATA, read, &mut racing) {
         Err(WalkError::Platform(p)) => assert_eq!(p.gpa, slot),
         other => panic!("expected a platform error, got {other:?}"),
@@ -552,12 +549,7 @@ fn locked_instruction_runs_again_when_another_vcpu_wrote_its_operand() {
     };
     cpu.gprs = start;
     // The other vCPU's store lands between our read and our write.
-    let mut racing = RacingVcpu {
-        mem: &mut mem,
-        slot: at,
-        stores: vec![7],
-        attempts: 0,
-    };
+    let mut racing = RacingVcpu::new(&mut mem, at, vec![7]);
     done(&e.emulate(&mut cpu, &code, &mut NoVectorState, &mut racing));
     assert_eq!(racing.attempts, 2, "stored on the second run");
     // The second run compared 1:2 against 7:2: no match, memory kept.
@@ -570,12 +562,7 @@ fn locked_instruction_runs_again_when_another_vcpu_wrote_its_operand() {
     let xchg = asm64(|a| a.xchg(qword_ptr(rsi), rbx));
     cpu.rip = CODE;
     cpu.gprs = start;
-    let mut racing = RacingVcpu {
-        mem: &mut mem,
-        slot: at,
-        stores: vec![9],
-        attempts: 0,
-    };
+    let mut racing = RacingVcpu::new(&mut mem, at, vec![9]);
     done(&e.emulate(&mut cpu, &xchg, &mut NoVectorState, &mut racing));
     assert_eq!((mem.u64_at(at), cpu.gprs.rbx), (0x33, 9));
 
@@ -583,12 +570,7 @@ fn locked_instruction_runs_again_when_another_vcpu_wrote_its_operand() {
     // error, memory as the other vCPU left it.
     cpu.rip = CODE;
     cpu.gprs = start;
-    let mut racing = RacingVcpu {
-        mem: &mut mem,
-        slot: at,
-        stores: (1..=2000).collect(),
-        attempts: 0,
-    };
+    let mut racing = RacingVcpu::new(&mut mem, at, (1..=2000).collect());
     let o = e.emulate(&mut cpu, &code, &mut NoVectorState, &mut racing);
     assert!(
         matches!(o, Outcome::Platform(ref p) if p.gpa == at),
