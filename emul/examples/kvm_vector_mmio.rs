@@ -442,6 +442,9 @@ fn run() -> Result<bool, String> {
                         return Err(format!("guest instruction not completed: {text}"))
                     }
                     Outcome::Platform(e) => return Err(e.to_string()),
+                    // Another vCPU kept winning a race: nothing changed,
+                    // run the instruction again (one vCPU here: never).
+                    Outcome::Retry => {}
                     Outcome::SoftwareInterrupt { vector } => {
                         // INT n: RIP is already past it; an injected
                         // interrupt pushes that RIP as the return address.

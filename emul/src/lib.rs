@@ -115,6 +115,10 @@
 //!         // Your Platform or VectorState failed: stop the VM.
 //!         panic!("{e}");
 //!     }
+//!     Outcome::Retry => {
+//!         // Another vCPU kept winning a race for the instruction's memory:
+//!         // nothing changed; KVM_RUN, and the vCPU runs into it again.
+//!     }
 //!     Outcome::SoftwareInterrupt { vector } => {
 //!         // INT n/INT3/INTO: write cpu.gprs and cpu.rip (past the INT) back
 //!         // and inject `vector` as an interrupt (KVM_SET_VCPU_EVENTS,

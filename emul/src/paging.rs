@@ -50,6 +50,14 @@ pub enum WalkError {
     Fault(Exception),
     /// Reading or updating a page-table entry failed in the VMM.
     Platform(PlatformError),
+    /// Another CPU changed the entry at `gpa` between the walk's read and
+    /// its accessed/dirty update, every time the walk tried. Nothing is
+    /// wrong with the translation: the instruction is retried from the
+    /// guest (as the CPU would finish it once it won the race).
+    Contended {
+        /// Guest-physical address of the entry.
+        gpa: u64,
+    },
 }
 
 impl From<PlatformError> for WalkError {
@@ -106,10 +114,11 @@ const LONG5: [Level; 5] = [
 ];
 
 /// How many times a walk starts again because another CPU changed an
-/// entry between the walk's read and its accessed/dirty update. The CPU
-/// retries without limit; a bound keeps a guest that rewrites its own page
-/// tables in a tight loop on another vCPU from holding this thread.
-const WALK_ATTEMPTS: usize = 1024;
+/// entry between the walk's read and its accessed/dirty update, before the
+/// instruction is handed back to the guest to retry
+/// ([`WalkError::Contended`]): the CPU never gives up, and neither does
+/// the guest's retry, but it lets this thread see the VM stop meanwhile.
+const WALK_ATTEMPTS: usize = 64;
 
 /// Translates linear address `lin` for `access`; on success returns the
 /// guest-physical address, after setting accessed bits on every entry used
@@ -133,11 +142,7 @@ pub fn translate(
             Walked::EntryChanged(at) => lost = at,
         }
     }
-    Err(WalkError::Platform(PlatformError {
-        gpa: lost,
-        len: 8,
-        reason: "another vCPU kept changing this page-table entry during the walk",
-    }))
+    Err(WalkError::Contended { gpa: lost })
 }
 
 /// One pass of [`translate`].
@@ -275,10 +280,15 @@ fn walk(
     Ok(Walked::Done(gpa))
 }
 
+/// Reads an entry in one access, as the CPU's walker does: the buffer is
+/// aligned like the entry, so a VMM's copy (vm-memory copies at the
+/// smaller alignment of its two sides) cannot tear it into bytes.
 fn read_entry(mem: &mut dyn Platform, addr: u64, size: usize) -> Result<u64, PlatformError> {
-    let mut b = [0u8; 8];
-    mem.read_phys(addr, &mut b[..size])?;
-    Ok(u64::from_le_bytes(b))
+    #[repr(align(8))]
+    struct Entry([u8; 8]);
+    let mut b = Entry([0; 8]);
+    mem.read_phys(addr, &mut b.0[..size])?;
+    Ok(u64::from_le_bytes(b.0))
 }
 
 /// Whether `lin` is canonical for 48-bit (or, with LA57, 57-bit) linear

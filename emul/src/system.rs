@@ -123,6 +123,7 @@ pub fn emulate(
             text: format!("{instr}: {why}"),
         },
         Err(Fail::Platform(p)) => Outcome::Platform(p),
+        Err(Fail::Contended) => Outcome::Retry,
     })
 }
 
@@ -137,6 +138,7 @@ enum Fail {
     Exception(Exception),
     Unsupported(&'static str),
     Platform(crate::PlatformError),
+    Contended,
 }
 
 impl From<Exception> for Fail {
@@ -150,6 +152,7 @@ impl From<WalkError> for Fail {
         match e {
             WalkError::Fault(x) => Fail::Exception(x),
             WalkError::Platform(p) => Fail::Platform(p),
+            WalkError::Contended { .. } => Fail::Contended,
         }
     }
 }

@@ -409,6 +409,7 @@ fn random_instructions_registers_and_page_tables() {
                 assert_eq!(cpu, before, "case {case}: state changed on a refusal");
             }
             Outcome::Platform(e) => panic!("case {case}: platform error {e}"),
+            Outcome::Retry => panic!("case {case}: a retry without another vCPU"),
             // System instructions: only RIP (and nothing else) moves.
             Outcome::SoftwareInterrupt { .. } | Outcome::FlushTlb { .. } => {
                 done += 1;

@@ -51,7 +51,7 @@ pub(super) fn fetch(
         }
         Ok(_) => Ok((first, Some(Exception::gp0()))),
         Err(WalkError::Fault(f)) => Ok((first, Some(f))),
-        Err(WalkError::Platform(p)) => Err(p.into()),
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -6,22 +6,26 @@
 //! it started from ([`Platform::compare_exchange_phys`]). When another
 //! vCPU wrote the operand in between, the instruction runs again on what
 //! memory holds now, as KVM's emulator does for CMPXCHG: every vCPU sees
-//! the one atomic read-modify-write the CPU makes. (An operand split
-//! across two pages, a split lock, is written piece by piece: the CPU
-//! locks the bus for it, which nothing here can.)
+//! the one atomic read-modify-write the CPU makes. After
+//! `LOCKED_ATTEMPTS` lost races the guest retries the instruction
+//! ([`Outcome::Retry`](crate::Outcome::Retry)). An operand split across
+//! two pages is written piece by piece, not atomically: the CPU locks the
+//! bus for it, which nothing here can.
 
 use iced_x86::{Instruction, Mnemonic};
 
 use super::operand::Operand;
 use super::{map_run, Emulator, Stop, MAX_OPERAND};
 use crate::cpu::CpuState;
-use crate::platform::{Platform, PlatformError};
+use crate::platform::Platform;
 use crate::stub::GuestGprs;
 
 /// How many times the instruction runs again because another vCPU wrote
-/// its operand first. The CPU never gives up; a bound keeps a guest that
-/// hammers the operand from another vCPU from holding this thread.
-const LOCKED_ATTEMPTS: usize = 1024;
+/// its operand first, before it is handed back to the guest to retry
+/// ([`Outcome::Retry`](crate::Outcome::Retry)): the CPU never gives up,
+/// and neither does the guest's retry, but it lets this thread see the VM
+/// stop meanwhile.
+const LOCKED_ATTEMPTS: usize = 64;
 
 /// Whether `instr`'s memory operand is written as one atomic
 /// read-modify-write on the CPU.
@@ -58,10 +62,6 @@ impl Emulator {
             // Another vCPU wrote the operand: run on its value now.
             mem.read_phys(gpa, &mut self.stub.bounce_mut()[range.clone()])?;
         }
-        Err(Stop::Platform(PlatformError {
-            gpa,
-            len: n,
-            reason: "another vCPU kept writing this locked operand",
-        }))
+        Err(Stop::Contended)
     }
 }

@@ -69,6 +69,12 @@ pub enum Outcome {
     },
     /// A memory or vector-state access through the VMM failed.
     Platform(PlatformError),
+    /// Another vCPU kept changing memory the instruction depends on (a
+    /// page-table entry whose accessed/dirty update, or a locked operand
+    /// whose compare-and-exchange, lost the race every time the emulator
+    /// tried). Nothing was changed and RIP is at the instruction: resume
+    /// the vCPU, which runs into it again, as the CPU would keep trying.
+    Retry,
     /// INT n, INT3 or a taken INTO ([`crate::system`]): GPRs and RIP are
     /// updated (RIP is the return address, past the instruction); the VMM
     /// delivers `vector` through the guest's IDT.
@@ -98,6 +104,8 @@ enum Stop {
     Exception(Exception),
     Unsupported(&'static str),
     Platform(PlatformError),
+    /// Another vCPU kept winning a race ([`Outcome::Retry`]).
+    Contended,
 }
 
 impl From<Exception> for Stop {
@@ -111,6 +119,7 @@ impl From<WalkError> for Stop {
         match e {
             WalkError::Fault(x) => Stop::Exception(x),
             WalkError::Platform(p) => Stop::Platform(p),
+            WalkError::Contended { .. } => Stop::Contended,
         }
     }
 }
@@ -283,6 +292,7 @@ impl Emulator {
         match stop {
             Stop::Exception(e) => e.into(),
             Stop::Platform(p) => Outcome::Platform(p),
+            Stop::Contended => Outcome::Retry,
             Stop::Unsupported(why) => {
                 let mut text = String::new();
                 if let Some(i) = instr {

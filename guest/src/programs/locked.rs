@@ -118,16 +118,24 @@ pub fn smp_cmpxchg16b() -> Result<Program, IcedError> {
             )?;
         }
         increment_loop(a)?;
-        // Wait for the AP (bounded).
-        a.mov(ecx, 5_000_000u32)?;
+        // Wait for the AP, for at most 2^34 TSC ticks (seconds on any
+        // host, however slowly its threads are scheduled).
+        a.rdtsc()?;
+        a.shl(rdx, 32)?;
+        a.or(rax, rdx)?;
+        a.mov(r9, rax)?;
         let mut wait = a.create_label();
         let mut done = a.create_label();
         a.set_label(&mut wait)?;
         a.cmp(dword_ptr(AP_DONE), 0)?;
         a.jne(done)?;
         a.pause()?;
-        a.dec(ecx)?;
-        a.jnz(wait)?;
+        a.rdtsc()?;
+        a.shl(rdx, 32)?;
+        a.or(rax, rdx)?;
+        a.sub(rax, r9)?;
+        a.shr(rax, 34)?;
+        a.jz(wait)?;
         a.set_label(&mut done)?;
         a.mov(eax, dword_ptr(AP_DONE))?;
         report_rax(a)?;

@@ -118,8 +118,16 @@ pub fn program(name: &str) -> Program {
 
 /// Runs a catalogued program in-process and checks its stated outcome.
 pub fn check_program(name: &str) -> (VmOutcome, String) {
+    check_program_with(name, |_| {})
+}
+
+/// [`check_program`] with `tweak` applied to the program's configuration
+/// (`--stats`, say).
+pub fn check_program_with(name: &str, tweak: impl FnOnce(&mut VmConfig)) -> (VmOutcome, String) {
     let p = program(name);
-    let (out, serial) = run_config(&config_for(&p));
+    let mut cfg = config_for(&p);
+    tweak(&mut cfg);
+    let (out, serial) = run_config(&cfg);
     let expect = p.expect_for(kvm_kind().cpl0_native());
     assert_eq!(
         out.status, expect.status,

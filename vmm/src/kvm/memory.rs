@@ -45,46 +45,108 @@ pub fn create_guest_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap, Memo
     Ok(mem)
 }
 
-/// CMPXCHG16B on the 16 bytes of guest RAM `slice` holds (the locked
-/// write of an emulated `lock cmpxchg16b`): `Some(true)` if they held
-/// `current` and now hold `new`, `Some(false)` if they held something
-/// else (left as it was), `None` if `slice` is not 16 bytes aligned to 16
-/// or the host CPU lacks the instruction.
-pub fn compare_exchange_16(
+/// One locked compare-and-exchange on the guest RAM `slice` covers (the
+/// locked write of an emulated instruction, or the page walker's
+/// accessed/dirty update): `Some(true)` if the bytes held `current` and
+/// now hold `new`, `Some(false)` if they held something else (left as
+/// they were), `None` for a size no locked instruction has, a misaligned
+/// 16 bytes, or a host CPU without CMPXCHG16B.
+///
+/// LOCK CMPXCHG of 1, 2, 4 or 8 bytes at any alignment, as the guest's
+/// own instruction would be (Rust's atomics need natural alignment;
+/// across a cache line it is a split lock, which the stub already made
+/// on the bounce buffer at the same offset), and CMPXCHG16B for 16.
+pub fn compare_exchange(
     slice: &vm_memory::VolatileSlice<'_, ()>,
     current: &[u8],
     new: &[u8],
 ) -> Option<bool> {
-    let int = |b: &[u8]| -> Option<u128> { Some(u128::from_le_bytes(b.try_into().ok()?)) };
-    let (current, new) = (int(current)?, int(new)?);
     let guard = slice.ptr_guard_mut();
-    let ptr = guard.as_ptr();
-    if guard.len() != 16
-        || !(ptr as usize).is_multiple_of(16)
-        || !std::is_x86_feature_detected!("cmpxchg16b")
-    {
+    let (ptr, len) = (guard.as_ptr(), guard.len());
+    if len > 16 || current.len() != len || new.len() != len {
         return None;
     }
+    let int = |b: &[u8]| {
+        let mut le = [0u8; 16];
+        le[..b.len()].copy_from_slice(b);
+        u128::from_le_bytes(le)
+    };
+    let (cur, new) = (int(current), int(new));
     let swapped: u8;
-    // SAFETY: `ptr` is 16 bytes of guest RAM, mapped while `guard` lives
-    // and aligned to 16 (checked above), and the CPU has CMPXCHG16B. Other
-    // vCPUs access these bytes concurrently, which is the point: the
-    // locked instruction is atomic against them. RBX is reserved by the
-    // compiler, so `new`'s low half is swapped into it and RBX restored.
-    unsafe {
-        std::arch::asm!(
-            "xchg {new_lo}, rbx",
-            "lock cmpxchg16b xmmword ptr [{ptr}]",
-            "sete {swapped}",
-            "mov rbx, {new_lo}",
-            ptr = in(reg) ptr,
-            new_lo = inout(reg) new as u64 => _,
-            swapped = out(reg_byte) swapped,
-            inout("rax") current as u64 => _,
-            inout("rdx") (current >> 64) as u64 => _,
-            in("rcx") (new >> 64) as u64,
-            options(nostack),
-        );
+    // Every block below: `ptr` is `len` bytes of guest RAM, mapped
+    // while `guard` lives. Other vCPUs access these bytes concurrently,
+    // which is the point: the locked instruction is atomic against them.
+    // x86 allows LOCK CMPXCHG at any alignment; CMPXCHG16B is only run
+    // aligned to 16 and where the CPU has it (checked below). Flags and
+    // memory are clobbered (no `preserves_flags`, no `nomem`).
+    match len {
+        // SAFETY: as said above the match.
+        1 => unsafe {
+            std::arch::asm!(
+                "lock cmpxchg byte ptr [{ptr}], {new}",
+                "sete {swapped}",
+                ptr = in(reg) ptr,
+                new = in(reg_byte) new as u8,
+                swapped = out(reg_byte) swapped,
+                inout("al") cur as u8 => _,
+                options(nostack),
+            );
+        },
+        // SAFETY: as said above the match.
+        2 => unsafe {
+            std::arch::asm!(
+                "lock cmpxchg word ptr [{ptr}], {new:x}",
+                "sete {swapped}",
+                ptr = in(reg) ptr,
+                new = in(reg) new as u16,
+                swapped = out(reg_byte) swapped,
+                inout("ax") cur as u16 => _,
+                options(nostack),
+            );
+        },
+        // SAFETY: as said above the match.
+        4 => unsafe {
+            std::arch::asm!(
+                "lock cmpxchg dword ptr [{ptr}], {new:e}",
+                "sete {swapped}",
+                ptr = in(reg) ptr,
+                new = in(reg) new as u32,
+                swapped = out(reg_byte) swapped,
+                inout("eax") cur as u32 => _,
+                options(nostack),
+            );
+        },
+        // SAFETY: as said above the match.
+        8 => unsafe {
+            std::arch::asm!(
+                "lock cmpxchg qword ptr [{ptr}], {new:r}",
+                "sete {swapped}",
+                ptr = in(reg) ptr,
+                new = in(reg) new as u64,
+                swapped = out(reg_byte) swapped,
+                inout("rax") cur as u64 => _,
+                options(nostack),
+            );
+        },
+        // SAFETY: as said above the match; aligned, and the CPU has it.
+        16 if (ptr as usize).is_multiple_of(16) && std::is_x86_feature_detected!("cmpxchg16b") => unsafe {
+            // RBX is reserved by the compiler: `new`'s low half is swapped
+            // into it and RBX restored.
+            std::arch::asm!(
+                "xchg {new_lo}, rbx",
+                "lock cmpxchg16b xmmword ptr [{ptr}]",
+                "sete {swapped}",
+                "mov rbx, {new_lo}",
+                ptr = in(reg) ptr,
+                new_lo = inout(reg) new as u64 => _,
+                swapped = out(reg_byte) swapped,
+                inout("rax") cur as u64 => _,
+                inout("rdx") (cur >> 64) as u64 => _,
+                in("rcx") (new >> 64) as u64,
+                options(nostack),
+            );
+        },
+        _ => return None,
     }
     Some(swapped != 0)
 }

@@ -124,6 +124,12 @@ fn instruction_at_rip(cpu: &CpuState, phys: &mut GuestPhys) -> String {
                 fail = Some(format!("the page walk for {at:#x} failed: {p}"));
                 break;
             }
+            Err(WalkError::Contended { gpa }) => {
+                fail = Some(format!(
+                    "the page walk for {at:#x} kept losing the entry at {gpa:#x} to another vCPU"
+                ));
+                break;
+            }
         };
         if phys.read_ram(gpa, &mut bytes[got..got + n]).is_err() {
             fail = Some(format!(

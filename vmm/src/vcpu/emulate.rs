@@ -24,6 +24,10 @@ pub enum OnUnsupported {
 pub enum Completion {
     /// Registers changed (write back GPRs through sync regs).
     Done,
+    /// Nothing changed: resume the vCPU at the same instruction (another
+    /// vCPU kept winning a race the emulator needed; see
+    /// [`emul::Outcome::Retry`]).
+    Retry,
     /// Inject this exception (events, and CR2 for #PF, through sync regs).
     Inject {
         vector: u8,
@@ -202,6 +206,7 @@ impl Emulator {
             Outcome::Platform(e) => {
                 Completion::Stop(format!("vcpu {vcpu}: at rip {:#x}: {e}", regs.rip))
             }
+            Outcome::Retry => Completion::Retry,
             Outcome::SoftwareInterrupt { vector } => {
                 write_gprs(&cpu, regs);
                 Completion::Interrupt { vector }

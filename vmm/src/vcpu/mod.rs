@@ -484,6 +484,7 @@ impl Vcpu {
                 self.fd.set_sync_dirty_reg(SyncReg::Register);
                 None
             }
+            Completion::Retry => None,
             Completion::Inject {
                 vector,
                 error_code,

@@ -3,10 +3,9 @@
 
 use crate::bus::{BusAction, MmioBus};
 use emul::{Platform, PlatformError};
-use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
-    MemoryRegionAddress, VolatileMemory, VolatileSlice,
+    MemoryRegionAddress,
 };
 
 pub struct GuestPhys<'a> {
@@ -105,18 +104,11 @@ impl Platform for GuestPhys<'_> {
         let slice = region
             .get_slice(at, len)
             .map_err(|_| fail("guest RAM access failed"))?;
-        let swapped = match len {
-            1 => swap::<AtomicU8>(&slice, current, new),
-            2 => swap::<AtomicU16>(&slice, current, new),
-            4 => swap::<AtomicU32>(&slice, current, new),
-            8 => swap::<AtomicU64>(&slice, current, new),
-            16 => crate::kvm::memory::compare_exchange_16(&slice, current, new),
-            _ => None,
-        };
-        match swapped {
+        match crate::kvm::memory::compare_exchange(&slice, current, new) {
             Some(done) => Ok(done),
-            // Misaligned or of an odd size: the CPU locks the bus for such
-            // a split lock; here it is a read, a compare and a write.
+            // No locked instruction has such an operand (a misaligned
+            // CMPXCHG16B raised #GP in the stub already); a read, a compare
+            // and a write.
             None => {
                 let mut now = [0u8; 16];
                 let now = now
@@ -132,38 +124,6 @@ impl Platform for GuestPhys<'_> {
         }
     }
 }
-
-/// A compare-and-exchange of the naturally aligned `A` that `slice` holds,
-/// or `None` when `slice` is not aligned for it.
-fn swap<A: AtomicBytes>(slice: &VolatileSlice<'_, ()>, current: &[u8], new: &[u8]) -> Option<bool> {
-    slice
-        .get_atomic_ref::<A>(0)
-        .ok()
-        .map(|a| a.swap_bytes(current, new))
-}
-
-/// The atomics [`swap`] takes: a compare-and-exchange of little-endian
-/// bytes.
-trait AtomicBytes: vm_memory::AtomicInteger {
-    fn swap_bytes(&self, current: &[u8], new: &[u8]) -> bool;
-}
-
-macro_rules! atomic_bytes {
-    ($($atomic:ty => $int:ty),*) => {$(
-        impl AtomicBytes for $atomic {
-            fn swap_bytes(&self, current: &[u8], new: &[u8]) -> bool {
-                let int = |b: &[u8]| {
-                    let mut le = [0u8; size_of::<$int>()];
-                    le.copy_from_slice(b);
-                    <$int>::from_le_bytes(le)
-                };
-                self.compare_exchange(int(current), int(new), Ordering::SeqCst, Ordering::SeqCst)
-                    .is_ok()
-            }
-        }
-    )*};
-}
-atomic_bytes!(AtomicU8 => u8, AtomicU16 => u16, AtomicU32 => u32, AtomicU64 => u64);
 
 #[cfg(test)]
 mod tests {
@@ -240,7 +200,7 @@ mod tests {
         );
         assert_eq!(mem.read_obj::<u32>(at(0x1004)).unwrap(), 0x0003_3023);
         assert_eq!(mem.read_obj::<u64>(at(0x1008)).unwrap(), pte | 0x60);
-        // 16 bytes (CMPXCHG16B), and a misaligned 8 (a split lock).
+        // 16 bytes (CMPXCHG16B), and a misaligned 8 (LOCK CMPXCHG).
         let old: [u8; 16] = std::array::from_fn(|i| i as u8);
         let new: [u8; 16] = std::array::from_fn(|i| 0xa0 + i as u8);
         mem.write_slice(&old, at(0x1010)).unwrap();
@@ -267,36 +227,47 @@ mod tests {
         assert_eq!(window.lock().unwrap().contents()[0x10..0x18], b(7));
     }
 
-    /// Two vCPU threads incrementing one 16-byte counter in guest RAM by
-    /// read and compare-and-exchange, as an emulated `lock cmpxchg16b`
+    /// Two vCPU threads incrementing one counter in guest RAM by read and
+    /// compare-and-exchange, as an emulated `lock cmpxchg16b` (16 bytes,
+    /// aligned) or `lock xadd` (8 bytes, misaligned inside a cache line)
     /// loop does: no increment is lost (a read-compare-write loses some
     /// within a few thousand on two host CPUs).
     #[test]
-    fn sixteen_byte_compare_exchange_is_atomic_between_threads() {
+    fn compare_exchange_is_atomic_between_threads() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
         let mmio = MmioBus::new_mmio();
         const N: u128 = 200_000;
-        std::thread::scope(|s| {
-            for _ in 0..2 {
-                s.spawn(|| {
-                    let mut phys = GuestPhys {
-                        mem: &mem,
-                        mmio: &mmio,
-                        stop: None,
-                    };
-                    let mut done = 0;
-                    while done < N {
-                        let mut now = [0u8; 16];
-                        phys.read_phys(0x40, &mut now).unwrap();
-                        let next = (u128::from_le_bytes(now) + (1 << 64) + 1).to_le_bytes();
-                        if phys.compare_exchange_phys(0x40, &now, &next).unwrap() {
-                            done += 1;
+        for (gpa, len, step) in [(0x40u64, 16usize, (1u128 << 64) + 1), (0x83, 8, 1)] {
+            std::thread::scope(|s| {
+                for _ in 0..2 {
+                    s.spawn(|| {
+                        let mut phys = GuestPhys {
+                            mem: &mem,
+                            mmio: &mmio,
+                            stop: None,
+                        };
+                        let mut done = 0;
+                        while done < N {
+                            let mut now = [0u8; 16];
+                            phys.read_phys(gpa, &mut now[..len]).unwrap();
+                            let next = (u128::from_le_bytes(now) + step).to_le_bytes();
+                            if phys
+                                .compare_exchange_phys(gpa, &now[..len], &next[..len])
+                                .unwrap()
+                            {
+                                done += 1;
+                            }
                         }
-                    }
-                });
-            }
-        });
-        let end = mem.read_obj::<u128>(GuestAddress(0x40)).unwrap();
-        assert_eq!(end, 2 * N * ((1 << 64) + 1));
+                    });
+                }
+            });
+            let mut end = [0u8; 16];
+            mem.read_slice(&mut end[..len], GuestAddress(gpa)).unwrap();
+            assert_eq!(
+                u128::from_le_bytes(end),
+                2 * N * step,
+                "{len} bytes at {gpa:#x}"
+            );
+        }
     }
 }
