@@ -68,6 +68,7 @@ program_tests! {
     testdev_irq => "testdev-irq",
     smp_2 => "smp-2",
     smp_4 => "smp-4",
+    smp_cmpxchg16b_native_writer => "smp-cmpxchg16b-native-writer",
     acpi_s3 => "acpi-s3",
     vector_across_exits => "vector-across-exits",
 }

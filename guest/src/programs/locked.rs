@@ -27,12 +27,15 @@ const AP_DONE: u64 = 0x9010;
 const LAPIC: u64 = 0xfee0_0000;
 /// Increments per vCPU.
 const INCREMENTS: u32 = 2000;
+/// Increments against a native writer (each costs ~100 emulations on PVM:
+/// see `smp_cmpxchg16b_native_writer`).
+const WRITER_INCREMENTS: u32 = 300;
 
-/// `INCREMENTS` times: read the counter, add one to both halves and store
-/// it with `lock cmpxchg16b`, again from the value it found on a miss.
-fn increment_loop(a: &mut Asm) -> AsmResult {
+/// `n` times: read the counter, add one to both halves and store it with
+/// `lock cmpxchg16b`, again from the value it found on a miss.
+fn increment_loop(a: &mut Asm, n: u32) -> AsmResult {
     a.mov(rsi, COUNTER)?;
-    a.mov(r8d, INCREMENTS)?;
+    a.mov(r8d, n)?;
     let mut next = a.create_label();
     let mut retry = a.create_label();
     a.set_label(&mut next)?;
@@ -47,8 +50,8 @@ fn increment_loop(a: &mut Asm) -> AsmResult {
     a.jnz(next)
 }
 
-/// Real mode to long mode on the VMM's page tables, then the loop.
-fn application_processor() -> Result<Vec<u8>, IcedError> {
+/// Real mode to long mode on the VMM's page tables, then `body`.
+fn application_processor(body: fn(&mut Asm) -> AsmResult) -> Result<Vec<u8>, IcedError> {
     let mut a = CodeAssembler::new(16)?;
     a.cli()?;
     a.xor(ax, ax)?;
@@ -76,20 +79,72 @@ fn application_processor() -> Result<Vec<u8>, IcedError> {
     real.resize((AP_LONG - TRAMPOLINE) as usize, 0xcc);
 
     let mut a = CodeAssembler::new(64)?;
-    increment_loop(&mut a)?;
+    body(&mut a)?;
+    real.extend(a.assemble(AP_LONG)?);
+    Ok(real)
+}
+
+/// The AP of `smp-cmpxchg16b`: the loop, then "done" and halt.
+fn increment_then_halt(a: &mut Asm) -> AsmResult {
+    increment_loop(a, INCREMENTS)?;
     a.lock().inc(dword_ptr(AP_DONE))?;
     let mut halt = a.create_label();
     a.set_label(&mut halt)?;
     a.hlt()?;
-    a.jmp(halt)?;
-    real.extend(a.assemble(AP_LONG)?);
-    Ok(real)
+    a.jmp(halt)
+}
+
+/// The AP's own GDT (kernel code and data, user data 0x1b, user code
+/// 0x23), in the trampoline page past the real-mode code, and its GDTR.
+const USER_GDT: u64 = 0x80a0;
+const USER_GDTR: u64 = 0x80d8;
+/// The AP's stack for the IRETQ frame, and its CPL 3 stack.
+const AP_STACK: u32 = 0x7800;
+const AP_USER_STACK: u32 = 0x7000;
+
+/// Drops to CPL 3 (where PVM and hardware KVM both run code natively) and
+/// stores to the counter's high half in a tight loop, forever: every
+/// emulated CMPXCHG16B of the other vCPU races a native writer.
+fn native_writer(a: &mut Asm) -> AsmResult {
+    a.mov(esp, AP_STACK)?;
+    let gdt: [u64; 5] = [
+        0,
+        0x00af_9a00_0000_ffff,
+        0x00cf_9200_0000_ffff,
+        0x00cf_f200_0000_ffff,
+        0x00af_fa00_0000_ffff,
+    ];
+    a.mov(edi, USER_GDT as u32)?;
+    for (i, d) in gdt.iter().enumerate() {
+        a.mov(rax, *d)?;
+        a.mov(qword_ptr(rdi + 8 * i as i32), rax)?;
+    }
+    a.mov(eax, (gdt.len() * 8 - 1) as u32)?;
+    a.mov(word_ptr(USER_GDTR), ax)?;
+    a.mov(qword_ptr(USER_GDTR + 2), rdi)?;
+    a.lgdt(ptr(USER_GDTR))?;
+    let mut user = a.create_label();
+    // IRETQ frame: SS, RSP, RFLAGS, CS, RIP.
+    for v in [0x1b, AP_USER_STACK, 0x2, 0x23] {
+        a.mov(eax, v)?;
+        a.push(rax)?;
+    }
+    a.lea(rax, ptr(user))?;
+    a.push(rax)?;
+    a.iretq()?;
+    a.set_label(&mut user)?;
+    a.mov(edi, (COUNTER + 8) as u32)?;
+    let mut again = a.create_label();
+    a.set_label(&mut again)?;
+    a.inc(rcx)?;
+    a.mov(qword_ptr(rdi), rcx)?;
+    a.jmp(again)
 }
 
 /// Two vCPUs, `INCREMENTS` locked increments each of one 16-byte counter:
 /// both halves end at twice `INCREMENTS`, as on the CPU.
 pub fn smp_cmpxchg16b() -> Result<Program, IcedError> {
-    let ap = application_processor()?;
+    let ap = application_processor(increment_then_halt)?;
     let image = assemble(Mode::Long, LOAD_ADDR, |a| {
         let mut ap_code = a.create_label();
         let mut main = a.create_label();
@@ -117,7 +172,7 @@ pub fn smp_cmpxchg16b() -> Result<Program, IcedError> {
                 0x000c_4600u32 | (TRAMPOLINE >> 12) as u32,
             )?;
         }
-        increment_loop(a)?;
+        increment_loop(a, INCREMENTS)?;
         // Wait for the AP, for at most 2^34 TSC ticks (seconds on any
         // host, however slowly its threads are scheduled).
         a.rdtsc()?;
@@ -157,6 +212,63 @@ pub fn smp_cmpxchg16b() -> Result<Program, IcedError> {
             status_of(EXIT_PASS),
             "smp cmpxchg16b done",
             Some(vec![1, total, total]),
+        ),
+    )
+    .with_args(vec!["--cpus", "2"]))
+}
+
+/// One vCPU's `lock cmpxchg16b` loop adds one to both halves of the
+/// counter while the other vCPU, at CPL 3, stores to its high half without
+/// pause. Emulated (PVM), most runs of the instruction lose the race
+/// within the emulator's bounded attempts and the guest retries it (on
+/// the development host, AMD EPYC Zen 3 with PVM: 11,000-36,000
+/// emulation exits, 4,000-12,000 of them completed (most a failed
+/// compare), for 300 increments, 0.4-1.1 s); the guest still
+/// completes every increment, and the low half, which only this loop
+/// writes, ends at exactly `WRITER_INCREMENTS`.
+pub fn smp_cmpxchg16b_native_writer() -> Result<Program, IcedError> {
+    let ap = application_processor(native_writer)?;
+    let image = assemble(Mode::Long, LOAD_ADDR, |a| {
+        let mut ap_code = a.create_label();
+        let mut main = a.create_label();
+        a.jmp(main)?;
+        a.set_label(&mut ap_code)?;
+        a.db(&ap)?;
+        a.set_label(&mut main)?;
+        a.xor(eax, eax)?;
+        a.mov(qword_ptr(COUNTER), rax)?;
+        a.mov(qword_ptr(COUNTER + 8), rax)?;
+        a.cld()?;
+        a.lea(rsi, ptr(ap_code))?;
+        a.mov(edi, TRAMPOLINE as u32)?;
+        a.mov(ecx, ap.len() as u32)?;
+        a.rep().movsb()?;
+        a.mov(rdi, LAPIC)?;
+        a.mov(dword_ptr(rdi + 0xf0), 0x1ffu32)?;
+        a.mov(dword_ptr(rdi + 0x310), 0u32)?;
+        a.mov(dword_ptr(rdi + 0x300), 0x000c_4500u32)?;
+        for _ in 0..2 {
+            a.mov(
+                dword_ptr(rdi + 0x300),
+                0x000c_4600u32 | (TRAMPOLINE >> 12) as u32,
+            )?;
+        }
+        increment_loop(a, WRITER_INCREMENTS)?;
+        a.mov(rax, qword_ptr(COUNTER))?;
+        report_rax(a)?;
+        print(a, "cmpxchg16b against a native writer done\n")?;
+        exit(a, EXIT_PASS)
+    })?;
+    Ok(Program::new(
+        "smp-cmpxchg16b-native-writer",
+        "lock cmpxchg16b increments while another vCPU at CPL 3 stores to the operand without pause: every increment completes",
+        Mode::Long,
+        LOAD_ADDR,
+        image,
+        expect(
+            status_of(EXIT_PASS),
+            "cmpxchg16b against a native writer done",
+            Some(vec![u64::from(WRITER_INCREMENTS)]),
         ),
     )
     .with_args(vec!["--cpus", "2"]))

@@ -68,6 +68,10 @@ const CATALOGUE: &[(&str, Builder)] = &[
     ("smp-2", testdev::smp2),
     ("smp-4", testdev::smp4),
     ("smp-cmpxchg16b", locked::smp_cmpxchg16b),
+    (
+        "smp-cmpxchg16b-native-writer",
+        locked::smp_cmpxchg16b_native_writer,
+    ),
     ("bench-pio", bench::catalogue_pio),
     ("bench-mmio", bench::catalogue_mmio),
     ("bench-cmpxchg16b", bench::catalogue_cmpxchg16b),
