@@ -15,6 +15,7 @@ mod cache;
 mod direct;
 mod flow;
 mod gather;
+mod hostile;
 mod implicit;
 mod paging;
 mod shape;
