@@ -403,6 +403,21 @@ impl Emulator {
             }
             _ => None,
         };
+        // The CPU checks alignment before it touches memory: a misaligned
+        // CMPXCHG16B raises #GP(0) without a device seeing the read or an
+        // accessed bit set. Vector forms (MOVAPS) are left to the run: the
+        // probe would cost them a second load of the XSAVE image on every
+        // misaligned access, aligned-only or not.
+        if let Some(u) = used.filter(|u| !class.vector && u.memory_size().size() >= 16) {
+            let size = u.memory_size().size() as u64;
+            if let Ok(lin) = linear_address(cpu, bitness, &u, size, false) {
+                if lin & (size.min(64) - 1) != 0 {
+                    if let Some(gp) = self.alignment_fault(cpu, instr, class, lin, vec) {
+                        return Err(gp.into());
+                    }
+                }
+            }
+        }
         let operand = match self.operand(cpu, bitness, instr, used, selected, mem) {
             Err(Stop::Exception(pf)) if pf.vector == VEC_PF => {
                 // The operand's start (the fault may be on its second page).
@@ -545,21 +560,36 @@ impl Emulator {
         pf: Exception,
         vec: &mut dyn VectorState,
     ) -> Exception {
+        self.alignment_fault(cpu, instr, class, lin, vec)
+            .unwrap_or(pf)
+    }
+
+    /// #GP(0) if `instr` is an aligned-only form and its operand at `lin`
+    /// is misaligned: the instruction runs once on a zeroed operand at the
+    /// same offset modulo 64 (see [`Self::fault_before_walk`]).
+    pub(super) fn alignment_fault(
+        &mut self,
+        cpu: &CpuState,
+        instr: &Instruction,
+        class: Class,
+        lin: u64,
+        vec: &mut dyn VectorState,
+    ) -> Option<Exception> {
         if lin & 63 == 0 {
-            return pf;
+            return None;
         }
         let off = BOUNCE_BASE + (lin & 63) as usize;
         let mut code = [0u8; MAX_INSN_LEN];
         let target = self.stub.bounce_exec_addr() + off as u64;
         let Ok(len) = self.reencode(instr, Some(target), &mut code) else {
-            return pf;
+            return None;
         };
         self.stub.bounce_mut().fill(0);
         let mut gprs = cpu.gprs;
         gprs.rflags &= !RFLAGS_AC;
         let ran = if class.vector {
             let Ok(image) = vec.image() else {
-                return pf;
+                return None;
             };
             self.stub.load_guest_image(image);
             self.stub.run_with_vector(&code[..len], &mut gprs)
@@ -567,8 +597,8 @@ impl Emulator {
             self.stub.run(&code[..len], &mut gprs)
         };
         match ran {
-            Err(StubRunError::Fault(f)) if f.vector == VEC_GP => Exception::gp0(),
-            _ => pf,
+            Err(StubRunError::Fault(f)) if f.vector == VEC_GP => Some(Exception::gp0()),
+            _ => None,
         }
     }
 }

@@ -61,10 +61,9 @@ fn locked_operands_across_pages_and_in_device_memory() {
     cpu.gprs.rbx = 0x55;
     done(&run(&mut e, &mut cpu, &mut mem, &xchg));
     assert_eq!((mmio_u64(&mem, MMIO_BASE + 0xffc), cpu.gprs.rbx), (0x55, 7));
-    // CMPXCHG16B: misaligned in device memory is #GP(0) and writes
-    // nothing (the CPU checks alignment before any access; the emulator
-    // still reads the operand first, which a read-sensitive device sees);
-    // aligned in the window's last 16 bytes completes.
+    // CMPXCHG16B: misaligned in device memory is #GP(0) before any access
+    // (a read-sensitive device must not see one); aligned in the window's
+    // last 16 bytes completes.
     let cx16 = asm64(|a| a.lock().cmpxchg16b(xmmword_ptr(rsi)));
     let accesses = mem.log.len();
     cpu.gprs.rsi = MMIO_BASE + 8;
@@ -74,8 +73,10 @@ fn locked_operands_across_pages_and_in_device_memory() {
     );
     assert_eq!(cpu.rip, CODE);
     assert!(
-        mem.log[accesses..].iter().all(|&(write, _, _)| !write),
-        "nothing written"
+        mem.log[accesses..]
+            .iter()
+            .all(|&(_, gpa, _)| gpa < MMIO_BASE),
+        "the device saw no access"
     );
     let last = MMIO_BASE + MMIO_SIZE - 16;
     cpu.gprs = crate::stub::GuestGprs {
@@ -108,5 +109,35 @@ fn lock_cmpxchg_across_a_cache_line() {
         done(&run(&mut e, &mut cpu, &mut mem, &cmpxchg));
         assert_eq!(mem.u64_at(at), 0x1122_3344_5566_7700 + off, "at {off:#x}");
         assert_ne!(cpu.gprs.rflags & 0x40, 0, "ZF at {off:#x}");
+    }
+}
+
+/// A misaligned CMPXCHG16B raises #GP(0) before the page walk: no
+/// accessed bit is set and the operand is not read, in RAM or in device
+/// memory. (Vector forms such as MOVAPS still walk and read first: see
+/// the emulator's flow.)
+#[test]
+fn misaligned_cmpxchg16b_touches_nothing() {
+    let (mut cpu, mut mem) = setup();
+    let mut e = emul();
+    let cx16 = asm64(|a| a.lock().cmpxchg16b(xmmword_ptr(rsi)));
+    for base in [DATA, MMIO_BASE] {
+        let leaf = mem.leaf_slot(CR3, 4, base);
+        mem.set_u64(leaf, mem.u64_at(leaf) & !0x60);
+        mem.log.clear();
+        cpu.gprs.rsi = base + 8;
+        let o = run(&mut e, &mut cpu, &mut mem, &cx16);
+        assert_eq!(exc(&o), (VEC_GP, Some(0)), "at {base:#x}");
+        assert_eq!(mem.u64_at(leaf) & 0x60, 0, "no accessed bit at {base:#x}");
+        assert!(mem.log.iter().all(|&(_, gpa, _)| gpa >> 12 != base >> 12));
+        // Aligned: walked (accessed and dirty) and read.
+        cpu.gprs.rsi = base + 16;
+        done(&run(&mut e, &mut cpu, &mut mem, &cx16));
+        assert_eq!(
+            mem.u64_at(leaf) & 0x60,
+            0x60,
+            "accessed, dirty at {base:#x}"
+        );
+        assert!(mem.log.iter().any(|&(w, gpa, _)| !w && gpa == base + 16));
     }
 }
