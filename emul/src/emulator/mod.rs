@@ -16,6 +16,7 @@ use crate::stub::shape::HostShape;
 use crate::stub::{StubBuf, StubError, StubRunError, MAX_INSN_LEN};
 use crate::writeback::{element_mask, XsaveLayout};
 
+mod alignment;
 mod cache;
 mod direct;
 mod fetch;
@@ -181,6 +182,9 @@ pub struct Emulator {
     /// How the host CPU shapes partial accesses and x87 pointers, which
     /// the emulator reproduces where it completes instructions itself.
     shape: HostShape,
+    /// Instruction forms seen to run on a misaligned operand
+    /// ([`alignment`]).
+    misaligned_ok: alignment::FormSet,
 }
 
 impl Emulator {
@@ -206,6 +210,7 @@ impl Emulator {
             cached: None,
             system: Default::default(),
             host_movdir64b: direct::host_has_movdir64b(),
+            misaligned_ok: alignment::FormSet::new(),
         })
     }
 
@@ -403,21 +408,8 @@ impl Emulator {
             }
             _ => None,
         };
-        // The CPU checks alignment before it touches memory: a misaligned
-        // CMPXCHG16B raises #GP(0) without a device seeing the read or an
-        // accessed bit set. Vector forms (MOVAPS) are left to the run: the
-        // probe would cost them a second load of the XSAVE image on every
-        // misaligned access, aligned-only or not.
-        if let Some(u) = used.filter(|u| !class.vector && u.memory_size().size() >= 16) {
-            let size = u.memory_size().size() as u64;
-            if let Ok(lin) = linear_address(cpu, bitness, &u, size, false) {
-                if lin & (size.min(64) - 1) != 0 {
-                    if let Some(gp) = self.alignment_fault(cpu, instr, class, lin, vec) {
-                        return Err(gp.into());
-                    }
-                }
-            }
-        }
+        // The CPU checks alignment before it touches memory.
+        self.check_alignment_first(cpu, bitness, instr, class, used, vec)?;
         let operand = match self.operand(cpu, bitness, instr, used, selected, mem) {
             Err(Stop::Exception(pf)) if pf.vector == VEC_PF => {
                 // The operand's start (the fault may be on its second page).
@@ -537,69 +529,6 @@ impl Emulator {
         cpu.gprs = gprs;
         advance_rip(cpu, bitness, instr);
         Ok(())
-    }
-}
-
-impl Emulator {
-    /// The exception for an operand whose page walk failed with `pf`.
-    ///
-    /// Hardware checks alignment before it walks the page tables: a
-    /// misaligned operand of an aligned-only form (MOVAPS, ADDPS m128,
-    /// CMPXCHG16B, FXSAVE...) on a not-present page raises #GP(0), not #PF
-    /// (measured on the host: see `stub::tests`). Rather than keep a table
-    /// of aligned-only forms, run the instruction once on a zeroed operand
-    /// at the same offset modulo 64 and keep its #GP; its results are
-    /// discarded. Zeros pass every data-dependent check (LDMXCSR's reserved
-    /// bits, XRSTOR's header), so only the alignment check can fire.
-    pub(super) fn fault_before_walk(
-        &mut self,
-        cpu: &CpuState,
-        instr: &Instruction,
-        class: Class,
-        lin: u64,
-        pf: Exception,
-        vec: &mut dyn VectorState,
-    ) -> Exception {
-        self.alignment_fault(cpu, instr, class, lin, vec)
-            .unwrap_or(pf)
-    }
-
-    /// #GP(0) if `instr` is an aligned-only form and its operand at `lin`
-    /// is misaligned: the instruction runs once on a zeroed operand at the
-    /// same offset modulo 64 (see [`Self::fault_before_walk`]).
-    pub(super) fn alignment_fault(
-        &mut self,
-        cpu: &CpuState,
-        instr: &Instruction,
-        class: Class,
-        lin: u64,
-        vec: &mut dyn VectorState,
-    ) -> Option<Exception> {
-        if lin & 63 == 0 {
-            return None;
-        }
-        let off = BOUNCE_BASE + (lin & 63) as usize;
-        let mut code = [0u8; MAX_INSN_LEN];
-        let target = self.stub.bounce_exec_addr() + off as u64;
-        let Ok(len) = self.reencode(instr, Some(target), &mut code) else {
-            return None;
-        };
-        self.stub.bounce_mut().fill(0);
-        let mut gprs = cpu.gprs;
-        gprs.rflags &= !RFLAGS_AC;
-        let ran = if class.vector {
-            let Ok(image) = vec.image() else {
-                return None;
-            };
-            self.stub.load_guest_image(image);
-            self.stub.run_with_vector(&code[..len], &mut gprs)
-        } else {
-            self.stub.run(&code[..len], &mut gprs)
-        };
-        match ran {
-            Err(StubRunError::Fault(f)) if f.vector == VEC_GP => Some(Exception::gp0()),
-            _ => None,
-        }
     }
 }
 

@@ -141,3 +141,37 @@ fn misaligned_cmpxchg16b_touches_nothing() {
         assert!(mem.log.iter().any(|&(w, gpa, _)| !w && gpa == base + 16));
     }
 }
+
+/// A misaligned aligned-only vector access (VMOVDQA, MOVAPS) is #GP(0)
+/// before the walk, as on the CPU: no accessed bit, no device read; a
+/// misaligned VMOVDQU still completes.
+#[test]
+fn misaligned_aligned_only_vector_access_touches_nothing() {
+    if !avx_ok() {
+        eprintln!("skipped: host has no AVX");
+        return;
+    }
+    let (mut cpu, mut mem) = setup();
+    let mut e = emul();
+    let mut img = XsaveImage::new();
+    let movaps = asm64(|a| a.movaps(xmm1, xmmword_ptr(rsi)));
+    let vmovdqa = asm64(|a| a.vmovdqa(ymm0, ptr(rsi)));
+    let vmovdqu = asm64(|a| a.vmovdqu(ymm0, ptr(rsi)));
+    for base in [DATA, MMIO_BASE] {
+        let leaf = mem.leaf_slot(CR3, 4, base);
+        for code in [&movaps, &vmovdqa] {
+            mem.set_u64(leaf, mem.u64_at(leaf) & !0x60);
+            mem.log.clear();
+            cpu.rip = CODE;
+            cpu.gprs.rsi = base + 8;
+            let o = e.emulate(&mut cpu, code, &mut img, &mut mem);
+            assert_eq!(exc(&o), (VEC_GP, Some(0)), "at {base:#x}");
+            assert_eq!(mem.u64_at(leaf) & 0x60, 0, "no accessed bit at {base:#x}");
+            assert!(mem.log.iter().all(|&(_, gpa, _)| gpa >> 12 != base >> 12));
+        }
+        cpu.rip = CODE;
+        done(&e.emulate(&mut cpu, &vmovdqu, &mut img, &mut mem));
+        assert_ne!(mem.u64_at(leaf) & 0x20, 0, "accessed at {base:#x}");
+        assert!(mem.log.iter().any(|&(w, gpa, _)| !w && gpa == base + 8));
+    }
+}

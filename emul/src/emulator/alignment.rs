@@ -1,0 +1,130 @@
+//! Alignment before anything else: the CPU checks an aligned-only form's
+//! operand (MOVAPS, ADDPS m128, VMOVDQA, CMPXCHG16B, FXSAVE...) before it
+//! walks the page tables or touches memory, so a misaligned one raises
+//! #GP(0) with no #PF, no accessed bit set and no device read (measured on
+//! the host: `stub::tests::alignment_comes_before_the_walk`).
+//!
+//! Rather than keep a table of aligned-only forms, the instruction runs
+//! once on a zeroed operand at the same offset modulo 64 and its #GP is
+//! kept; its results are discarded. Zeros pass every data-dependent check
+//! (LDMXCSR's reserved bits, XRSTOR's header), so only the alignment check
+//! can fire. A form that ran misaligned once is remembered, so a
+//! misaligned MOVUPS pays the probe once, not per access. (On AMD,
+//! MXCSR.MM lets legacy SSE forms run misaligned; a form remembered under
+//! MM is only probed again by the run itself, as before this check.)
+
+use iced_x86::{Code, Instruction, UsedMemory};
+
+use super::{Emulator, Stop, BOUNCE_BASE};
+use crate::address::linear_address;
+use crate::classify::Class;
+use crate::cpu::{CpuState, RFLAGS_AC};
+use crate::exception::{Exception, VEC_GP};
+use crate::platform::VectorState;
+use crate::stub::{StubRunError, MAX_INSN_LEN};
+
+/// A set of instruction forms (iced-x86 `Code`s), one bit each.
+pub(super) struct FormSet(Box<[u64]>);
+
+impl FormSet {
+    pub(super) fn new() -> Self {
+        FormSet(vec![0; Code::values().count().div_ceil(64)].into_boxed_slice())
+    }
+
+    fn contains(&self, code: Code) -> bool {
+        let i = code as usize;
+        self.0.get(i / 64).is_some_and(|w| w >> (i % 64) & 1 != 0)
+    }
+
+    fn insert(&mut self, code: Code) {
+        let i = code as usize;
+        if let Some(w) = self.0.get_mut(i / 64) {
+            *w |= 1 << (i % 64);
+        }
+    }
+}
+
+impl Emulator {
+    /// #GP(0) before the walk when the operand of `instr` (16 bytes or
+    /// more: smaller operands are never aligned-only) is misaligned and
+    /// the form is aligned-only.
+    pub(super) fn check_alignment_first(
+        &mut self,
+        cpu: &CpuState,
+        bitness: u32,
+        instr: &Instruction,
+        class: Class,
+        used: Option<UsedMemory>,
+        vec: &mut dyn VectorState,
+    ) -> Result<(), Stop> {
+        let Some(u) = used.filter(|u| u.memory_size().size() >= 16) else {
+            return Ok(());
+        };
+        let size = u.memory_size().size() as u64;
+        let Ok(lin) = linear_address(cpu, bitness, &u, size, false) else {
+            return Ok(()); // the operand's own checks raise it
+        };
+        if lin & (size.min(64) - 1) == 0 || self.misaligned_ok.contains(instr.code()) {
+            return Ok(());
+        }
+        match self.probe_alignment(cpu, instr, class, lin, vec) {
+            Some(true) => Err(Exception::gp0().into()),
+            Some(false) => {
+                self.misaligned_ok.insert(instr.code());
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// The exception for an operand whose page walk failed with `pf`:
+    /// #GP(0) instead where the form is aligned-only and the operand at
+    /// `lin` misaligned (an operand under 16 bytes, which the check above
+    /// skips, comes here too).
+    pub(super) fn fault_before_walk(
+        &mut self,
+        cpu: &CpuState,
+        instr: &Instruction,
+        class: Class,
+        lin: u64,
+        pf: Exception,
+        vec: &mut dyn VectorState,
+    ) -> Exception {
+        match self.probe_alignment(cpu, instr, class, lin, vec) {
+            Some(true) => Exception::gp0(),
+            _ => pf,
+        }
+    }
+
+    /// Runs `instr` once on a zeroed operand at `lin`'s offset modulo 64:
+    /// `Some(true)` if it raised #GP, `Some(false)` if it did not, `None`
+    /// if it could not run (no image, no stub copy) or `lin` is aligned to
+    /// 64.
+    fn probe_alignment(
+        &mut self,
+        cpu: &CpuState,
+        instr: &Instruction,
+        class: Class,
+        lin: u64,
+        vec: &mut dyn VectorState,
+    ) -> Option<bool> {
+        if lin & 63 == 0 {
+            return None;
+        }
+        let off = BOUNCE_BASE + (lin & 63) as usize;
+        let mut code = [0u8; MAX_INSN_LEN];
+        let target = self.stub.bounce_exec_addr() + off as u64;
+        let len = self.reencode(instr, Some(target), &mut code).ok()?;
+        self.stub.bounce_mut().fill(0);
+        let mut gprs = cpu.gprs;
+        gprs.rflags &= !RFLAGS_AC;
+        let ran = if class.vector {
+            let image = vec.image().ok()?;
+            self.stub.load_guest_image(image);
+            self.stub.run_with_vector(&code[..len], &mut gprs)
+        } else {
+            self.stub.run(&code[..len], &mut gprs)
+        };
+        Some(matches!(ran, Err(StubRunError::Fault(f)) if f.vector == VEC_GP))
+    }
+}
