@@ -117,7 +117,8 @@
 //!     }
 //!     Outcome::Retry => {
 //!         // Another vCPU kept winning a race for the instruction's memory:
-//!         // nothing changed; KVM_RUN, and the vCPU runs into it again.
+//!         // RIP and the GPRs are unchanged (KVM_SET_XSAVE if the vector
+//!         // state is dirty, as always); KVM_RUN runs into it again.
 //!     }
 //!     Outcome::SoftwareInterrupt { vector } => {
 //!         // INT n/INT3/INTO: write cpu.gprs and cpu.rip (past the INT) back

@@ -73,8 +73,11 @@ pub enum Outcome {
     /// Another vCPU kept changing memory the instruction depends on (a
     /// page-table entry whose accessed/dirty update, or a locked operand
     /// whose compare-and-exchange, lost the race every time the emulator
-    /// tried). Nothing was changed and RIP is at the instruction: resume
-    /// the vCPU, which runs into it again, as the CPU would keep trying.
+    /// tried). RIP is at the instruction and nothing was changed, except
+    /// what a fault at the same point keeps (a gather's completed
+    /// elements and their cleared mask bits, in the vector state marked
+    /// dirty): write the vector state back if dirty and resume the vCPU,
+    /// which runs into the instruction again, as the CPU would keep trying.
     Retry,
     /// INT n, INT3 or a taken INTO ([`crate::system`]): GPRs and RIP are
     /// updated (RIP is the return address, past the instruction); the VMM
