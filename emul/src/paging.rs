@@ -281,8 +281,9 @@ fn walk(
 }
 
 /// Reads an entry in one access, as the CPU's walker does: the buffer is
-/// aligned like the entry, so a VMM's copy (vm-memory copies at the
-/// smaller alignment of its two sides) cannot tear it into bytes.
+/// aligned like the entry, so a VMM's copy cannot tear it into bytes
+/// (vm-memory 0.18 copies up to 8 bytes at the smaller alignment of its
+/// two sides; `vmm`'s `table_entries_are_read_whole` checks it).
 fn read_entry(mem: &mut dyn Platform, addr: u64, size: usize) -> Result<u64, PlatformError> {
     #[repr(align(8))]
     struct Entry([u8; 8]);

@@ -9,9 +9,10 @@
 //! kept; its results are discarded. Zeros pass every data-dependent check
 //! (LDMXCSR's reserved bits, XRSTOR's header), so only the alignment check
 //! can fire. A form that ran misaligned once is remembered, so a
-//! misaligned MOVUPS pays the probe once, not per access. (On AMD,
-//! MXCSR.MM lets legacy SSE forms run misaligned; a form remembered under
-//! MM is only probed again by the run itself, as before this check.)
+//! misaligned MOVUPS pays the probe once, not per access (not while AMD's
+//! MXCSR.MM is set: legacy SSE forms then run misaligned, and would be
+//! remembered wrongly once the guest clears it). The whole-state family
+//! (`state.rs`) makes the same check before its own walks.
 
 use iced_x86::{Code, Instruction, UsedMemory};
 
@@ -22,6 +23,18 @@ use crate::cpu::{CpuState, RFLAGS_AC};
 use crate::exception::{Exception, VEC_GP};
 use crate::platform::VectorState;
 use crate::stub::{StubRunError, MAX_INSN_LEN};
+
+/// Where MXCSR sits in an XSAVE image; its bit 17 is AMD's MM
+/// (misaligned SSE mode).
+const MXCSR: usize = 24;
+
+/// What a run on a zeroed, misaligned operand showed.
+pub(super) enum Probe {
+    /// #GP(0): an aligned-only form.
+    Gp,
+    /// No #GP, with the guest's MXCSR.MM as it was (vector forms).
+    Ran { mxcsr_mm: bool },
+}
 
 /// A set of instruction forms (iced-x86 `Code`s), one bit each.
 pub(super) struct FormSet(Box<[u64]>);
@@ -68,8 +81,13 @@ impl Emulator {
             return Ok(());
         }
         match self.probe_alignment(cpu, instr, class, lin, vec) {
-            Some(true) => Err(Exception::gp0().into()),
-            Some(false) => {
+            Some(Probe::Gp) => Err(Exception::gp0().into()),
+            // Under AMD's MXCSR.MM legacy SSE forms run misaligned; the
+            // answer only holds while it is set, so it is not remembered.
+            Some(Probe::Ran { mxcsr_mm: true }) => Ok(()),
+            // Any other outcome (no fault, #XM on the zeros, #UD where the
+            // host lacks the form) means the alignment check passed.
+            Some(Probe::Ran { mxcsr_mm: false }) => {
                 self.misaligned_ok.insert(instr.code());
                 Ok(())
             }
@@ -91,23 +109,22 @@ impl Emulator {
         vec: &mut dyn VectorState,
     ) -> Exception {
         match self.probe_alignment(cpu, instr, class, lin, vec) {
-            Some(true) => Exception::gp0(),
+            Some(Probe::Gp) => Exception::gp0(),
             _ => pf,
         }
     }
 
-    /// Runs `instr` once on a zeroed operand at `lin`'s offset modulo 64:
-    /// `Some(true)` if it raised #GP, `Some(false)` if it did not, `None`
-    /// if it could not run (no image, no stub copy) or `lin` is aligned to
-    /// 64.
-    fn probe_alignment(
+    /// Runs `instr` once on a zeroed operand at `lin`'s offset modulo 64;
+    /// `None` if it could not run (no image, no stub copy) or `lin` is
+    /// aligned to 64.
+    pub(super) fn probe_alignment(
         &mut self,
         cpu: &CpuState,
         instr: &Instruction,
         class: Class,
         lin: u64,
         vec: &mut dyn VectorState,
-    ) -> Option<bool> {
+    ) -> Option<Probe> {
         if lin & 63 == 0 {
             return None;
         }
@@ -118,13 +135,18 @@ impl Emulator {
         self.stub.bounce_mut().fill(0);
         let mut gprs = cpu.gprs;
         gprs.rflags &= !RFLAGS_AC;
+        let mut mxcsr_mm = false;
         let ran = if class.vector {
             let image = vec.image().ok()?;
+            mxcsr_mm = image.get(MXCSR + 2).is_some_and(|b| b & 0x02 != 0);
             self.stub.load_guest_image(image);
             self.stub.run_with_vector(&code[..len], &mut gprs)
         } else {
             self.stub.run(&code[..len], &mut gprs)
         };
-        Some(matches!(ran, Err(StubRunError::Fault(f)) if f.vector == VEC_GP))
+        Some(match ran {
+            Err(StubRunError::Fault(f)) if f.vector == VEC_GP => Probe::Gp,
+            _ => Probe::Ran { mxcsr_mm },
+        })
     }
 }

@@ -172,6 +172,21 @@ impl Emulator {
         }
         let lin = linear_address(cpu, bitness, &used, op.1 as u64, op.0 != Shape::Restore)?;
         let bounce_off = BOUNCE_BASE + (lin & 63) as usize;
+        // Alignment before any walk or access (`alignment.rs`): FXSAVE and
+        // FXRSTOR want 16 bytes, the XSAVE family 64, the x87 environments
+        // nothing; the CPU itself decides, in a run on zeros.
+        let align = match m {
+            M::Fxsave | M::Fxsave64 | M::Fxrstor | M::Fxrstor64 => 16,
+            M::Fnstenv | M::Fstenv | M::Fnsave | M::Fsave | M::Fldenv | M::Frstor => 1,
+            _ => 64,
+        };
+        if lin & (align - 1) != 0 {
+            if let Some(super::alignment::Probe::Gp) =
+                self.probe_alignment(cpu, instr, class, lin, vec)
+            {
+                return Err(Exception::gp0().into());
+            }
+        }
         // The bytes the host CPU checks before the rest (so a fault reports
         // the CR2 it would): measured per class by the shape probes.
         let state_class = match m {

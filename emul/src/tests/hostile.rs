@@ -175,3 +175,37 @@ fn misaligned_aligned_only_vector_access_touches_nothing() {
         assert!(mem.log.iter().any(|&(w, gpa, _)| !w && gpa == base + 8));
     }
 }
+
+/// The whole-state family checks alignment first too: a misaligned
+/// FXRSTOR from device memory reads nothing, a misaligned XSAVE to RAM
+/// sets no accessed or dirty bit and writes nothing; aligned, both run.
+#[test]
+fn misaligned_whole_state_touches_nothing() {
+    if !xsave_ok() {
+        eprintln!("skipped: host has no XSAVE");
+        return;
+    }
+    let (mut cpu, mut mem) = setup();
+    let mut e = emul();
+    let mut img = state_image();
+    img.xcr0 = 0b11;
+    let fxrstor = asm64(|a| a.fxrstor64(ptr(rsi)));
+    let xsave = asm64(|a| a.xsave64(ptr(rsi)));
+    cpu.gprs.rax = 0b11;
+    cpu.gprs.rdx = 0;
+    for (code, base, misaligned) in [(&fxrstor, MMIO_BASE, 8), (&xsave, DATA + 0x1000, 0x20)] {
+        let leaf = mem.leaf_slot(CR3, 4, base);
+        mem.set_u64(leaf, mem.u64_at(leaf) & !0x60);
+        mem.log.clear();
+        cpu.rip = CODE;
+        cpu.gprs.rsi = base + misaligned;
+        let o = e.emulate(&mut cpu, code, &mut img, &mut mem);
+        assert_eq!(exc(&o), (VEC_GP, Some(0)), "at {base:#x}");
+        assert_eq!(mem.u64_at(leaf) & 0x60, 0, "no accessed bit at {base:#x}");
+        assert!(mem.log.iter().all(|&(_, gpa, _)| gpa >> 12 != base >> 12));
+        cpu.rip = CODE;
+        cpu.gprs.rsi = base;
+        done(&e.emulate(&mut cpu, code, &mut img, &mut mem));
+        assert!(mem.log.iter().any(|&(_, gpa, _)| gpa >> 12 == base >> 12));
+    }
+}

@@ -52,6 +52,28 @@ fn increment_loop(a: &mut Asm, n: u32) -> AsmResult {
     a.jnz(next)
 }
 
+/// Waits until the AP sets `AP_DONE`, for at most 2^34 TSC ticks (seconds
+/// on any host, however slowly its threads are scheduled).
+fn wait_for_ap(a: &mut Asm) -> AsmResult {
+    a.rdtsc()?;
+    a.shl(rdx, 32)?;
+    a.or(rax, rdx)?;
+    a.mov(r9, rax)?;
+    let mut wait = a.create_label();
+    let mut done = a.create_label();
+    a.set_label(&mut wait)?;
+    a.cmp(dword_ptr(AP_DONE), 0)?;
+    a.jne(done)?;
+    a.pause()?;
+    a.rdtsc()?;
+    a.shl(rdx, 32)?;
+    a.or(rax, rdx)?;
+    a.sub(rax, r9)?;
+    a.shr(rax, 34)?;
+    a.jz(wait)?;
+    a.set_label(&mut done)
+}
+
 /// Real mode to long mode on the VMM's page tables, then `body`.
 fn application_processor(body: fn(&mut Asm) -> AsmResult) -> Result<Vec<u8>, IcedError> {
     let mut a = CodeAssembler::new(16)?;
@@ -107,10 +129,11 @@ const AP_USER_STACK: u32 = 0x7000;
 /// Drops to CPL 3 (where PVM and hardware KVM both run code natively) and
 /// stores to the counter's high half in a tight loop, `WRITER_STORES`
 /// times, then spins: while it writes, every emulated CMPXCHG16B of the
-/// other vCPU races a native writer. Finite, because the emulator cannot
-/// promise a locked instruction progress against a writer that never
-/// pauses (the CPU can: it holds the cache line); on this host the
-/// writer's pauses let most increments through anyway.
+/// other vCPU races a native writer (which first sets `AP_DONE`, so the
+/// race starts with the increments). Finite, because the emulator cannot
+/// promise a locked instruction progress against a writer whose thread
+/// the host never preempts (the CPU can: it holds the cache line); on
+/// this host preemption lets most increments through anyway.
 fn native_writer(a: &mut Asm) -> AsmResult {
     a.mov(esp, AP_STACK)?;
     let gdt: [u64; 5] = [
@@ -139,6 +162,8 @@ fn native_writer(a: &mut Asm) -> AsmResult {
     a.push(rax)?;
     a.iretq()?;
     a.set_label(&mut user)?;
+    // Writing now: the other vCPU starts its increments.
+    a.mov(dword_ptr(AP_DONE), 1)?;
     a.mov(edi, (COUNTER + 8) as u32)?;
     a.mov(r8d, WRITER_STORES)?;
     let mut again = a.create_label();
@@ -186,25 +211,7 @@ pub fn smp_cmpxchg16b() -> Result<Program, IcedError> {
             )?;
         }
         increment_loop(a, INCREMENTS)?;
-        // Wait for the AP, for at most 2^34 TSC ticks (seconds on any
-        // host, however slowly its threads are scheduled).
-        a.rdtsc()?;
-        a.shl(rdx, 32)?;
-        a.or(rax, rdx)?;
-        a.mov(r9, rax)?;
-        let mut wait = a.create_label();
-        let mut done = a.create_label();
-        a.set_label(&mut wait)?;
-        a.cmp(dword_ptr(AP_DONE), 0)?;
-        a.jne(done)?;
-        a.pause()?;
-        a.rdtsc()?;
-        a.shl(rdx, 32)?;
-        a.or(rax, rdx)?;
-        a.sub(rax, r9)?;
-        a.shr(rax, 34)?;
-        a.jz(wait)?;
-        a.set_label(&mut done)?;
+        wait_for_ap(a)?;
         a.mov(eax, dword_ptr(AP_DONE))?;
         report_rax(a)?;
         a.mov(rax, qword_ptr(COUNTER))?;
@@ -252,6 +259,7 @@ pub fn smp_cmpxchg16b_native_writer() -> Result<Program, IcedError> {
         a.xor(eax, eax)?;
         a.mov(qword_ptr(COUNTER), rax)?;
         a.mov(qword_ptr(COUNTER + 8), rax)?;
+        a.mov(dword_ptr(AP_DONE), eax)?;
         a.cld()?;
         a.lea(rsi, ptr(ap_code))?;
         a.mov(edi, TRAMPOLINE as u32)?;
@@ -267,6 +275,8 @@ pub fn smp_cmpxchg16b_native_writer() -> Result<Program, IcedError> {
                 0x000c_4600u32 | (TRAMPOLINE >> 12) as u32,
             )?;
         }
+        // The increments start once the writer writes.
+        wait_for_ap(a)?;
         increment_loop(a, WRITER_INCREMENTS)?;
         a.mov(rax, qword_ptr(COUNTER))?;
         report_rax(a)?;

@@ -270,4 +270,47 @@ mod tests {
             );
         }
     }
+
+    /// emul's page walker reads an entry into an 8-byte-aligned buffer
+    /// and relies on the read being one access (the CPU's walker reads an
+    /// entry atomically): with another thread flipping every byte of the
+    /// entry, a read never sees a mix of the two values.
+    #[test]
+    fn table_entries_are_read_whole() {
+        #[repr(align(8))]
+        struct Entry([u8; 8]);
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        let mmio = MmioBus::new_mmio();
+        let (a, b) = (0x0123_4567_89ab_cdefu64, !0x0123_4567_89ab_cdefu64);
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut v = a;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    v = if v == a { b } else { a };
+                    mem.store(v, GuestAddress(0x88), std::sync::atomic::Ordering::Relaxed)
+                        .unwrap();
+                }
+            });
+            let mut phys = GuestPhys {
+                mem: &mem,
+                mmio: &mmio,
+                stop: None,
+            };
+            let mut torn = None;
+            for _ in 0..1_000_000 {
+                let mut e = Entry([0; 8]);
+                let read = phys.read_phys(0x88, &mut e.0);
+                let v = u64::from_le_bytes(e.0);
+                if read.is_err() || (v != a && v != b && v != 0) {
+                    torn = Some(v);
+                    break;
+                }
+            }
+            // Before any assertion: a panic here would leave the writer
+            // running and the scope waiting for it.
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            assert_eq!(torn, None, "a torn entry");
+        });
+    }
 }
