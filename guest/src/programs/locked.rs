@@ -74,6 +74,38 @@ fn wait_for_ap(a: &mut Asm) -> AsmResult {
     a.set_label(&mut done)
 }
 
+/// The BSP's start: the counter and `AP_DONE` cleared, the AP's code
+/// (carried in the image) copied to `TRAMPOLINE`, and the AP started.
+fn start_ap(a: &mut Asm, ap: &[u8]) -> AsmResult {
+    let mut ap_code = a.create_label();
+    let mut main = a.create_label();
+    a.jmp(main)?;
+    a.set_label(&mut ap_code)?;
+    a.db(ap)?;
+    a.set_label(&mut main)?;
+    a.xor(eax, eax)?;
+    a.mov(qword_ptr(COUNTER), rax)?;
+    a.mov(qword_ptr(COUNTER + 8), rax)?;
+    a.mov(dword_ptr(AP_DONE), eax)?;
+    a.cld()?;
+    a.lea(rsi, ptr(ap_code))?;
+    a.mov(edi, TRAMPOLINE as u32)?;
+    a.mov(ecx, ap.len() as u32)?;
+    a.rep().movsb()?;
+    // INIT to all but self, then SIPI twice, as the MP spec asks.
+    a.mov(rdi, LAPIC)?;
+    a.mov(dword_ptr(rdi + 0xf0), 0x1ffu32)?;
+    a.mov(dword_ptr(rdi + 0x310), 0u32)?;
+    a.mov(dword_ptr(rdi + 0x300), 0x000c_4500u32)?;
+    for _ in 0..2 {
+        a.mov(
+            dword_ptr(rdi + 0x300),
+            0x000c_4600u32 | (TRAMPOLINE >> 12) as u32,
+        )?;
+    }
+    Ok(())
+}
+
 /// Real mode to long mode on the VMM's page tables, then `body`.
 fn application_processor(body: fn(&mut Asm) -> AsmResult) -> Result<Vec<u8>, IcedError> {
     let mut a = CodeAssembler::new(16)?;
@@ -184,32 +216,7 @@ fn native_writer(a: &mut Asm) -> AsmResult {
 pub fn smp_cmpxchg16b() -> Result<Program, IcedError> {
     let ap = application_processor(increment_then_halt)?;
     let image = assemble(Mode::Long, LOAD_ADDR, |a| {
-        let mut ap_code = a.create_label();
-        let mut main = a.create_label();
-        a.jmp(main)?;
-        a.set_label(&mut ap_code)?;
-        a.db(&ap)?;
-        a.set_label(&mut main)?;
-        a.xor(eax, eax)?;
-        a.mov(qword_ptr(COUNTER), rax)?;
-        a.mov(qword_ptr(COUNTER + 8), rax)?;
-        a.mov(dword_ptr(AP_DONE), eax)?;
-        a.cld()?;
-        a.lea(rsi, ptr(ap_code))?;
-        a.mov(edi, TRAMPOLINE as u32)?;
-        a.mov(ecx, ap.len() as u32)?;
-        a.rep().movsb()?;
-        // INIT to all but self, then SIPI twice, as the MP spec asks.
-        a.mov(rdi, LAPIC)?;
-        a.mov(dword_ptr(rdi + 0xf0), 0x1ffu32)?;
-        a.mov(dword_ptr(rdi + 0x310), 0u32)?;
-        a.mov(dword_ptr(rdi + 0x300), 0x000c_4500u32)?;
-        for _ in 0..2 {
-            a.mov(
-                dword_ptr(rdi + 0x300),
-                0x000c_4600u32 | (TRAMPOLINE >> 12) as u32,
-            )?;
-        }
+        start_ap(a, &ap)?;
         increment_loop(a, INCREMENTS)?;
         wait_for_ap(a)?;
         a.mov(eax, dword_ptr(AP_DONE))?;
@@ -250,31 +257,7 @@ pub fn smp_cmpxchg16b() -> Result<Program, IcedError> {
 pub fn smp_cmpxchg16b_native_writer() -> Result<Program, IcedError> {
     let ap = application_processor(native_writer)?;
     let image = assemble(Mode::Long, LOAD_ADDR, |a| {
-        let mut ap_code = a.create_label();
-        let mut main = a.create_label();
-        a.jmp(main)?;
-        a.set_label(&mut ap_code)?;
-        a.db(&ap)?;
-        a.set_label(&mut main)?;
-        a.xor(eax, eax)?;
-        a.mov(qword_ptr(COUNTER), rax)?;
-        a.mov(qword_ptr(COUNTER + 8), rax)?;
-        a.mov(dword_ptr(AP_DONE), eax)?;
-        a.cld()?;
-        a.lea(rsi, ptr(ap_code))?;
-        a.mov(edi, TRAMPOLINE as u32)?;
-        a.mov(ecx, ap.len() as u32)?;
-        a.rep().movsb()?;
-        a.mov(rdi, LAPIC)?;
-        a.mov(dword_ptr(rdi + 0xf0), 0x1ffu32)?;
-        a.mov(dword_ptr(rdi + 0x310), 0u32)?;
-        a.mov(dword_ptr(rdi + 0x300), 0x000c_4500u32)?;
-        for _ in 0..2 {
-            a.mov(
-                dword_ptr(rdi + 0x300),
-                0x000c_4600u32 | (TRAMPOLINE >> 12) as u32,
-            )?;
-        }
+        start_ap(a, &ap)?;
         // The increments start once the writer writes.
         wait_for_ap(a)?;
         increment_loop(a, WRITER_INCREMENTS)?;

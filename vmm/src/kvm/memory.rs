@@ -79,55 +79,30 @@ pub fn compare_exchange(
     // x86 allows LOCK CMPXCHG at any alignment; CMPXCHG16B is only run
     // aligned to 16 and where the CPU has it (checked below). Flags and
     // memory are clobbered (no `preserves_flags`, no `nomem`).
+    /// LOCK CMPXCHG of one width: `$class` and `$reg` name the register
+    /// class and template modifier of `new`, `$acc` the accumulator.
+    macro_rules! lock_cmpxchg {
+        ($ty:ty, $width:literal, $class:ident, $reg:literal, $acc:tt) => {
+            std::arch::asm!(
+                concat!("lock cmpxchg ", $width, " ptr [{ptr}], {new", $reg, "}"),
+                "sete {swapped}",
+                ptr = in(reg) ptr,
+                new = in($class) new as $ty,
+                swapped = out(reg_byte) swapped,
+                inout($acc) cur as $ty => _,
+                options(nostack),
+            )
+        };
+    }
     match len {
         // SAFETY: as said above the match.
-        1 => unsafe {
-            std::arch::asm!(
-                "lock cmpxchg byte ptr [{ptr}], {new}",
-                "sete {swapped}",
-                ptr = in(reg) ptr,
-                new = in(reg_byte) new as u8,
-                swapped = out(reg_byte) swapped,
-                inout("al") cur as u8 => _,
-                options(nostack),
-            );
-        },
+        1 => unsafe { lock_cmpxchg!(u8, "byte", reg_byte, "", "al") },
         // SAFETY: as said above the match.
-        2 => unsafe {
-            std::arch::asm!(
-                "lock cmpxchg word ptr [{ptr}], {new:x}",
-                "sete {swapped}",
-                ptr = in(reg) ptr,
-                new = in(reg) new as u16,
-                swapped = out(reg_byte) swapped,
-                inout("ax") cur as u16 => _,
-                options(nostack),
-            );
-        },
+        2 => unsafe { lock_cmpxchg!(u16, "word", reg, ":x", "ax") },
         // SAFETY: as said above the match.
-        4 => unsafe {
-            std::arch::asm!(
-                "lock cmpxchg dword ptr [{ptr}], {new:e}",
-                "sete {swapped}",
-                ptr = in(reg) ptr,
-                new = in(reg) new as u32,
-                swapped = out(reg_byte) swapped,
-                inout("eax") cur as u32 => _,
-                options(nostack),
-            );
-        },
+        4 => unsafe { lock_cmpxchg!(u32, "dword", reg, ":e", "eax") },
         // SAFETY: as said above the match.
-        8 => unsafe {
-            std::arch::asm!(
-                "lock cmpxchg qword ptr [{ptr}], {new:r}",
-                "sete {swapped}",
-                ptr = in(reg) ptr,
-                new = in(reg) new as u64,
-                swapped = out(reg_byte) swapped,
-                inout("rax") cur as u64 => _,
-                options(nostack),
-            );
-        },
+        8 => unsafe { lock_cmpxchg!(u64, "qword", reg, ":r", "rax") },
         // SAFETY: as said above the match; aligned, and the CPU has it.
         16 if (ptr as usize).is_multiple_of(16) && std::is_x86_feature_detected!("cmpxchg16b") => unsafe {
             // RBX is reserved by the compiler: `new`'s low half is swapped

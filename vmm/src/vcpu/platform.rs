@@ -217,6 +217,29 @@ mod tests {
             Ok(true)
         );
         assert_eq!(mem.read_obj::<[u8; 8]>(at(0x1013)).unwrap(), old[..8]);
+        // 1 and 2 bytes (the 2 misaligned), next to bytes left alone.
+        mem.write_slice(&[0x11, 0x22, 0x33, 0x44], at(0x1040))
+            .unwrap();
+        assert_eq!(
+            phys.compare_exchange_phys(0x1041, &[0x23], &[0x99]),
+            Ok(false)
+        );
+        assert_eq!(
+            phys.compare_exchange_phys(0x1041, &[0x22], &[0x99]),
+            Ok(true)
+        );
+        assert_eq!(
+            phys.compare_exchange_phys(0x1042, &[0x33, 0x45], &[1, 2]),
+            Ok(false)
+        );
+        assert_eq!(
+            phys.compare_exchange_phys(0x1042, &[0x33, 0x44], &[1, 2]),
+            Ok(true)
+        );
+        assert_eq!(
+            mem.read_obj::<[u8; 4]>(at(0x1040)).unwrap(),
+            [0x11, 0x99, 1, 2]
+        );
         assert!(phys.compare_exchange_phys(0x1008, &b(0), &w(0)).is_err());
         // Device memory: written as given.
         phys.write_phys(0xd000_0010, &b(pte)).unwrap();
