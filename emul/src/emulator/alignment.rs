@@ -14,10 +14,9 @@
 //! remembered wrongly once the guest clears it). The whole-state family
 //! (`state.rs`) makes the same check before its own walks.
 
-use iced_x86::{Code, Instruction, UsedMemory};
+use iced_x86::{Code, Instruction};
 
 use super::{Emulator, Stop, BOUNCE_BASE};
-use crate::address::linear_address;
 use crate::classify::Class;
 use crate::cpu::{CpuState, RFLAGS_AC};
 use crate::exception::{Exception, VEC_GP};
@@ -58,26 +57,20 @@ impl FormSet {
 }
 
 impl Emulator {
-    /// #GP(0) before the walk when the operand of `instr` (16 bytes or
-    /// more: smaller operands are never aligned-only) is misaligned and
-    /// the form is aligned-only.
+    /// #GP(0) before the walk when `instr`'s operand of `size` bytes at
+    /// `lin` (16 bytes or more: smaller operands are never aligned-only)
+    /// is misaligned and the form is aligned-only.
     pub(super) fn check_alignment_first(
         &mut self,
         cpu: &CpuState,
-        bitness: u32,
         instr: &Instruction,
         class: Class,
-        used: Option<UsedMemory>,
+        lin: u64,
+        size: usize,
         vec: &mut dyn VectorState,
     ) -> Result<(), Stop> {
-        let Some(u) = used.filter(|u| u.memory_size().size() >= 16) else {
-            return Ok(());
-        };
-        let size = u.memory_size().size() as u64;
-        let Ok(lin) = linear_address(cpu, bitness, &u, size, false) else {
-            return Ok(()); // the operand's own checks raise it
-        };
-        if lin & (size.min(64) - 1) == 0 || self.misaligned_ok.contains(instr.code()) {
+        let size = size as u64;
+        if size < 16 || lin & (size.min(64) - 1) == 0 || self.misaligned_ok.contains(instr.code()) {
             return Ok(());
         }
         match self.probe_alignment(cpu, instr, class, lin, vec) {

@@ -411,9 +411,7 @@ impl Emulator {
             }
             _ => None,
         };
-        // The CPU checks alignment before it touches memory.
-        self.check_alignment_first(cpu, bitness, instr, class, used, vec)?;
-        let operand = match self.operand(cpu, bitness, instr, used, selected, mem) {
+        let operand = match self.operand(cpu, bitness, instr, class, used, selected, vec, mem) {
             Err(Stop::Exception(pf)) if pf.vector == VEC_PF => {
                 // The operand's start (the fault may be on its second page).
                 let lin = used.and_then(|u| {

@@ -6,9 +6,10 @@ use iced_x86::{Instruction, Mnemonic, OpAccess, Register, UsedMemory};
 
 use super::{Emulator, Stop, MAX_OPERAND, PAGE_SIZE};
 use crate::address::linear_address;
+use crate::classify::Class;
 use crate::cpu::CpuState;
 use crate::paging::{translate, Access};
-use crate::platform::Platform;
+use crate::platform::{Platform, VectorState};
 use crate::writeback::{masked_store, ElementMask};
 
 /// The memory operand of the instruction being emulated, once translated.
@@ -40,14 +41,18 @@ impl Emulator {
     }
 
     /// Finds, checks and translates the memory operand (before anything
-    /// runs, so a fault has no side effect).
+    /// runs, so a fault has no side effect); alignment first, as the CPU
+    /// checks it before it touches memory (`alignment.rs`).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn operand(
         &mut self,
         cpu: &CpuState,
         bitness: u32,
         instr: &Instruction,
+        class: Class,
         used: Option<UsedMemory>,
         selected: Option<ElementMask>,
+        vec: &mut dyn VectorState,
         mem: &mut dyn Platform,
     ) -> Result<Option<Operand>, Stop> {
         let Some(used) = used else {
@@ -88,6 +93,7 @@ impl Emulator {
             return Err(Stop::Unsupported("memory operand size"));
         }
         let lin = linear_address(cpu, bitness, &used, size as u64, writes)?;
+        self.check_alignment_first(cpu, instr, class, lin, size, vec)?;
         let access = Access {
             write: writes,
             fetch: false,
