@@ -266,6 +266,11 @@ fn cpu_state(r: &kvm_regs, s: &kvm_sregs, max_phys_bits: u8) -> CpuState {
         es: segment(&s.es),
         fs: segment(&s.fs),
         gs: segment(&s.gs),
+        gdtr: emul::DescriptorTable {
+            base: s.gdt.base,
+            limit: s.gdt.limit,
+        },
+        ldtr: segment(&s.ldt),
         // CPL is SS.DPL in protected mode.
         cpl: if s.cr0 & 1 != 0 { s.ss.dpl } else { 0 },
         max_phys_bits,

@@ -50,6 +50,9 @@ pub enum Kind {
     /// MOVDIR64B: 64 bytes from memory to ES:rReg as one store, completed
     /// without a stub (#UD where the host lacks it).
     DirectStore,
+    /// LAR, LSL, VERR, VERW: a selector checked against the guest's GDT or
+    /// LDT, completed without a stub (a stub would read the host's tables).
+    DescriptorCheck,
 }
 
 /// The whole-state family (XSAVES/XRSTORS are privileged and refused
@@ -330,8 +333,13 @@ pub fn classify(instr: &Instruction) -> Result<Class, Deny> {
             kind: Kind::Undefined,
         });
     }
-    if matches!(instr.mnemonic(), M::Lar | M::Lsl | M::Verr | M::Verw) {
-        return Err("descriptor-table access (reads the guest's GDT/LDT)");
+    if crate::emulator::is_descriptor_check(instr.mnemonic()) {
+        return Ok(Class {
+            vector: false,
+            x87_mmx: false,
+            vex: false,
+            kind: Kind::DescriptorCheck,
+        });
     }
     if instr.flow_control() != FlowControl::Next {
         return Err(

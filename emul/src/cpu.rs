@@ -77,6 +77,16 @@ impl Segment {
     }
 }
 
+/// A descriptor-table register (GDTR), as in `kvm_dtable`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DescriptorTable {
+    /// Linear address of the table.
+    pub base: u64,
+    /// The last valid byte offset (a table of N descriptors has limit
+    /// 8N - 1).
+    pub limit: u16,
+}
+
 /// What the emulator needs of the vCPU (from KVM's sync regs/sregs).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct CpuState {
@@ -106,6 +116,11 @@ pub struct CpuState {
     pub fs: Segment,
     /// GS (its base applies in 64-bit mode).
     pub gs: Segment,
+    /// GDTR: read by LAR, LSL, VERR and VERW.
+    pub gdtr: DescriptorTable,
+    /// LDTR (its selector, base, byte-granular limit and `unusable` when
+    /// null): read by LAR, LSL, VERR and VERW for selectors with TI set.
+    pub ldtr: Segment,
     /// Current privilege level (SS.DPL in protected mode, 0 in real mode).
     pub cpl: u8,
     /// The guest's physical-address width (MAXPHYADDR, CPUID

@@ -169,7 +169,7 @@ pub mod xstate;
 #[cfg(test)]
 mod tests;
 
-pub use cpu::{CpuState, Segment};
+pub use cpu::{CpuState, DescriptorTable, Segment};
 pub use emulator::{EmulError, Emulator, Outcome};
 pub use exception::Exception;
 pub use platform::{NoVectorState, Platform, PlatformError, VectorState, XsaveImage};

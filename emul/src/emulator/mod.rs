@@ -18,6 +18,7 @@ use crate::writeback::{element_mask, XsaveLayout};
 
 mod alignment;
 mod cache;
+mod descriptor;
 mod direct;
 mod fetch;
 mod gather;
@@ -27,6 +28,7 @@ mod operand;
 mod state;
 mod vector;
 
+pub(crate) use descriptor::is_descriptor_check;
 #[cfg(test)]
 pub(crate) use direct::host_has_movdir64b;
 pub(crate) use direct::is_direct_store_64;
@@ -383,6 +385,11 @@ impl Emulator {
                     }
                     Kind::DirectStore => {
                         self.direct_store_64(cpu, bitness, instr, mem)?;
+                        advance_rip(cpu, bitness, instr);
+                        return Ok(());
+                    }
+                    Kind::DescriptorCheck => {
+                        self.descriptor_check(cpu, bitness, instr, mem)?;
                         advance_rip(cpu, bitness, instr);
                         return Ok(());
                     }

@@ -51,6 +51,11 @@ pub struct HostShape {
     /// environment instructions and the XSAVE family the first, then the
     /// last; XRSTOR the first (then its header).
     pub state_checks: [StateChecks; 4],
+    /// LAR's 32-bit result keeps the descriptor's limit bits 19:16, which
+    /// the SDM leaves undefined (mask 00FxFF00H) and the APM keeps (mask
+    /// 00FFFF00H; AMD EPYC Zen 3: `lar` of the user data selector gives
+    /// 0x00cff300). QEMU's TCG clears them.
+    pub lar_keeps_limit_bits: bool,
 }
 
 /// The whole-state instruction classes [`HostShape::state_checks`] is
@@ -91,6 +96,7 @@ impl Default for HostShape {
             fop_always: true,
             fdp_always: true,
             state_checks: [StateChecks::default(); 4],
+            lar_keeps_limit_bits: true,
         }
     }
 }
@@ -175,6 +181,9 @@ const XRSTOR64: &[u8] = &[0x48, 0x0f, 0xae, 0x29];
 /// `fld dword [rax]; fnstenv [rax+16]`
 const FLD_FNSTENV: &[u8] = &[0xd9, 0x00, 0xd9, 0x70, 0x10];
 
+/// `mov ecx, cs; lar eax, ecx; lsl edx, ecx`
+const LAR_LSL_CS: &[u8] = &[0x8c, 0xc9, 0x0f, 0x02, 0xc1, 0x0f, 0x03, 0xd1];
+
 /// A valid guest image: x87 default, MXCSR default, XMM registers as given
 /// (16 bytes each, from XMM0), components x87|SSE|AVX within the buffer's.
 fn load_image(buf: &mut StubBuf, xmm: &[[u8; 16]]) {
@@ -223,6 +232,19 @@ fn fault_past_guard(
 
 fn measure(buf: &mut StubBuf) -> Result<HostShape, StubRunError> {
     let mut shape = HostShape::default();
+
+    // LAR and LSL of this process's own code selector: LSL gives the
+    // limit, so whether LAR's bits 19:16 hold its top bits shows (Linux's
+    // user code segment has limit 0xfffff: they are all ones).
+    {
+        let mut g = GuestGprs::default();
+        buf.run(LAR_LSL_CS, &mut g)?;
+        let granular = g.rax & (1 << 23) != 0;
+        let top = if granular { g.rdx >> 28 } else { g.rdx >> 16 } & 0xf;
+        if top != 0 {
+            shape.lar_keeps_limit_bits = (g.rax >> 16) & 0xf == top;
+        }
+    }
     let Some(mut pages) = ProbePages::new() else {
         return Ok(shape);
     };
@@ -364,7 +386,7 @@ mod tests {
     #[test]
     fn probe_bytes_decode_as_named() {
         use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
-        let cases: [(&[u8], &str); 9] = [
+        let cases: [(&[u8], &str); 10] = [
             (VMASKMOVPS_STORE, "vmaskmovps [rax],xmm1,xmm2"),
             (MASKMOVDQU, "maskmovdqu xmm2,xmm1"),
             (MASKMOVQ, "maskmovq mm1,mm2"),
@@ -374,6 +396,7 @@ mod tests {
             (XSAVE64, "xsave64 [rcx]"),
             (XRSTOR64, "xrstor64 [rcx]"),
             (FLD_FNSTENV, "fld st,dword ptr [rax]; fnstenv [rax+10h]"),
+            (LAR_LSL_CS, "mov ecx,cs; lar eax,ecx; lsl edx,ecx"),
         ];
         let mut fmt = IntelFormatter::new();
         for (bytes, want) in cases {

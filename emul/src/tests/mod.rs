@@ -12,6 +12,7 @@ use crate::platform::*;
 use crate::{CpuState, Emulator, Outcome};
 
 mod cache;
+mod descriptor;
 mod direct;
 mod flow;
 mod gather;

@@ -15,6 +15,8 @@ fn intel_shape() -> crate::stub::shape::HostShape {
         fdp_always: false,
         // Not measured on Intel.
         state_checks: Default::default(),
+        // Not measured on Intel.
+        lar_keeps_limit_bits: true,
     }
 }
 

@@ -403,6 +403,11 @@ pub fn cpu_state(r: &kvm_regs, s: &kvm_sregs, max_phys_bits: u8) -> CpuState {
         es: segment(&s.es),
         fs: segment(&s.fs),
         gs: segment(&s.gs),
+        gdtr: emul::DescriptorTable {
+            base: s.gdt.base,
+            limit: s.gdt.limit,
+        },
+        ldtr: segment(&s.ldt),
         // CPL is SS.DPL in protected mode (CS.DPL differs for conforming
         // code); always 0 in real mode.
         cpl: if s.cr0 & CR0_PE != 0 { s.ss.dpl } else { 0 },

@@ -1,0 +1,347 @@
+//! LAR, LSL, VERR, VERW: a selector checked against the guest's GDT or
+//! LDT. KVM's emulator implements none of them (emulate.c leaves 0F 02,
+//! 0F 03 and 0F 00 /4 /5 empty), so on hardware KVM each one with an MMIO
+//! operand, and on PVM each one in CPL 0 code, ends here. A stub cannot
+//! run them: natively they would read the host's descriptor tables. So
+//! they are completed in software, from the Intel SDM and the AMD APM
+//! (vol. 3, LAR/LSL/VERR/VERW), checked against the host CPU where it can
+//! be: `tests/descriptor.rs` installs code and data descriptors in this
+//! process's LDT and compares every instruction with the CPU's own answer.
+//!
+//! Steps, in the order the CPU takes them:
+//! 1. #UD in real and virtual-8086 mode, and with LOCK;
+//! 2. the source selector: a register's low 16 bits, or a 2-byte read
+//!    (#GP(0)/#SS(0), then #AC at CPL 3 with CR0.AM and RFLAGS.AC on an
+//!    odd address, before the walk: measured on AMD EPYC Zen 3, `lar eax,
+//!    [odd address on an unmapped page]` raises #AC, not #PF; then #PF);
+//! 3. a null selector, or one whose 8 bytes lie past the table's limit
+//!    (or in an LDT while LDTR is null), clears ZF;
+//! 4. the descriptor is read as an implicit supervisor access (SMAP
+//!    applies whatever RFLAGS.AC; #PF with U/S clear), no accessed bit set;
+//! 5. the type and privilege checks clear or set ZF; on success LAR and
+//!    LSL write the destination. Nothing else changes: on failure the
+//!    destination keeps all 64 bits, and no flag but ZF moves (measured
+//!    on the host).
+//!
+//! Where the manuals disagree, the emulator refuses instead of guessing:
+//! in IA-32e mode, LAR and LSL of a *visible* system descriptor (an LDT,
+//! a TSS, a call gate; for LSL also type 0, the upper half of a 16-byte
+//! descriptor). The SDM and the APM differ on which of those types are
+//! valid and on whether the upper 8 bytes are checked, and no host can
+//! show it: the host's own system descriptors all have DPL 0 and its LDT
+//! holds code and data only. An invisible or invalid one clears ZF under
+//! every reading, and so does it here.
+
+use iced_x86::{Instruction, Mnemonic, OpKind, Register};
+
+use super::{Emulator, Stop, PAGE_SIZE};
+use crate::address::gpr_value;
+use crate::cpu::{CpuState, CR0_AM, CR0_PE, EFER_LMA, RFLAGS_AC};
+use crate::exception::{Exception, VEC_AC};
+use crate::paging::{is_canonical, translate, Access};
+use crate::platform::Platform;
+
+/// RFLAGS.ZF
+const RFLAGS_ZF: u64 = 1 << 6;
+/// RFLAGS.VM
+const RFLAGS_VM: u64 = 1 << 17;
+
+/// Whether `m` is one of this module's instructions.
+pub(crate) fn is_descriptor_check(m: Mnemonic) -> bool {
+    matches!(
+        m,
+        Mnemonic::Lar | Mnemonic::Lsl | Mnemonic::Verr | Mnemonic::Verw
+    )
+}
+
+/// A descriptor's two dwords.
+#[derive(Clone, Copy)]
+struct Descriptor {
+    low: u32,
+    high: u32,
+}
+
+impl Descriptor {
+    /// S: a code or data segment (else a system descriptor or gate).
+    fn is_segment(self) -> bool {
+        self.high & (1 << 12) != 0
+    }
+    fn type_(self) -> u32 {
+        (self.high >> 8) & 0xf
+    }
+    fn dpl(self) -> u8 {
+        ((self.high >> 13) & 3) as u8
+    }
+    fn is_code(self) -> bool {
+        self.is_segment() && self.type_() & 0b1000 != 0
+    }
+    fn is_conforming_code(self) -> bool {
+        self.is_code() && self.type_() & 0b0100 != 0
+    }
+    /// Readable code, or any data segment.
+    fn is_readable(self) -> bool {
+        !self.is_code() || self.type_() & 0b0010 != 0
+    }
+    /// Writable data.
+    fn is_writable_data(self) -> bool {
+        self.is_segment() && !self.is_code() && self.type_() & 0b0010 != 0
+    }
+    /// The limit in bytes (granularity applied).
+    fn limit(self) -> u32 {
+        let raw = (self.low & 0xffff) | (self.high & 0xf_0000);
+        if self.high & (1 << 23) != 0 {
+            (raw << 12) | 0xfff
+        } else {
+            raw
+        }
+    }
+}
+
+/// What the checks decided.
+enum Verdict {
+    /// ZF cleared, nothing written.
+    Fail,
+    /// ZF set; LAR and LSL write their result from the descriptor.
+    Pass(Descriptor),
+}
+
+impl Emulator {
+    /// Completes LAR, LSL, VERR or VERW (RIP is advanced by the caller).
+    pub(super) fn descriptor_check(
+        &mut self,
+        cpu: &mut CpuState,
+        bitness: u32,
+        instr: &Instruction,
+        mem: &mut dyn Platform,
+    ) -> Result<(), Stop> {
+        let v86 = cpu.gprs.rflags & RFLAGS_VM != 0;
+        if cpu.cr0 & CR0_PE == 0 || v86 || instr.has_lock_prefix() {
+            return Err(Exception::ud().into());
+        }
+        let mnemonic = instr.mnemonic();
+        // LAR/LSL: destination, source; VERR/VERW: the source alone.
+        let src = if matches!(mnemonic, Mnemonic::Lar | Mnemonic::Lsl) {
+            1
+        } else {
+            0
+        };
+        let selector = match instr.op_kind(src) {
+            OpKind::Register => gpr_value(&cpu.gprs, instr.op_register(src))
+                .ok_or(Stop::Unsupported("selector operand"))?
+                as u16,
+            OpKind::Memory => self.read_selector(cpu, bitness, instr, mem)?,
+            _ => return Err(Stop::Unsupported("selector operand")),
+        };
+        let verdict = match read_descriptor(cpu, selector, mem)? {
+            None => Verdict::Fail,
+            Some(desc) => check(cpu, mnemonic, selector, desc)?,
+        };
+        let Verdict::Pass(desc) = verdict else {
+            cpu.gprs.rflags &= !RFLAGS_ZF;
+            return Ok(());
+        };
+        let dest = instr.op0_register();
+        let value = match mnemonic {
+            Mnemonic::Lar if dest.size() == 2 => Some(u64::from(desc.high & 0xff00)),
+            // Bits 19:16 (the limit's top) are "undefined" in the SDM and
+            // kept by AMD: the host's own choice, probed once.
+            Mnemonic::Lar if self.shape.lar_keeps_limit_bits => {
+                Some(u64::from(desc.high & 0x00ff_ff00))
+            }
+            Mnemonic::Lar => Some(u64::from(desc.high & 0x00f0_ff00)),
+            Mnemonic::Lsl => Some(u64::from(desc.limit())),
+            _ => None,
+        };
+        if let Some(value) = value {
+            write_gpr(cpu, dest, value)?;
+        }
+        cpu.gprs.rflags |= RFLAGS_ZF;
+        Ok(())
+    }
+
+    /// The 2-byte selector of a memory source.
+    fn read_selector(
+        &mut self,
+        cpu: &CpuState,
+        bitness: u32,
+        instr: &Instruction,
+        mem: &mut dyn Platform,
+    ) -> Result<u16, Stop> {
+        let used = self
+            .used_memory(instr)?
+            .ok_or(Stop::Unsupported("selector operand"))?;
+        let lin = crate::address::linear_address(cpu, bitness, &used, 2, false)?;
+        let alignment_check =
+            cpu.cpl == 3 && cpu.cr0 & CR0_AM != 0 && cpu.gprs.rflags & RFLAGS_AC != 0;
+        if alignment_check && lin & 1 != 0 {
+            return Err(Exception::new(VEC_AC, Some(0)).into());
+        }
+        let access = Access {
+            write: false,
+            fetch: false,
+            user: cpu.cpl == 3,
+        };
+        let mut bytes = [0u8; 2];
+        read_linear(cpu, bitness == 64, lin, access, &mut bytes, mem)?;
+        Ok(u16::from_le_bytes(bytes))
+    }
+}
+
+/// Reads `buf.len()` bytes at `lin` (at most two pages), every page
+/// translated before any byte is read. Outside 64-bit mode the second
+/// page's address wraps at 4 GiB.
+fn read_linear(
+    cpu: &CpuState,
+    long: bool,
+    lin: u64,
+    access: Access,
+    buf: &mut [u8],
+    mem: &mut dyn Platform,
+) -> Result<(), Stop> {
+    let first = buf
+        .len()
+        .min((PAGE_SIZE - (lin & (PAGE_SIZE - 1))) as usize);
+    let gpa = translate(cpu, lin, access, mem)?;
+    let second = if first < buf.len() {
+        let next = lin.wrapping_add(first as u64);
+        let next = if long { next } else { next & 0xffff_ffff };
+        Some(translate(cpu, next, access, mem)?)
+    } else {
+        None
+    };
+    let (head, tail) = buf.split_at_mut(first);
+    mem.read_phys(gpa, head)?;
+    if let Some(gpa) = second {
+        mem.read_phys(gpa, tail)?;
+    }
+    Ok(())
+}
+
+/// The descriptor `selector` names, or `None` where the CPU clears ZF
+/// without reading one: a null selector, an offset past the table's limit,
+/// an LDT selector while LDTR is null.
+fn read_descriptor(
+    cpu: &CpuState,
+    selector: u16,
+    mem: &mut dyn Platform,
+) -> Result<Option<Descriptor>, Stop> {
+    if selector & 0xfffc == 0 {
+        return Ok(None);
+    }
+    let (base, limit) = if selector & 4 == 0 {
+        (cpu.gdtr.base, u32::from(cpu.gdtr.limit))
+    } else if cpu.ldtr.unusable || cpu.ldtr.selector & 0xfffc == 0 {
+        return Ok(None);
+    } else {
+        (cpu.ldtr.base, cpu.ldtr.limit)
+    };
+    let offset = u32::from(selector & 0xfff8);
+    if offset + 7 > limit {
+        return Ok(None);
+    }
+    let long = cpu.efer & EFER_LMA != 0;
+    let lin = base.wrapping_add(u64::from(offset));
+    let lin = if long { lin } else { lin & 0xffff_ffff };
+    // A table base the guest could only have set from outside (KVM's
+    // SREGS; LGDT/LLDT refuse it in 64-bit mode).
+    if long && (!is_canonical(cpu, lin) || !is_canonical(cpu, lin.wrapping_add(7))) {
+        return Err(Exception::gp0().into());
+    }
+    // An implicit supervisor access: SMAP applies whatever RFLAGS.AC says.
+    let mut system = *cpu;
+    system.gprs.rflags &= !RFLAGS_AC;
+    let access = Access {
+        write: false,
+        fetch: false,
+        user: false,
+    };
+    let mut bytes = [0u8; 8];
+    read_linear(&system, long, lin, access, &mut bytes, mem)?;
+    let q = u64::from_le_bytes(bytes);
+    Ok(Some(Descriptor {
+        low: q as u32,
+        high: (q >> 32) as u32,
+    }))
+}
+
+/// The type and privilege checks of `mnemonic` on `desc`.
+fn check(
+    cpu: &CpuState,
+    mnemonic: Mnemonic,
+    selector: u16,
+    desc: Descriptor,
+) -> Result<Verdict, Stop> {
+    let rpl = (selector & 3) as u8;
+    let visible = desc.dpl() >= cpu.cpl && desc.dpl() >= rpl;
+    let pass = match mnemonic {
+        Mnemonic::Verr => {
+            desc.is_segment() && desc.is_readable() && (desc.is_conforming_code() || visible)
+        }
+        Mnemonic::Verw => desc.is_writable_data() && visible,
+        // LAR, LSL on code and data: DPL is ignored for conforming code.
+        _ if desc.is_segment() => desc.is_conforming_code() || visible,
+        _ => {
+            let lar = mnemonic == Mnemonic::Lar;
+            if cpu.efer & EFER_LMA != 0 {
+                let disputed = match desc.type_() {
+                    0 => !lar,
+                    2 | 9 | 0xb => true,
+                    0xc => lar,
+                    _ => false,
+                };
+                if disputed && visible {
+                    return Err(Stop::Unsupported(
+                        "a visible system descriptor in IA-32e mode (the SDM and the APM \
+                         disagree on its checks)",
+                    ));
+                }
+                false
+            } else {
+                // Legacy protected mode: TSSs and the LDT for both; gates
+                // (16-bit and 32-bit call, task) for LAR only.
+                let valid = match desc.type_() {
+                    1 | 2 | 3 | 9 | 0xb => true,
+                    4 | 5 | 0xc => lar,
+                    _ => false,
+                };
+                valid && visible
+            }
+        }
+    };
+    Ok(if pass {
+        Verdict::Pass(desc)
+    } else {
+        Verdict::Fail
+    })
+}
+
+/// Writes a LAR/LSL result: a 16-bit destination keeps bits 63:16, a
+/// 32-bit one is zero-extended.
+fn write_gpr(cpu: &mut CpuState, reg: Register, value: u64) -> Result<(), Stop> {
+    let g = &mut cpu.gprs;
+    let slot = match reg.full_register() {
+        Register::RAX => &mut g.rax,
+        Register::RCX => &mut g.rcx,
+        Register::RDX => &mut g.rdx,
+        Register::RBX => &mut g.rbx,
+        Register::RSP => &mut g.rsp,
+        Register::RBP => &mut g.rbp,
+        Register::RSI => &mut g.rsi,
+        Register::RDI => &mut g.rdi,
+        Register::R8 => &mut g.r8,
+        Register::R9 => &mut g.r9,
+        Register::R10 => &mut g.r10,
+        Register::R11 => &mut g.r11,
+        Register::R12 => &mut g.r12,
+        Register::R13 => &mut g.r13,
+        Register::R14 => &mut g.r14,
+        Register::R15 => &mut g.r15,
+        _ => return Err(Stop::Unsupported("destination is not a register")),
+    };
+    *slot = match reg.size() {
+        2 => (*slot & !0xffff) | (value & 0xffff),
+        4 => value & 0xffff_ffff,
+        _ => value,
+    };
+    Ok(())
+}
