@@ -38,6 +38,7 @@ const TESTED_ELSEWHERE: &[&str] = &[
     "cpuid-leaves",
     "masked-fault-suppression",
     "system-cpl0",
+    "descriptor-checks",
     "bios-state",
     "mxcsr-cpl0",
     "vector-unchanged",

@@ -51,6 +51,7 @@ const CATALOGUE: &[(&str, Builder)] = &[
     ("unsupported-insn", emulation::unsupported_insn),
     ("emul-page-fault", emulation::emul_page_fault),
     ("system-cpl0", system::system_cpl0),
+    ("descriptor-checks", system::descriptor_checks),
     ("bios-state", bios::bios_state),
     ("acpi-s3", bios::acpi_s3),
     ("mxcsr-cpl0", xstate::mxcsr_cpl0),

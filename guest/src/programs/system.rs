@@ -1,9 +1,10 @@
 //! System instructions run at CPL 0 before the guest ever drops to CPL 3
 //! (so on PVM hosts KVM's emulator meets them and the VMM completes them):
 //! INT3 and INT 0x20 through the guest's own IDT, XGETBV, CLAC/STAC,
-//! WBINVD, INVPCID and RDPRU, each answered as the guest's CPUID says.
+//! WBINVD, INVPCID and RDPRU, each answered as the guest's CPUID says;
+//! LAR, LSL, VERR and VERW against the guest's own GDT and LDT.
 
-use super::{assemble, expect, LOAD_ADDR};
+use super::{assemble, expect, LOAD_ADDR, MMIO_BASE, MMIO_SIZE};
 use crate::rt::{exit, print, report_rax, status_of, Asm, AsmResult, EXIT_PASS};
 use crate::{Mode, Program};
 use iced_x86::code_asm::*;
@@ -225,4 +226,129 @@ fn faulting(
     a.mov(qword_ptr(*resume), 0)?;
     a.mov(rax, qword_ptr(*last_vector))?;
     report_rax(a)
+}
+
+/// `descriptor-checks`' GDT (entry i at selector 8i; entries 8-9, an LDT
+/// descriptor DPL 0, are filled in at run time), as (base, limit, access
+/// byte, flags nibble). Entry 3 is the code segment the guest runs in.
+const DESCRIPTOR_GDT: [(u32, u32, u8, u8); 8] = [
+    (0, 0, 0, 0),
+    (0, 0xfffff, 0x93, 0xc),           // 0x08 data, DPL 0
+    (0x1234_5678, 0x12345, 0xf1, 0x4), // 0x10 read-only data, DPL 3, byte granular
+    (0, 0xfffff, 0x9b, 0xa),           // 0x18 64-bit code, DPL 0
+    (0, 0xfffff, 0x9d, 0xa),           // 0x20 conforming execute-only code, DPL 0
+    (0, 0xfffff, 0x99, 0xa),           // 0x28 execute-only code, DPL 0
+    (0, 0xfffff, 0xd3, 0xc),           // 0x30 data, DPL 2
+    (0, 0xfffff, 0x13, 0xc),           // 0x38 data, DPL 0, not present
+];
+/// Its LDT: 0x04 data DPL 0, 0x0c code DPL 0.
+const DESCRIPTOR_LDT: [(u32, u32, u8, u8); 2] = [(0, 0xfffff, 0x93, 0xc), (0, 0xfffff, 0x9b, 0xa)];
+
+/// The selectors `descriptor-checks` checks, in report order.
+pub const DESCRIPTOR_SELECTORS: [u16; 15] = [
+    0x00, 0x08, 0x0b, 0x10, 0x18, 0x23, 0x28, 0x32, 0x33, 0x38, 0x43, 0x50, 0x04, 0x0c, 0x14,
+];
+/// What RAX holds before each LAR/LSL (kept where the check fails).
+pub const DESCRIPTOR_GARBAGE: u64 = 0xdead_beef_cafe_babe;
+
+fn descriptor(&(base, limit, access, flags): &(u32, u32, u8, u8)) -> u64 {
+    let (base, limit) = (u64::from(base), u64::from(limit));
+    (limit & 0xffff)
+        | (base & 0xff_ffff) << 16
+        | u64::from(access) << 40
+        | (limit >> 16 & 0xf) << 48
+        | u64::from(flags) << 52
+        | (base >> 24) << 56
+}
+
+/// LAR, LSL, VERR, VERW at CPL 0 on the guest's own GDT and LDT: each
+/// selector of [`DESCRIPTOR_SELECTORS`] from a register and from the MMIO
+/// window. Reports, per selector: LAR reg, LAR mem, LSL reg, LSL mem (the
+/// 32-bit result, or [`DESCRIPTOR_GARBAGE`] when ZF is clear), VERR reg,
+/// VERR mem, VERW reg, VERW mem (ZF). No selector names a system
+/// descriptor visible at CPL 0 (the VMM refuses those in IA-32e mode).
+pub fn descriptor_checks() -> Result<Program, IcedError> {
+    let image = assemble(Mode::Long, LOAD_ADDR, |a| {
+        let mut gdt = a.create_label();
+        let mut gdtr = a.create_label();
+        let mut ldt = a.create_label();
+        let mut main = a.create_label();
+        a.jmp(main)?;
+        a.set_label(&mut main)?;
+        a.lea(rax, ptr(gdt))?;
+        a.lea(rdi, ptr(gdtr))?;
+        a.mov(qword_ptr(rdi + 2), rax)?;
+        a.lgdt(ptr(gdtr))?;
+        // The LDT descriptor (16 bytes in IA-32e mode): limit 15, the LDT's
+        // address (below 16 MiB) as base, type 2, present, DPL 0.
+        a.lea(rax, ptr(ldt))?;
+        a.shl(rax, 16)?;
+        a.or(rax, 15)?;
+        a.mov(rcx, 0x82u64 << 40)?;
+        a.or(rax, rcx)?;
+        a.lea(rdi, ptr(gdt))?;
+        a.mov(qword_ptr(rdi + 0x40), rax)?;
+        a.mov(qword_ptr(rdi + 0x48), 0)?;
+        a.mov(eax, 0x40)?;
+        a.lldt(ax)?;
+
+        a.mov(rsi, MMIO_BASE)?;
+        for (k, &sel) in DESCRIPTOR_SELECTORS.iter().enumerate() {
+            a.mov(word_ptr(rsi + 2 * k as i32), u32::from(sel))?;
+        }
+        for (k, &sel) in DESCRIPTOR_SELECTORS.iter().enumerate() {
+            let mem = word_ptr(rsi + 2 * k as i32);
+            for lsl in [false, true] {
+                for from_memory in [false, true] {
+                    a.mov(rax, DESCRIPTOR_GARBAGE)?;
+                    a.mov(ecx, u32::from(sel))?;
+                    match (lsl, from_memory) {
+                        (false, false) => a.lar(eax, ecx)?,
+                        (false, true) => a.lar(eax, mem)?,
+                        (true, false) => a.lsl(eax, ecx)?,
+                        (true, true) => a.lsl(eax, mem)?,
+                    }
+                    report_rax(a)?;
+                }
+            }
+            for verw in [false, true] {
+                for from_memory in [false, true] {
+                    a.mov(ecx, u32::from(sel))?;
+                    match (verw, from_memory) {
+                        (false, false) => a.verr(cx)?,
+                        (false, true) => a.verr(mem)?,
+                        (true, false) => a.verw(cx)?,
+                        (true, true) => a.verw(mem)?,
+                    }
+                    a.setz(al)?;
+                    a.movzx(eax, al)?;
+                    report_rax(a)?;
+                }
+            }
+        }
+        print(a, "descriptor checks done\n")?;
+        exit(a, EXIT_PASS)?;
+
+        a.set_label(&mut gdtr)?;
+        a.dw(&[0x4f])?;
+        a.dq(&[0])?;
+        a.set_label(&mut gdt)?;
+        let gdt_entries: Vec<u64> = DESCRIPTOR_GDT.iter().map(descriptor).collect();
+        a.dq(&gdt_entries)?;
+        a.dq(&[0, 0])?;
+        a.set_label(&mut ldt)?;
+        let ldt_entries: Vec<u64> = DESCRIPTOR_LDT.iter().map(descriptor).collect();
+        a.dq(&ldt_entries)
+    })?;
+    Ok(Program::new(
+        "descriptor-checks",
+        "LAR, LSL, VERR, VERW at CPL 0 on the guest's own GDT and LDT, from registers and MMIO",
+        Mode::Long,
+        LOAD_ADDR,
+        image,
+        // The values (LAR's bits 19:16 are the CPU's choice) are checked
+        // by tests/tests/system.rs.
+        expect(status_of(EXIT_PASS), "descriptor checks done", None),
+    )
+    .with_mmio_ram(vec![(MMIO_BASE, MMIO_SIZE)]))
 }
