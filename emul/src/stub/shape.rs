@@ -86,7 +86,8 @@ pub struct StateChecks {
 
 impl Default for HostShape {
     /// The SDM's reading where the probes cannot run: pointers always
-    /// recorded, first-byte CR2, masks left alone.
+    /// recorded, first-byte CR2, masks left alone; LAR as the APM has it
+    /// (bits 19:16 kept, which the SDM leaves open).
     fn default() -> Self {
         HostShape {
             split_store_cr2_last: false,
