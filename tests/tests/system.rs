@@ -59,11 +59,14 @@ fn system_instructions_follow_the_sdm_and_the_guest_cpuid() {
 /// (register forms run natively at CPL 0) with the VMM (MMIO forms). LAR's
 /// bits 19:16 are undefined in the SDM (AMD keeps the limit's top bits,
 /// QEMU's TCG clears them), so they are compared between the forms only.
+/// LAR's and LSL's 32-bit results (`None`: ZF clear), VERR's and VERW's ZF.
+type Checks = (Option<u32>, Option<u32>, bool, bool);
+
 #[test]
 fn descriptor_checks_read_the_guests_tables() {
     let all = Some(0xffff_ffff);
     let fail = (None, None, false, false);
-    let want: [(u16, (Option<u32>, Option<u32>, bool, bool)); 15] = [
+    let want: [(u16, Checks); 15] = [
         (0x00, fail),
         (0x08, (Some(0x00cf_9300), all, true, true)),
         (0x0b, fail),

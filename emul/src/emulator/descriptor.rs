@@ -15,7 +15,9 @@
 //!    odd address, before the walk: measured on AMD EPYC Zen 3, `lar eax,
 //!    [odd address on an unmapped page]` raises #AC, not #PF; then #PF);
 //! 3. a null selector, or one whose 8 bytes lie past the table's limit
-//!    (or in an LDT while LDTR is null), clears ZF;
+//!    (or in an LDT while LDTR is unusable), clears ZF. LDTR's cached
+//!    state decides, not its selector: after reset it holds selector 0
+//!    with a present, 64 KiB table at 0, which the CPU reads;
 //! 4. the descriptor is read as an implicit supervisor access (SMAP
 //!    applies whatever RFLAGS.AC; #PF with U/S clear), no accessed bit set;
 //! 5. the type and privilege checks clear or set ZF; on success LAR and
@@ -23,14 +25,19 @@
 //!    destination keeps all 64 bits, and no flag but ZF moves (measured
 //!    on the host).
 //!
-//! Where the manuals disagree, the emulator refuses instead of guessing:
-//! in IA-32e mode, LAR and LSL of a *visible* system descriptor (an LDT,
-//! a TSS, a call gate; for LSL also type 0, the upper half of a 16-byte
-//! descriptor). The SDM and the APM differ on which of those types are
-//! valid and on whether the upper 8 bytes are checked, and no host can
-//! show it: the host's own system descriptors all have DPL 0 and its LDT
-//! holds code and data only. An invisible or invalid one clears ZF under
-//! every reading, and so does it here.
+//! System descriptors in IA-32e mode are 16 bytes, and the manuals differ.
+//! Valid in both: a 64-bit TSS and a call gate for LAR, the LDT and a TSS
+//! for LSL; the APM adds that in 64-bit mode (for a call gate, in all of
+//! long mode) the upper 8 bytes must lie within the limit with bits 12:8
+//! of their second dword zero, which the SDM does not mention. So those
+//! pass when the upper half is well formed (both manuals agree), and the
+//! rest is refused instead of guessed: a malformed or out-of-limit upper
+//! half, LAR of an LDT (the SDM: invalid; the APM: valid) and LSL of type
+//! 0 (the SDM: valid, as the upper half of a 16-byte descriptor; the APM:
+//! invalid), when visible. No host can show which is right: its own
+//! system descriptors all have DPL 0 and its LDT holds code and data only.
+//! An invisible or invalid descriptor clears ZF under every reading, and
+//! so does it here.
 
 use iced_x86::{Instruction, Mnemonic, OpKind, Register};
 
@@ -103,7 +110,22 @@ enum Verdict {
     Fail,
     /// ZF set; LAR and LSL write their result from the descriptor.
     Pass(Descriptor),
+    /// A pass if the upper half of this 16-byte system descriptor is well
+    /// formed; refused otherwise (the manuals disagree).
+    PassIfUpperHalfValid(Descriptor),
 }
+
+/// Where a descriptor lies: its linear address, and whether the table
+/// holds 16 bytes from it (the upper half of an IA-32e system descriptor).
+#[derive(Clone, Copy)]
+struct Slot {
+    lin: u64,
+    room_for_16: bool,
+}
+
+/// Refusal text for what the SDM and the APM answer differently.
+const DISPUTED: &str =
+    "a visible system descriptor in IA-32e mode that the SDM and the APM judge differently";
 
 impl Emulator {
     /// Completes LAR, LSL, VERR or VERW (RIP is advanced by the caller).
@@ -134,7 +156,19 @@ impl Emulator {
         };
         let verdict = match read_descriptor(cpu, selector, mem)? {
             None => Verdict::Fail,
-            Some(desc) => check(cpu, mnemonic, selector, desc)?,
+            Some((desc, slot)) => match check(cpu, bitness, mnemonic, selector, desc)? {
+                Verdict::PassIfUpperHalfValid(desc) => {
+                    if !slot.room_for_16 {
+                        return Err(Stop::Unsupported(DISPUTED));
+                    }
+                    let upper = read_table(cpu, slot.lin.wrapping_add(8), mem)?;
+                    if (upper >> 40) & 0x1f != 0 {
+                        return Err(Stop::Unsupported(DISPUTED));
+                    }
+                    Verdict::Pass(desc)
+                }
+                v => v,
+            },
         };
         let Verdict::Pass(desc) = verdict else {
             cpu.gprs.rflags &= !RFLAGS_ZF;
@@ -217,20 +251,20 @@ fn read_linear(
     Ok(())
 }
 
-/// The descriptor `selector` names, or `None` where the CPU clears ZF
-/// without reading one: a null selector, an offset past the table's limit,
-/// an LDT selector while LDTR is null.
+/// The descriptor `selector` names and where it lies, or `None` where the
+/// CPU clears ZF without reading one: a null selector, an offset past the
+/// table's limit, an LDT selector while LDTR is unusable.
 fn read_descriptor(
     cpu: &CpuState,
     selector: u16,
     mem: &mut dyn Platform,
-) -> Result<Option<Descriptor>, Stop> {
+) -> Result<Option<(Descriptor, Slot)>, Stop> {
     if selector & 0xfffc == 0 {
         return Ok(None);
     }
     let (base, limit) = if selector & 4 == 0 {
         (cpu.gdtr.base, u32::from(cpu.gdtr.limit))
-    } else if cpu.ldtr.unusable || cpu.ldtr.selector & 0xfffc == 0 {
+    } else if cpu.ldtr.unusable || !cpu.ldtr.present {
         return Ok(None);
     } else {
         (cpu.ldtr.base, cpu.ldtr.limit)
@@ -239,15 +273,30 @@ fn read_descriptor(
     if offset + 7 > limit {
         return Ok(None);
     }
-    let long = cpu.efer & EFER_LMA != 0;
     let lin = base.wrapping_add(u64::from(offset));
+    let q = read_table(cpu, lin, mem)?;
+    let slot = Slot {
+        lin,
+        room_for_16: offset + 15 <= limit,
+    };
+    let desc = Descriptor {
+        low: q as u32,
+        high: (q >> 32) as u32,
+    };
+    Ok(Some((desc, slot)))
+}
+
+/// Reads 8 bytes of a descriptor table at `lin` as an implicit supervisor
+/// access: SMAP applies whatever RFLAGS.AC says. Outside IA-32e mode the
+/// address wraps at 4 GiB.
+fn read_table(cpu: &CpuState, lin: u64, mem: &mut dyn Platform) -> Result<u64, Stop> {
+    let long = cpu.efer & EFER_LMA != 0;
     let lin = if long { lin } else { lin & 0xffff_ffff };
     // A table base the guest could only have set from outside (KVM's
     // SREGS; LGDT/LLDT refuse it in 64-bit mode).
     if long && (!is_canonical(cpu, lin) || !is_canonical(cpu, lin.wrapping_add(7))) {
         return Err(Exception::gp0().into());
     }
-    // An implicit supervisor access: SMAP applies whatever RFLAGS.AC says.
     let mut system = *cpu;
     system.gprs.rflags &= !RFLAGS_AC;
     let access = Access {
@@ -257,16 +306,13 @@ fn read_descriptor(
     };
     let mut bytes = [0u8; 8];
     read_linear(&system, long, lin, access, &mut bytes, mem)?;
-    let q = u64::from_le_bytes(bytes);
-    Ok(Some(Descriptor {
-        low: q as u32,
-        high: (q >> 32) as u32,
-    }))
+    Ok(u64::from_le_bytes(bytes))
 }
 
 /// The type and privilege checks of `mnemonic` on `desc`.
 fn check(
     cpu: &CpuState,
+    bitness: u32,
     mnemonic: Mnemonic,
     selector: u16,
     desc: Descriptor,
@@ -280,32 +326,33 @@ fn check(
         Mnemonic::Verw => desc.is_writable_data() && visible,
         // LAR, LSL on code and data: DPL is ignored for conforming code.
         _ if desc.is_segment() => desc.is_conforming_code() || visible,
-        _ => {
+        _ if cpu.efer & EFER_LMA != 0 => {
             let lar = mnemonic == Mnemonic::Lar;
-            if cpu.efer & EFER_LMA != 0 {
-                let disputed = match desc.type_() {
-                    0 => !lar,
-                    2 | 9 | 0xb => true,
-                    0xc => lar,
-                    _ => false,
-                };
-                if disputed && visible {
-                    return Err(Stop::Unsupported(
-                        "a visible system descriptor in IA-32e mode (the SDM and the APM \
-                         disagree on its checks)",
-                    ));
-                }
+            let ty = desc.type_();
+            let (agreed, disputed) = match (lar, ty) {
+                (true, 9 | 0xb | 0xc) | (false, 2 | 9 | 0xb) => (true, false),
+                (true, 2) | (false, 0) => (false, true),
+                _ => (false, false),
+            };
+            if !visible || !(agreed || disputed) {
                 false
+            } else if disputed {
+                return Err(Stop::Unsupported(DISPUTED));
+            } else if ty == 0xc || bitness == 64 {
+                return Ok(Verdict::PassIfUpperHalfValid(desc));
             } else {
-                // Legacy protected mode: TSSs and the LDT for both; gates
-                // (16-bit and 32-bit call, task) for LAR only.
-                let valid = match desc.type_() {
-                    1 | 2 | 3 | 9 | 0xb => true,
-                    4 | 5 | 0xc => lar,
-                    _ => false,
-                };
-                valid && visible
+                true
             }
+        }
+        _ => {
+            // Legacy protected mode: TSSs and the LDT for both; gates
+            // (16-bit and 32-bit call, task) for LAR only.
+            let valid = match desc.type_() {
+                1 | 2 | 3 | 9 | 0xb => true,
+                4 | 5 | 0xc => mnemonic == Mnemonic::Lar,
+                _ => false,
+            };
+            valid && visible
         }
     };
     Ok(if pass {

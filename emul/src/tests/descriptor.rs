@@ -173,15 +173,20 @@ fn checks_follow_the_descriptor_tables() {
         case(0x43, 3, Pass(0x00af_f900), Pass(all), false, false),
         // Not present: none of them checks P.
         case(0x4b, 3, Pass(0x00cf_7300), Pass(all), true, true),
-        // A TSS: invisible at CPL 3, disputed where visible.
+        // A 64-bit TSS (its upper half zero): invisible at CPL 3, valid
+        // for LAR and LSL in both manuals at CPL 0.
         case(0x53, 3, Fail, Fail, false, false),
-        case(0x50, 0, Refused, Refused, false, false),
+        case(0x50, 0, Pass(0x0000_8900), Pass(0x67), false, false),
         // The upper half of the TSS (type 0): invalid for LAR everywhere,
         // valid for LSL in the SDM only; DPL 0.
         case(0x58, 0, Fail, Refused, false, false),
         case(0x5b, 3, Fail, Fail, false, false),
+        // The LDT: invalid for LAR in the SDM, valid in the APM; for LSL
+        // valid in both, but its upper half (the call gate's bytes) is
+        // malformed, which only the APM checks.
         case(0x63, 3, Refused, Refused, false, false),
-        // Call gate: LAR only.
+        // Call gate: LAR only; its upper half (the interrupt gate) is
+        // malformed too.
         case(0x6b, 3, Refused, Fail, false, false),
         case(0x73, 3, Fail, Fail, false, false),
         // DPL 2: RPL and CPL both count.
@@ -219,17 +224,143 @@ fn checks_follow_the_descriptor_tables() {
     }
 }
 
-/// With LDTR null, every LDT selector fails; the GDT still answers.
+/// With LDTR unusable (a null LLDT) or not present, every LDT selector
+/// fails; the GDT still answers. LDTR's cached state decides, not its
+/// selector: KVM's reset state (selector 0, base 0, limit 0xffff, present)
+/// is a table the CPU reads.
 #[test]
-fn a_null_ldtr_fails_every_ldt_selector() {
+fn ldtr_usability_decides_ldt_selectors() {
     let lar = asm64(|a| a.lar(eax, ecx));
     let (mut cpu, mut mem) = tables(3);
+    for ldtr in [
+        Segment {
+            unusable: true,
+            ..Segment::default()
+        },
+        Segment {
+            base: LDT,
+            limit: 15,
+            present: false,
+            ..Segment::default()
+        },
+    ] {
+        cpu.ldtr = ldtr;
+        assert_eq!(outcome(&cpu, &mut mem, &lar, 0x07), Fail, "{ldtr:?}");
+        assert_eq!(outcome(&cpu, &mut mem, &lar, 0x23), Pass(0x00cf_f300));
+    }
     cpu.ldtr = Segment {
-        unusable: true,
+        selector: 0,
+        base: LDT,
+        limit: 0xffff,
+        type_: 2,
+        present: true,
         ..Segment::default()
     };
-    assert_eq!(outcome(&cpu, &mut mem, &lar, 0x07), Fail);
-    assert_eq!(outcome(&cpu, &mut mem, &lar, 0x23), Pass(0x00cf_f300));
+    assert_eq!(outcome(&cpu, &mut mem, &lar, 0x07), Pass(0x0040_f300));
+}
+
+/// The limit check covers all 8 bytes of the descriptor: entry 0x80 needs
+/// a limit of at least 0x87.
+#[test]
+fn the_limit_covers_the_whole_descriptor() {
+    let lar = asm64(|a| a.lar(eax, ecx));
+    let (mut cpu, mut mem) = tables(0);
+    mem.set_u64(GDT + 0x80, seg(0, 0xfffff, 0x93, 0xc));
+    for (limit, want) in [(0x83, Fail), (0x86, Fail), (0x87, Pass(0x00cf_9300))] {
+        cpu.gdtr.limit = limit;
+        assert_eq!(
+            outcome(&cpu, &mut mem, &lar, 0x80),
+            want,
+            "limit {limit:#x}"
+        );
+    }
+}
+
+/// IA-32e system descriptors the manuals judge alike pass only with a
+/// well-formed upper half inside the limit (the APM's check); in
+/// compatibility mode a TSS's upper half is not read (the APM checks it in
+/// 64-bit mode only), a call gate's is.
+#[test]
+fn ia32e_system_descriptors_and_their_upper_half() {
+    let lar = asm64(|a| a.lar(eax, ecx));
+    let lsl = asm64(|a| a.lsl(eax, ecx));
+    let (mut cpu, mut mem) = tables(0);
+    // The TSS at 0x50 with the GDT ending after its first half.
+    cpu.gdtr.limit = 0x57;
+    assert_eq!(outcome(&cpu, &mut mem, &lar, 0x50), Refused);
+    cpu.gdtr.limit = 0x7f;
+    // Its upper half with type bits set.
+    mem.set_u64(GDT + 0x58, 0x0000_0100_0000_0000);
+    assert_eq!(outcome(&cpu, &mut mem, &lsl, 0x50), Refused);
+    // Compatibility mode (32-bit code, IA-32e): the TSS's upper half is
+    // not checked, the call gate's is (its upper half, the interrupt gate
+    // at 0x70, is malformed).
+    cpu.cs.l = false;
+    cpu.cs.db = true;
+    let lar32 = [0x0f, 0x02, 0xc1];
+    let lsl32 = [0x0f, 0x03, 0xc1];
+    assert_eq!(outcome(&cpu, &mut mem, &lar32, 0x50), Pass(0x0000_8900));
+    assert_eq!(outcome(&cpu, &mut mem, &lsl32, 0x50), Pass(0x67));
+    assert_eq!(outcome(&cpu, &mut mem, &lar32, 0x68), Refused);
+    mem.set_u64(GDT + 0x70, 0);
+    assert_eq!(outcome(&cpu, &mut mem, &lar32, 0x68), Pass(0x0000_ec00));
+}
+
+/// A table base the guest can only set through KVM (LGDT refuses it in
+/// 64-bit mode): non-canonical is #GP(0), not a read.
+#[test]
+fn a_non_canonical_table_is_gp() {
+    let lar = asm64(|a| a.lar(eax, ecx));
+    let (mut cpu, mut mem) = tables(0);
+    cpu.gdtr.base = 0x8000_0000_0000_0000;
+    let mut c = cpu;
+    c.gprs.rcx = 0x08;
+    let o = apm_emul().emulate(&mut c, &lar, &mut NoVectorState, &mut mem);
+    assert_eq!(exc(&o), (VEC_GP, Some(0)));
+}
+
+/// Outside IA-32e mode linear addresses wrap at 4 GiB: a GDT based at
+/// 0xffff_fff8 has entry 1 at 0, and one based at 0xffff_fff4 has entry
+/// 1 straddling the top of the address space (its second dword at 0).
+#[test]
+fn legacy_table_addresses_wrap_at_4_gib() {
+    /// Guest-physical 0xffff_f000.. is the mock's last RAM page.
+    struct TopPage<'a>(&'a mut MockPlatform);
+    const TOP: u64 = 0xffff_f000;
+    const BACKING: u64 = RAM_SIZE as u64 - 0x1000;
+    let back = |gpa: u64| if gpa >= TOP { gpa - TOP + BACKING } else { gpa };
+    impl Platform for TopPage<'_> {
+        fn read_phys(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), PlatformError> {
+            let gpa = if gpa >= TOP { gpa - TOP + BACKING } else { gpa };
+            self.0.read_phys(gpa, buf)
+        }
+        fn write_phys(&mut self, gpa: u64, buf: &[u8]) -> Result<(), PlatformError> {
+            let gpa = if gpa >= TOP { gpa - TOP + BACKING } else { gpa };
+            self.0.write_phys(gpa, buf)
+        }
+    }
+    let (mut cpu, mut mem) = tables(0);
+    cpu.efer = 0;
+    cpu.cr0 &= !CR0_PG;
+    cpu.cr4 = 0;
+    cpu.cs.l = false;
+    cpu.cs.db = true;
+    let lar = [0x0f, 0x02, 0xc1];
+    let d = seg(0, 0xfffff, 0x93, 0xc);
+    let run = |cpu: &CpuState, mem: &mut MockPlatform| {
+        let mut c = *cpu;
+        c.gprs.rcx = 0x08;
+        let o = apm_emul().emulate(&mut c, &lar, &mut NoVectorState, &mut TopPage(mem));
+        done(&o);
+        c.gprs.rax
+    };
+    cpu.gdtr.base = 0xffff_fff8;
+    mem.set_u64(0, d);
+    assert_eq!(run(&cpu, &mut mem), 0x00cf_9300);
+    cpu.gdtr.base = 0xffff_fff4;
+    mem.set_u32(back(0xffff_fffc), d as u32);
+    mem.set_u32(0, (d >> 32) as u32 & !0xff00 | 0xf300);
+    assert_eq!(run(&cpu, &mut mem), 0x00cf_f300);
 }
 
 /// No descriptor read, no accessed bit: the tables are left as they were.
