@@ -66,7 +66,7 @@ type Checks = (Option<u32>, Option<u32>, bool, bool);
 fn descriptor_checks_read_the_guests_tables() {
     let all = Some(0xffff_ffff);
     let fail = (None, None, false, false);
-    let want: [(u16, Checks); 15] = [
+    let want: [(u16, Checks); 16] = [
         (0x00, fail),
         (0x08, (Some(0x00cf_9300), all, true, true)),
         (0x0b, fail),
@@ -78,7 +78,8 @@ fn descriptor_checks_read_the_guests_tables() {
         (0x33, fail),
         (0x38, (Some(0x00cf_1300), all, true, true)),
         (0x43, fail),
-        (0x50, fail),
+        (0x50, (Some(0x0000_8900), Some(0x67), false, false)),
+        (0x60, fail),
         (0x04, (Some(0x00cf_9300), all, true, true)),
         (0x0c, (Some(0x00af_9b00), all, true, false)),
         (0x14, fail),

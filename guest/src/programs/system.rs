@@ -229,8 +229,9 @@ fn faulting(
 }
 
 /// `descriptor-checks`' GDT (entry i at selector 8i; entries 8-9, an LDT
-/// descriptor DPL 0, are filled in at run time), as (base, limit, access
-/// byte, flags nibble). Entry 3 is the code segment the guest runs in.
+/// descriptor DPL 0, are filled in at run time; entries 10-11 a 64-bit
+/// TSS, [`DESCRIPTOR_TSS`]), as (base, limit, access byte, flags nibble).
+/// Entry 3 is the code segment the guest runs in.
 const DESCRIPTOR_GDT: [(u32, u32, u8, u8); 8] = [
     (0, 0, 0, 0),
     (0, 0xfffff, 0x93, 0xc),           // 0x08 data, DPL 0
@@ -241,12 +242,15 @@ const DESCRIPTOR_GDT: [(u32, u32, u8, u8); 8] = [
     (0, 0xfffff, 0xd3, 0xc),           // 0x30 data, DPL 2
     (0, 0xfffff, 0x13, 0xc),           // 0x38 data, DPL 0, not present
 ];
+/// The 64-bit TSS descriptor at 0x50 (DPL 0, upper half zero): LAR and LSL
+/// take it in IA-32e mode under both the SDM and the APM.
+const DESCRIPTOR_TSS: (u32, u32, u8, u8) = (0x9000, 0x67, 0x89, 0);
 /// Its LDT: 0x04 data DPL 0, 0x0c code DPL 0.
 const DESCRIPTOR_LDT: [(u32, u32, u8, u8); 2] = [(0, 0xfffff, 0x93, 0xc), (0, 0xfffff, 0x9b, 0xa)];
 
 /// The selectors `descriptor-checks` checks, in report order.
-pub const DESCRIPTOR_SELECTORS: [u16; 15] = [
-    0x00, 0x08, 0x0b, 0x10, 0x18, 0x23, 0x28, 0x32, 0x33, 0x38, 0x43, 0x50, 0x04, 0x0c, 0x14,
+pub const DESCRIPTOR_SELECTORS: [u16; 16] = [
+    0x00, 0x08, 0x0b, 0x10, 0x18, 0x23, 0x28, 0x32, 0x33, 0x38, 0x43, 0x50, 0x60, 0x04, 0x0c, 0x14,
 ];
 /// What RAX holds before each LAR/LSL (kept where the check fails).
 pub const DESCRIPTOR_GARBAGE: u64 = 0xdead_beef_cafe_babe;
@@ -265,8 +269,9 @@ fn descriptor(&(base, limit, access, flags): &(u32, u32, u8, u8)) -> u64 {
 /// selector of [`DESCRIPTOR_SELECTORS`] from a register and from the MMIO
 /// window. Reports, per selector: LAR reg, LAR mem, LSL reg, LSL mem (the
 /// 32-bit result, or [`DESCRIPTOR_GARBAGE`] when ZF is clear), VERR reg,
-/// VERR mem, VERW reg, VERW mem (ZF). No selector names a system
-/// descriptor visible at CPL 0 (the VMM refuses those in IA-32e mode).
+/// VERR mem, VERW reg, VERW mem (ZF). The one visible system descriptor is
+/// a 64-bit TSS, which the SDM and the APM both accept (the VMM refuses
+/// those they judge differently).
 pub fn descriptor_checks() -> Result<Program, IcedError> {
     let image = assemble(Mode::Long, LOAD_ADDR, |a| {
         let mut gdt = a.create_label();
@@ -330,12 +335,12 @@ pub fn descriptor_checks() -> Result<Program, IcedError> {
         exit(a, EXIT_PASS)?;
 
         a.set_label(&mut gdtr)?;
-        a.dw(&[0x4f])?;
+        a.dw(&[0x5f])?;
         a.dq(&[0])?;
         a.set_label(&mut gdt)?;
         let gdt_entries: Vec<u64> = DESCRIPTOR_GDT.iter().map(descriptor).collect();
         a.dq(&gdt_entries)?;
-        a.dq(&[0, 0])?;
+        a.dq(&[0, 0, descriptor(&DESCRIPTOR_TSS), 0])?;
         a.set_label(&mut ldt)?;
         let ldt_entries: Vec<u64> = DESCRIPTOR_LDT.iter().map(descriptor).collect();
         a.dq(&ldt_entries)
