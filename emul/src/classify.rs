@@ -50,9 +50,10 @@ pub enum Kind {
     /// MOVDIR64B: 64 bytes from memory to ES:rReg as one store, completed
     /// without a stub (#UD where the host lacks it).
     DirectStore,
-    /// LAR, LSL, VERR, VERW: a selector checked against the guest's GDT or
-    /// LDT, completed without a stub (a stub would read the host's tables).
-    DescriptorCheck,
+    /// LAR, LSL, VERR, VERW (a selector checked against the guest's GDT or
+    /// LDT) and ARPL: completed without a stub (a stub would read the
+    /// host's tables; ARPL does not exist in 64-bit code).
+    Selector,
 }
 
 /// The whole-state family (XSAVES/XRSTORS are privileged and refused
@@ -333,12 +334,12 @@ pub fn classify(instr: &Instruction) -> Result<Class, Deny> {
             kind: Kind::Undefined,
         });
     }
-    if crate::emulator::is_descriptor_check(instr.mnemonic()) {
+    if crate::emulator::is_selector_instruction(instr.mnemonic()) {
         return Ok(Class {
             vector: false,
             x87_mmx: false,
             vex: false,
-            kind: Kind::DescriptorCheck,
+            kind: Kind::Selector,
         });
     }
     if instr.flow_control() != FlowControl::Next {

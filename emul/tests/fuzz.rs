@@ -266,7 +266,7 @@ const FAMILIES: [&str; 7] = [
     "masked implicit",
     "x87 env",
     "direct store",
-    "descriptor check",
+    "selector",
 ];
 
 fn family_of(m: iced_x86::Mnemonic) -> Option<usize> {
@@ -303,7 +303,7 @@ fn family_of(m: iced_x86::Mnemonic) -> Option<usize> {
         M::Maskmovq | M::Maskmovdqu | M::Vmaskmovdqu => 3,
         M::Fnstenv | M::Fldenv | M::Fnsave | M::Frstor => 4,
         M::Movdir64b => 5,
-        M::Lar | M::Lsl | M::Verr | M::Verw => 6,
+        M::Lar | M::Lsl | M::Verr | M::Verw | M::Arpl => 6,
         _ => return None,
     })
 }
@@ -414,13 +414,13 @@ fn random_instructions_registers_and_page_tables() {
                         before.bitness(), emu.last_mnemonic(), bytes, given.len()
                     );
                 }
-                // Only LAR/LSL may write RSP (as their destination); the
+                // Only LAR/LSL/ARPL may write RSP (their destination); the
                 // stub families never run with RSP as an operand. Which
                 // instruction ran is the emulator's word: with bytes cut
                 // short it fetched the rest from (random) guest memory.
                 let writes_rsp = matches!(
                     emu.last_mnemonic(),
-                    iced_x86::Mnemonic::Lar | iced_x86::Mnemonic::Lsl
+                    iced_x86::Mnemonic::Lar | iced_x86::Mnemonic::Lsl | iced_x86::Mnemonic::Arpl
                 );
                 if !writes_rsp {
                     assert_eq!(

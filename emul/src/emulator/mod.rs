@@ -18,23 +18,23 @@ use crate::writeback::{element_mask, XsaveLayout};
 
 mod alignment;
 mod cache;
-mod descriptor;
 mod direct;
 mod fetch;
 mod gather;
 mod implicit;
 mod locked;
 mod operand;
+mod selector;
 mod state;
 mod vector;
 
-pub(crate) use descriptor::is_descriptor_check;
 #[cfg(test)]
 pub(crate) use direct::host_has_movdir64b;
 pub(crate) use direct::is_direct_store_64;
 use fetch::{fetch, undecodable};
 pub(crate) use gather::is_vsib_move;
 pub(crate) use implicit::is_masked_implicit_store;
+pub(crate) use selector::is_selector_instruction;
 use vector::{check_vector_enabled, is_masked_access};
 
 const PAGE_SIZE: u64 = 4096;
@@ -388,8 +388,8 @@ impl Emulator {
                         advance_rip(cpu, bitness, instr);
                         return Ok(());
                     }
-                    Kind::DescriptorCheck => {
-                        self.descriptor_check(cpu, bitness, instr, mem)?;
+                    Kind::Selector => {
+                        self.selector_instruction(cpu, bitness, instr, mem)?;
                         advance_rip(cpu, bitness, instr);
                         return Ok(());
                     }

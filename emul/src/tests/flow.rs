@@ -314,7 +314,7 @@ fn instructions_longer_than_15_bytes_raise_gp() {
 
 /// Multi-byte and reserved NOPs with a memory operand never access it or
 /// fault (the CPU: `nop [unmapped]` runs); LAR's memory operand, by
-/// contrast, is read (`tests/descriptor.rs` has the family).
+/// contrast, is read (`tests/selector.rs` has the family).
 #[test]
 fn memory_nops_and_descriptor_reads() {
     let (mut cpu, mut mem) = setup();

@@ -12,13 +12,13 @@ use crate::platform::*;
 use crate::{CpuState, Emulator, Outcome};
 
 mod cache;
-mod descriptor;
 mod direct;
 mod flow;
 mod gather;
 mod hostile;
 mod implicit;
 mod paging;
+mod selector;
 mod shape;
 mod state;
 mod vector;

@@ -1,8 +1,8 @@
-//! LAR, LSL, VERR, VERW (`emulator/descriptor.rs`): the checks against a
-//! guest GDT and LDT, hand-derived from the SDM and the APM; what the
-//! instructions write, as measured on the host; operand and table faults;
-//! and every code and data descriptor this process can install in its own
-//! LDT compared with the CPU's answer.
+//! LAR, LSL, VERR, VERW and ARPL (`emulator/selector.rs`): the checks
+//! against a guest GDT and LDT, hand-derived from the SDM and the APM;
+//! what the instructions write, as measured on the host; operand and table
+//! faults; and every code and data descriptor this process can install in
+//! its own LDT compared with the CPU's answer.
 
 use super::*;
 use crate::cpu::DescriptorTable;
@@ -758,4 +758,107 @@ mod native {
         }
         (out, zf != 0)
     }
+}
+
+/// A 32-bit guest (compatibility mode, so the 4-level mock page tables
+/// apply) at CPL 0, for ARPL, which 64-bit code does not have.
+fn compat() -> (CpuState, MockPlatform) {
+    let (mut cpu, mem) = tables(0);
+    cpu.cs.l = false;
+    cpu.cs.db = true;
+    (cpu, mem)
+}
+
+/// `arpl dx, cx`
+const ARPL_DX_CX: [u8; 2] = [0x63, 0xca];
+/// `arpl [eax], cx`
+const ARPL_MEM_CX: [u8; 2] = [0x63, 0x08];
+
+/// ARPL's register form as measured on AMD EPYC Zen 3 in 32-bit code:
+/// `arpl dx, cx` with EDX 0xabcd1231 and CX 3 gives 0xabcd1233 and ZF
+/// (only the low 16 bits change); an RPL already as high leaves it, clears
+/// ZF and keeps the other flags (0x8d5 in, 0xa97 out with IF).
+#[test]
+fn arpl_register_form_like_the_cpu() {
+    let (cpu, mut mem) = compat();
+    let run = |mem: &mut MockPlatform, dest: u64, src: u64| {
+        let mut c = cpu;
+        c.gprs.rdx = dest;
+        c.gprs.rcx = src;
+        c.gprs.rflags = 0x8d5 | 0x200;
+        done(&apm_emul().emulate(&mut c, &ARPL_DX_CX, &mut NoVectorState, mem));
+        assert_eq!(c.rip, cpu.rip + 2);
+        (c.gprs.rdx, c.gprs.rflags)
+    };
+    let flags = 0x8d5 | 0x200;
+    assert_eq!(
+        run(&mut mem, 0x1111_2222_abcd_1231, 0xffff_0003),
+        (0x1111_2222_abcd_1233, flags | ZF)
+    );
+    assert_eq!(
+        run(&mut mem, 0x1111_2222_abcd_1233, 1),
+        (0x1111_2222_abcd_1233, flags & !ZF)
+    );
+    // Equal RPLs: no change.
+    assert_eq!(run(&mut mem, 0x1232, 2), (0x1232, flags & !ZF));
+}
+
+/// The memory form reads, and writes only when the RPL rises (AMD EPYC
+/// Zen 3, 32-bit code: no fault for an unchanged selector on a read-only
+/// page or in a read-only data segment; #GP for a changed one in the
+/// segment). Here: no write and no fault when unchanged; the write's own
+/// #PF (W set) on a read-only page and #GP(0) in a read-only segment when
+/// changed.
+#[test]
+fn arpl_memory_form_writes_only_a_change() {
+    let (mut cpu, mut mem) = compat();
+    let at = SELECTORS + 0x10;
+    cpu.gprs.rax = at;
+    let run = |cpu: &CpuState, mem: &mut MockPlatform, src: u64| {
+        let mut c = *cpu;
+        c.gprs.rcx = src;
+        mem.log.clear();
+        let o = apm_emul().emulate(&mut c, &ARPL_MEM_CX, &mut NoVectorState, mem);
+        (o, c.gprs.rflags & ZF != 0)
+    };
+    let data_writes = |mem: &MockPlatform| {
+        mem.log
+            .iter()
+            .filter(|&&(w, gpa, _)| w && gpa >= DATA)
+            .count()
+    };
+    mem.ram[at as usize..at as usize + 2].copy_from_slice(&0x1231u16.to_le_bytes());
+    let (o, zf) = run(&cpu, &mut mem, 3);
+    done(&o);
+    assert!(zf);
+    assert_eq!(
+        mem.ram[at as usize..at as usize + 2],
+        0x1233u16.to_le_bytes()
+    );
+    // Unchanged: a read only.
+    let (o, zf) = run(&cpu, &mut mem, 1);
+    done(&o);
+    assert!(!zf);
+    assert_eq!(data_writes(&mem), 0);
+    // A read-only page (CR0.WP applies at CPL 0).
+    mem.map(CR3, 4, SELECTORS, SELECTORS, 0x5);
+    let (o, _) = run(&cpu, &mut mem, 1);
+    done(&o);
+    assert_eq!(data_writes(&mem), 0);
+    mem.ram[at as usize..at as usize + 2].copy_from_slice(&0x1230u16.to_le_bytes());
+    let (o, _) = run(&cpu, &mut mem, 3);
+    assert_eq!(exc(&o), (VEC_PF, Some(PFEC_P | PFEC_W)));
+    assert_eq!(
+        mem.ram[at as usize..at as usize + 2],
+        0x1230u16.to_le_bytes()
+    );
+    // A read-only data segment.
+    mem.map(CR3, 4, SELECTORS, SELECTORS, 0x7);
+    cpu.ds.type_ = 0x1;
+    let (o, zf) = run(&cpu, &mut mem, 0);
+    done(&o);
+    assert!(!zf);
+    let (o, _) = run(&cpu, &mut mem, 2);
+    assert_eq!(exc(&o), (VEC_GP, Some(0)));
+    assert_eq!(data_writes(&mem), 0);
 }

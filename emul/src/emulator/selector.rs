@@ -1,15 +1,25 @@
-//! LAR, LSL, VERR, VERW: a selector checked against the guest's GDT or
-//! LDT. KVM's emulator implements none of them (emulate.c leaves 0F 02,
-//! 0F 03 and 0F 00 /4 /5 empty), so on hardware KVM each one with an MMIO
-//! operand, and on PVM each one in CPL 0 code, ends here. A stub cannot
-//! run them: natively they would read the host's descriptor tables. So
-//! they are completed in software, from the Intel SDM and the AMD APM
-//! (vol. 3, LAR/LSL/VERR/VERW), checked against the host CPU where it can
-//! be: `tests/descriptor.rs` installs code and data descriptors in this
-//! process's LDT and compares every instruction with the CPU's own answer.
+//! Instructions on segment selectors, which KVM's emulator does not
+//! implement (emulate.c leaves 0F 02, 0F 03, 0F 00 /4 /5 and, outside
+//! 64-bit mode, 63 empty), so on hardware KVM each one with an MMIO operand,
+//! and on PVM each one in interpreted code, ends here. None runs in a stub:
+//! LAR, LSL, VERR and VERW would read the host's descriptor tables, and
+//! ARPL does not exist in 64-bit code. They are completed in software, from
+//! the Intel SDM and the AMD APM (vol. 3), checked against the host CPU
+//! where it can be: `tests/selector.rs` installs code and data descriptors
+//! in this process's LDT and compares LAR, LSL, VERR and VERW with the
+//! CPU's own answers.
 //!
-//! Steps, in the order the CPU takes them:
-//! 1. #UD in real and virtual-8086 mode, and with LOCK;
+//! ARPL raises the destination selector's RPL to the source's (ZF set), or
+//! changes nothing (ZF clear). Measured on AMD EPYC Zen 3 in 32-bit code:
+//! only the low 16 bits of a 32-bit register destination change; an ARPL
+//! that changes nothing neither faults on a read-only page nor raises #GP
+//! on a read-only data segment (so it does not write), one that changes
+//! the selector there raises #GP. So the memory form is a read, and a
+//! write with its own checks only when the RPL rises. Its memory
+//! operand is read like LAR's (step 2 below).
+//!
+//! LAR, LSL, VERR, VERW, in the order the CPU takes its steps:
+//! 1. #UD in real and virtual-8086 mode, and with LOCK (ARPL too);
 //! 2. the source selector: a register's low 16 bits, or a 2-byte read
 //!    (#GP(0)/#SS(0), then #AC at CPL 3 with CR0.AM and RFLAGS.AC on an
 //!    odd address, before the walk: measured on AMD EPYC Zen 3, `lar eax,
@@ -39,7 +49,7 @@
 //! An invisible or invalid descriptor clears ZF under every reading, and
 //! so does it here.
 
-use iced_x86::{Instruction, Mnemonic, OpKind, Register};
+use iced_x86::{Instruction, Mnemonic, OpKind, Register, UsedMemory};
 
 use super::{Emulator, Stop, PAGE_SIZE};
 use crate::address::gpr_value;
@@ -54,10 +64,10 @@ const RFLAGS_ZF: u64 = 1 << 6;
 const RFLAGS_VM: u64 = 1 << 17;
 
 /// Whether `m` is one of this module's instructions.
-pub(crate) fn is_descriptor_check(m: Mnemonic) -> bool {
+pub(crate) fn is_selector_instruction(m: Mnemonic) -> bool {
     matches!(
         m,
-        Mnemonic::Lar | Mnemonic::Lsl | Mnemonic::Verr | Mnemonic::Verw
+        Mnemonic::Lar | Mnemonic::Lsl | Mnemonic::Verr | Mnemonic::Verw | Mnemonic::Arpl
     )
 }
 
@@ -128,8 +138,9 @@ const DISPUTED: &str =
     "a visible system descriptor in IA-32e mode that the SDM and the APM judge differently";
 
 impl Emulator {
-    /// Completes LAR, LSL, VERR or VERW (RIP is advanced by the caller).
-    pub(super) fn descriptor_check(
+    /// Completes LAR, LSL, VERR, VERW or ARPL (RIP is advanced by the
+    /// caller).
+    pub(super) fn selector_instruction(
         &mut self,
         cpu: &mut CpuState,
         bitness: u32,
@@ -141,6 +152,9 @@ impl Emulator {
             return Err(Exception::ud().into());
         }
         let mnemonic = instr.mnemonic();
+        if mnemonic == Mnemonic::Arpl {
+            return self.arpl(cpu, bitness, instr, mem);
+        }
         // LAR/LSL: destination, source; VERR/VERW: the source alone.
         let src = if matches!(mnemonic, Mnemonic::Lar | Mnemonic::Lsl) {
             1
@@ -151,7 +165,7 @@ impl Emulator {
             OpKind::Register => gpr_value(&cpu.gprs, instr.op_register(src))
                 .ok_or(Stop::Unsupported("selector operand"))?
                 as u16,
-            OpKind::Memory => self.read_selector(cpu, bitness, instr, mem)?,
+            OpKind::Memory => self.read_selector(cpu, bitness, instr, mem)?.0,
             _ => return Err(Stop::Unsupported("selector operand")),
         };
         let verdict = match read_descriptor(cpu, selector, mem)? {
@@ -193,14 +207,63 @@ impl Emulator {
         Ok(())
     }
 
-    /// The 2-byte selector of a memory source.
+    /// ARPL: the destination's RPL raised to the source's.
+    fn arpl(
+        &mut self,
+        cpu: &mut CpuState,
+        bitness: u32,
+        instr: &Instruction,
+        mem: &mut dyn Platform,
+    ) -> Result<(), Stop> {
+        let src = gpr_value(&cpu.gprs, instr.op1_register())
+            .ok_or(Stop::Unsupported("selector operand"))? as u16;
+        let (dest, at) = match instr.op0_kind() {
+            OpKind::Register => {
+                let v = gpr_value(&cpu.gprs, instr.op0_register())
+                    .ok_or(Stop::Unsupported("selector operand"))?;
+                (v as u16, None)
+            }
+            OpKind::Memory => {
+                let (v, used) = self.read_selector(cpu, bitness, instr, mem)?;
+                (v, Some(used))
+            }
+            _ => return Err(Stop::Unsupported("selector operand")),
+        };
+        if dest & 3 >= src & 3 {
+            cpu.gprs.rflags &= !RFLAGS_ZF;
+            return Ok(());
+        }
+        let new = (dest & !3) | (src & 3);
+        match at {
+            None => {
+                let full = instr.op0_register().full_register();
+                let old = gpr_value(&cpu.gprs, full).unwrap_or(0);
+                write_gpr(cpu, full, (old & !0xffff) | u64::from(new))?;
+            }
+            Some(used) => {
+                // The write's own checks: a writable segment, then the walk
+                // as a write (dirty bits).
+                let lin = crate::address::linear_address(cpu, bitness, &used, 2, true)?;
+                let access = Access {
+                    write: true,
+                    fetch: false,
+                    user: cpu.cpl == 3,
+                };
+                write_linear(cpu, bitness == 64, lin, access, &new.to_le_bytes(), mem)?;
+            }
+        }
+        cpu.gprs.rflags |= RFLAGS_ZF;
+        Ok(())
+    }
+
+    /// The 2-byte selector of a memory operand, and the operand.
     fn read_selector(
         &mut self,
         cpu: &CpuState,
         bitness: u32,
         instr: &Instruction,
         mem: &mut dyn Platform,
-    ) -> Result<u16, Stop> {
+    ) -> Result<(u16, UsedMemory), Stop> {
         let used = self
             .used_memory(instr)?
             .ok_or(Stop::Unsupported("selector operand"))?;
@@ -217,13 +280,54 @@ impl Emulator {
         };
         let mut bytes = [0u8; 2];
         read_linear(cpu, bitness == 64, lin, access, &mut bytes, mem)?;
-        Ok(u16::from_le_bytes(bytes))
+        Ok((u16::from_le_bytes(bytes), used))
     }
 }
 
-/// Reads `buf.len()` bytes at `lin` (at most two pages), every page
-/// translated before any byte is read. Outside 64-bit mode the second
+/// The guest-physical pieces of `len` bytes at `lin` (at most two pages),
+/// each page translated for `access`. Outside 64-bit mode the second
 /// page's address wraps at 4 GiB.
+fn pieces(
+    cpu: &CpuState,
+    long: bool,
+    lin: u64,
+    len: usize,
+    access: Access,
+    mem: &mut dyn Platform,
+) -> Result<[(u64, usize); 2], Stop> {
+    let first = len.min((PAGE_SIZE - (lin & (PAGE_SIZE - 1))) as usize);
+    let gpa = translate(cpu, lin, access, mem)?;
+    let second = if first < len {
+        let next = lin.wrapping_add(first as u64);
+        let next = if long { next } else { next & 0xffff_ffff };
+        translate(cpu, next, access, mem)?
+    } else {
+        0
+    };
+    Ok([(gpa, first), (second, len - first)])
+}
+
+/// Writes `buf` at `lin`, every page translated before any byte is
+/// written.
+fn write_linear(
+    cpu: &CpuState,
+    long: bool,
+    lin: u64,
+    access: Access,
+    buf: &[u8],
+    mem: &mut dyn Platform,
+) -> Result<(), Stop> {
+    let [(gpa, n), (gpa2, _)] = pieces(cpu, long, lin, buf.len(), access, mem)?;
+    let (head, tail) = buf.split_at(n);
+    mem.write_phys(gpa, head)?;
+    if !tail.is_empty() {
+        mem.write_phys(gpa2, tail)?;
+    }
+    Ok(())
+}
+
+/// Reads `buf.len()` bytes at `lin`, every page translated before any
+/// byte is read.
 fn read_linear(
     cpu: &CpuState,
     long: bool,
@@ -232,21 +336,11 @@ fn read_linear(
     buf: &mut [u8],
     mem: &mut dyn Platform,
 ) -> Result<(), Stop> {
-    let first = buf
-        .len()
-        .min((PAGE_SIZE - (lin & (PAGE_SIZE - 1))) as usize);
-    let gpa = translate(cpu, lin, access, mem)?;
-    let second = if first < buf.len() {
-        let next = lin.wrapping_add(first as u64);
-        let next = if long { next } else { next & 0xffff_ffff };
-        Some(translate(cpu, next, access, mem)?)
-    } else {
-        None
-    };
-    let (head, tail) = buf.split_at_mut(first);
+    let [(gpa, n), (gpa2, _)] = pieces(cpu, long, lin, buf.len(), access, mem)?;
+    let (head, tail) = buf.split_at_mut(n);
     mem.read_phys(gpa, head)?;
-    if let Some(gpa) = second {
-        mem.read_phys(gpa, tail)?;
+    if !tail.is_empty() {
+        mem.read_phys(gpa2, tail)?;
     }
     Ok(())
 }
