@@ -66,6 +66,7 @@ program_tests! {
     user_simd => "user-simd",
     user_exception => "user-exception",
     regonly_cpl0 => "regonly-cpl0",
+    arpl_protected => "arpl-protected",
     testdev_irq => "testdev-irq",
     smp_2 => "smp-2",
     smp_4 => "smp-4",

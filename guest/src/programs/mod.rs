@@ -52,6 +52,7 @@ const CATALOGUE: &[(&str, Builder)] = &[
     ("emul-page-fault", emulation::emul_page_fault),
     ("system-cpl0", system::system_cpl0),
     ("descriptor-checks", system::descriptor_checks),
+    ("arpl-protected", system::arpl_protected),
     ("bios-state", bios::bios_state),
     ("acpi-s3", bios::acpi_s3),
     ("mxcsr-cpl0", xstate::mxcsr_cpl0),
