@@ -402,30 +402,17 @@ fn lar_and_lsl_write_like_the_cpu() {
         (c.gprs.rax, c.gprs.rflags)
     };
     let ok = 0x8d5 | 0x200 | ZF;
-    assert_eq!(
-        run(&mut mem, asm64(|a| a.lar(ax, cx)), 0x23),
-        (0xdead_beef_cafe_f300, ok)
-    );
-    assert_eq!(
-        run(&mut mem, asm64(|a| a.lar(eax, ecx)), 0x23),
-        (0x00cf_f300, ok)
-    );
-    assert_eq!(
-        run(&mut mem, asm64(|a| a.lar(rax, rcx)), 0x23),
-        (0x00cf_f300, ok)
-    );
-    assert_eq!(
-        run(&mut mem, asm64(|a| a.lsl(ax, cx)), 0x23),
-        (0xdead_beef_cafe_ffff, ok)
-    );
-    assert_eq!(
-        run(&mut mem, asm64(|a| a.lsl(eax, ecx)), 0x23),
-        (0xffff_ffff, ok)
-    );
-    assert_eq!(
-        run(&mut mem, asm64(|a| a.lsl(rax, rcx)), 0x23),
-        (0xffff_ffff, ok)
-    );
+    let cases = [
+        (asm64(|a| a.lar(ax, cx)), 0xdead_beef_cafe_f300),
+        (asm64(|a| a.lar(eax, ecx)), 0x00cf_f300),
+        (asm64(|a| a.lar(rax, rcx)), 0x00cf_f300),
+        (asm64(|a| a.lsl(ax, cx)), 0xdead_beef_cafe_ffff),
+        (asm64(|a| a.lsl(eax, ecx)), 0xffff_ffff),
+        (asm64(|a| a.lsl(rax, rcx)), 0xffff_ffff),
+    ];
+    for (code, want) in cases {
+        assert_eq!(run(&mut mem, code, 0x23), (want, ok));
+    }
     let failed = (GARBAGE, (0x8d5 | 0x200) & !ZF);
     for code in [asm64(|a| a.lar(eax, ecx)), asm64(|a| a.lsl(rax, rcx))] {
         assert_eq!(run(&mut mem, code, 0x10), failed);

@@ -362,56 +362,40 @@ pub fn descriptor_checks() -> Result<Program, IcedError> {
 /// interprets this code, so every form reaches the VMM; on hardware KVM
 /// the register and RAM forms run natively and the MMIO ones reach it).
 /// Reports, in pairs (result, ZF): `arpl dx, cx` raising EDX 0xabcd1231 to
-/// RPL 3 (0xabcd1233: bits 31:16 kept), the RAM word 0x1230 raised to RPL
-/// 2, the MMIO word 0x5671 raised to RPL 3, the same with RPL 1 (no
-/// change), and `arpl dx, cx` on 0x1113 with RPL 2 (no change).
+/// RPL 3 (0xabcd1233: bits 31:16 kept), the same on 0x1113 with RPL 2 (no
+/// change), the RAM word 0x1230 raised to RPL 2, the MMIO word 0x5671
+/// raised to RPL 3, and the same with RPL 1 (no change).
 pub fn arpl_protected() -> Result<Program, IcedError> {
     // A RAM word past the image.
     const WORD: u32 = LOAD_ADDR as u32 + 0x1_0000;
     let image = assemble(Mode::Protected, LOAD_ADDR, |a| {
         // A stack below the image, for PUSHFD/POPFD.
         a.mov(esp, LOAD_ADDR as u32)?;
-        let report_zf = |a: &mut Asm| -> AsmResult {
+        // Reports EAX as `load` leaves it (without touching flags), then ZF.
+        let report = |a: &mut Asm, load: &dyn Fn(&mut Asm) -> AsmResult| -> AsmResult {
+            load(a)?;
+            a.pushfd()?;
+            report_eax(a)?;
+            a.popfd()?;
             a.setz(al)?;
             a.movzx(eax, al)?;
             report_eax(a)
         };
-        a.mov(edx, 0xabcd_1231u32)?;
-        a.mov(ecx, 3)?;
-        a.arpl(dx, cx)?;
-        a.mov(eax, edx)?;
-        a.pushfd()?;
-        report_eax(a)?;
-        a.popfd()?;
-        report_zf(a)?;
+        for (dest, rpl) in [(0xabcd_1231u32, 3u32), (0x1113, 2)] {
+            a.mov(edx, dest)?;
+            a.mov(ecx, rpl)?;
+            a.arpl(dx, cx)?;
+            report(a, &|a| a.mov(eax, edx))?;
+        }
         a.mov(esi, WORD)?;
         a.mov(word_ptr(esi), 0x1230)?;
-        a.mov(ecx, 2)?;
-        a.arpl(word_ptr(esi), cx)?;
-        a.pushfd()?;
-        a.movzx(eax, word_ptr(esi))?;
-        report_eax(a)?;
-        a.popfd()?;
-        report_zf(a)?;
         a.mov(ebx, MMIO_BASE as u32)?;
         a.mov(word_ptr(ebx), 0x5671)?;
-        for rpl in [3, 1] {
+        for (base, rpl) in [(esi, 2u32), (ebx, 3), (ebx, 1)] {
             a.mov(ecx, rpl)?;
-            a.arpl(word_ptr(ebx), cx)?;
-            a.pushfd()?;
-            a.movzx(eax, word_ptr(ebx))?;
-            report_eax(a)?;
-            a.popfd()?;
-            report_zf(a)?;
+            a.arpl(word_ptr(base), cx)?;
+            report(a, &|a| a.movzx(eax, word_ptr(base)))?;
         }
-        a.mov(edx, 0x1113)?;
-        a.mov(ecx, 2)?;
-        a.arpl(dx, cx)?;
-        a.mov(eax, edx)?;
-        a.pushfd()?;
-        report_eax(a)?;
-        a.popfd()?;
-        report_zf(a)?;
         print(a, "arpl done\n")?;
         exit(a, EXIT_PASS)
     })?;
@@ -427,13 +411,13 @@ pub fn arpl_protected() -> Result<Program, IcedError> {
             Some(vec![
                 0xabcd_1233,
                 1,
+                0x1113,
+                0,
                 0x1232,
                 1,
                 0x5673,
                 1,
                 0x5673,
-                0,
-                0x1113,
                 0,
             ]),
         ),
