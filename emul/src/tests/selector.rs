@@ -339,12 +339,7 @@ fn legacy_table_addresses_wrap_at_4_gib() {
             self.0.write_phys(gpa, buf)
         }
     }
-    let (mut cpu, mut mem) = tables(0);
-    cpu.efer = 0;
-    cpu.cr0 &= !CR0_PG;
-    cpu.cr4 = 0;
-    cpu.cs.l = false;
-    cpu.cs.db = true;
+    let (mut cpu, mut mem) = legacy();
     let lar = [0x0f, 0x02, 0xc1];
     let d = seg(0, 0xfffff, 0x93, 0xc);
     let run = |cpu: &CpuState, mem: &mut MockPlatform| {
@@ -564,12 +559,7 @@ fn real_mode_v86_and_lock_are_ud() {
 /// gates; VERR/VERW none.
 #[test]
 fn legacy_mode_system_descriptors() {
-    let (mut cpu, mut mem) = tables(0);
-    cpu.efer = 0;
-    cpu.cr0 &= !CR0_PG;
-    cpu.cr4 = 0;
-    cpu.cs.l = false;
-    cpu.cs.db = true;
+    let (mut cpu, mut mem) = legacy();
     cpu.rip = 0x1000;
     // Entries 10-15 of the 64-bit GDT are replaced with 32-bit system
     // descriptors of DPL 0.
@@ -718,33 +708,39 @@ mod native {
         let sel = u64::from(selector);
         let mut out = rax;
         let zf: u8;
+        // One instruction reading CX/ECX/RCX and writing AX/EAX/RAX, then ZF.
+        macro_rules! form {
+            ($insn:literal) => {
+                asm!($insn, "setz {z}", inout("rax") out, in("rcx") sel, z = out(reg_byte) zf)
+            };
+        }
         // SAFETY: each form reads RCX and writes RAX and flags only.
         unsafe {
             match i {
-                0 => {
-                    asm!("lar ax, cx", "setz {z}", inout("rax") out, in("rcx") sel, z = out(reg_byte) zf)
-                }
-                1 => {
-                    asm!("lar eax, ecx", "setz {z}", inout("rax") out, in("rcx") sel, z = out(reg_byte) zf)
-                }
-                2 => {
-                    asm!("lar rax, rcx", "setz {z}", inout("rax") out, in("rcx") sel, z = out(reg_byte) zf)
-                }
-                3 => {
-                    asm!("lsl ax, cx", "setz {z}", inout("rax") out, in("rcx") sel, z = out(reg_byte) zf)
-                }
-                4 => {
-                    asm!("lsl eax, ecx", "setz {z}", inout("rax") out, in("rcx") sel, z = out(reg_byte) zf)
-                }
-                5 => {
-                    asm!("lsl rax, rcx", "setz {z}", inout("rax") out, in("rcx") sel, z = out(reg_byte) zf)
-                }
-                6 => asm!("verr cx", "setz {z}", in("rcx") sel, z = out(reg_byte) zf),
-                _ => asm!("verw cx", "setz {z}", in("rcx") sel, z = out(reg_byte) zf),
+                0 => form!("lar ax, cx"),
+                1 => form!("lar eax, ecx"),
+                2 => form!("lar rax, rcx"),
+                3 => form!("lsl ax, cx"),
+                4 => form!("lsl eax, ecx"),
+                5 => form!("lsl rax, rcx"),
+                6 => form!("verr cx"),
+                _ => form!("verw cx"),
             }
         }
         (out, zf != 0)
     }
+}
+
+/// The tables in 32-bit protected mode at CPL 0, paging off (linear is
+/// physical).
+fn legacy() -> (CpuState, MockPlatform) {
+    let (mut cpu, mem) = tables(0);
+    cpu.efer = 0;
+    cpu.cr0 &= !CR0_PG;
+    cpu.cr4 = 0;
+    cpu.cs.l = false;
+    cpu.cs.db = true;
+    (cpu, mem)
 }
 
 /// A 32-bit guest (compatibility mode, so the 4-level mock page tables
