@@ -16,7 +16,10 @@
 //! on a read-only data segment (so it does not write), one that changes
 //! the selector there raises #GP. So the memory form is a read, and a
 //! write with its own checks only when the RPL rises. Its memory
-//! operand is read like LAR's (step 2 below).
+//! operand is read like LAR's (step 2 below). Both manuals list "#GP(0)
+//! if the destination is in a non-writable segment" without that
+//! condition, and Bochs checks writability first: an Intel CPU may do so
+//! too, which no Intel host has measured yet.
 //!
 //! LAR, LSL, VERR, VERW, in the order the CPU takes its steps:
 //! 1. #UD in real and virtual-8086 mode, and with LOCK (ARPL too);

@@ -533,18 +533,25 @@ fn real_mode_v86_and_lock_are_ud() {
     real.efer = 0;
     real.cs.l = false;
     real.cs.db = false;
-    // `lar ax, cx` in 16-bit code.
-    let lar16 = [0x0f, 0x02, 0xc1];
-    assert_eq!(
-        exc(&emul().emulate(&mut real, &lar16, &mut NoVectorState, &mut mem)).0,
-        VEC_UD
-    );
+    // `lar ax, cx` and `arpl dx, cx` in 16-bit code.
+    for code in [&[0x0f, 0x02, 0xc1][..], &ARPL_DX_CX] {
+        let mut c = real;
+        let o = emul().emulate(&mut c, code, &mut NoVectorState, &mut mem);
+        assert_eq!(exc(&o).0, VEC_UD, "{code:02x?}");
+    }
     let mut v86 = cpu;
     v86.gprs.rflags |= 1 << 17;
     assert_eq!(
         exc(&emul().emulate(&mut v86, &lar, &mut NoVectorState, &mut mem)).0,
         VEC_UD
     );
+    // ARPL with RFLAGS.VM in 32-bit code.
+    let mut v86 = cpu;
+    v86.cs.l = false;
+    v86.cs.db = true;
+    v86.gprs.rflags |= 1 << 17;
+    let o = emul().emulate(&mut v86, &ARPL_DX_CX, &mut NoVectorState, &mut mem);
+    assert_eq!(exc(&o).0, VEC_UD);
     let locked = [&[0xf0][..], &lar].concat();
     let mut c = cpu;
     assert_eq!(
@@ -844,4 +851,54 @@ fn arpl_memory_form_writes_only_a_change() {
     let (o, _) = run(&cpu, &mut mem, 2);
     assert_eq!(exc(&o), (VEC_GP, Some(0)));
     assert_eq!(data_writes(&mem), 0);
+}
+
+/// ARPL's memory operand at CPL 3 (AMD EPYC Zen 3, 32-bit code, natively:
+/// #AC first on an odd address with CR0.AM and RFLAGS.AC, changed or not;
+/// a write to a read-only user page is #PF with P, W and U set).
+#[test]
+fn arpl_at_cpl3_alignment_and_write_faults() {
+    let (mut cpu, mut mem) = compat();
+    cpu.cpl = 3;
+    cpu.cs.dpl = 3;
+    cpu.ss.dpl = 3;
+    let run = |cpu: &CpuState, mem: &mut MockPlatform, at: u64, src: u64| {
+        let mut c = *cpu;
+        c.gprs.rax = at;
+        c.gprs.rcx = src;
+        apm_emul().emulate(&mut c, &ARPL_MEM_CX, &mut NoVectorState, mem)
+    };
+    let at = SELECTORS + 0x21;
+    mem.ram[at as usize..at as usize + 2].copy_from_slice(&0x1231u16.to_le_bytes());
+    cpu.cr0 |= CR0_AM;
+    cpu.gprs.rflags |= RFLAGS_AC;
+    for src in [0, 3] {
+        assert_eq!(exc(&run(&cpu, &mut mem, at, src)), (VEC_AC, Some(0)));
+    }
+    cpu.gprs.rflags &= !RFLAGS_AC;
+    mem.map(CR3, 4, SELECTORS, SELECTORS, 0x5);
+    done(&run(&cpu, &mut mem, at, 1));
+    let o = run(&cpu, &mut mem, at, 3);
+    assert_eq!(exc(&o), (VEC_PF, Some(PFEC_P | PFEC_W | PFEC_U)));
+}
+
+/// In 32-bit code the operand's second byte wraps from linear 0xffff_ffff
+/// to 0 (DS based at 0x1000 so the segment limit allows it; compatibility
+/// mode, where the walk alone would not wrap it).
+#[test]
+fn arpl_operand_wraps_at_4_gib() {
+    let (mut cpu, mut mem) = compat();
+    let (top, bottom) = (DATA + 0x10_0000, DATA + 0x10_1000);
+    mem.map(CR3, 4, 0xffff_f000, top, 0x7);
+    mem.map(CR3, 4, 0, bottom, 0x7);
+    mem.ram[top as usize + 0xfff] = 0x31;
+    mem.ram[bottom as usize] = 0x12;
+    cpu.ds.base = 0x1000;
+    cpu.gprs.rax = 0xffff_efff;
+    cpu.gprs.rcx = 3;
+    done(&apm_emul().emulate(&mut cpu, &ARPL_MEM_CX, &mut NoVectorState, &mut mem));
+    assert_eq!(
+        (mem.ram[top as usize + 0xfff], mem.ram[bottom as usize]),
+        (0x33, 0x12)
+    );
 }
