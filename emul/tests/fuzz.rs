@@ -414,19 +414,21 @@ fn random_instructions_registers_and_page_tables() {
                         before.bitness(), emu.last_mnemonic(), bytes, given.len()
                     );
                 }
-                // Only LAR/LSL/ARPL may write RSP (their destination); the
-                // stub families never run with RSP as an operand. Which
+                // Only LAR/LSL/ARPL may write RSP, as their destination;
+                // the stub families never run with RSP as an operand. Which
                 // instruction ran is the emulator's word: with bytes cut
                 // short it fetched the rest from (random) guest memory.
-                let writes_rsp = matches!(
+                // With all 15 given, the decoded destination must be RSP.
+                let selector_insn = matches!(
                     emu.last_mnemonic(),
                     iced_x86::Mnemonic::Lar | iced_x86::Mnemonic::Lsl | iced_x86::Mnemonic::Arpl
                 );
-                if !writes_rsp {
-                    assert_eq!(
-                        cpu.gprs.rsp,
-                        before.gprs.rsp,
-                        "case {case}: RSP changed by {:?}",
+                let rsp_is_destination = given.len() < 15
+                    || instr.op0_register().full_register() == iced_x86::Register::RSP;
+                if cpu.gprs.rsp != before.gprs.rsp {
+                    assert!(
+                        selector_insn && rsp_is_destination,
+                        "case {case}: RSP changed by {:?} ({instr})",
                         emu.last_mnemonic()
                     );
                 }
