@@ -145,6 +145,34 @@ pub fn translate(
     Err(WalkError::Contended { gpa: lost })
 }
 
+/// Translates the `len` bytes (at most a page) at `lin` page by page, as
+/// one access: the guest-physical address and length of each piece, the
+/// second empty when the bytes stay on one page. Every page is walked
+/// before the caller touches any byte, so a fault leaves nothing done.
+/// With `wrap32` (code outside IA-32e mode) the second page's address
+/// wraps at 4 GiB.
+pub(crate) fn translate_span(
+    cpu: &CpuState,
+    lin: u64,
+    len: usize,
+    wrap32: bool,
+    access: Access,
+    mem: &mut dyn Platform,
+) -> Result<[(u64, usize); 2], WalkError> {
+    const PAGE: u64 = 4096;
+    let first = len.min((PAGE - (lin & (PAGE - 1))) as usize);
+    let gpa = translate(cpu, lin, access, mem)?;
+    if first == len {
+        return Ok([(gpa, len), (0, 0)]);
+    }
+    let next = lin.wrapping_add(first as u64);
+    let next = if wrap32 { next & 0xffff_ffff } else { next };
+    Ok([
+        (gpa, first),
+        (translate(cpu, next, access, mem)?, len - first),
+    ])
+}
+
 /// One pass of [`translate`].
 enum Walked {
     /// The guest-physical address, with the accessed/dirty bits set.

@@ -14,7 +14,7 @@ use iced_x86::{Code, Instruction, InstructionInfoFactory, OpKind};
 use crate::address::{gpr_value, linear_address};
 use crate::cpu::{CpuState, CR0_PE, CR4_OSXSAVE, RFLAGS_AC};
 use crate::exception::Exception;
-use crate::paging::{is_canonical, translate, Access, WalkError};
+use crate::paging::{is_canonical, translate_span, Access, WalkError};
 use crate::platform::{Platform, VectorState};
 use crate::Outcome;
 
@@ -299,22 +299,12 @@ fn read_descriptor(
         user: false,
     };
     let mut bytes = [0u8; 16];
-    let first = 16.min((0x1000 - (lin & 0xfff)) as usize);
-    let gpa = translate(cpu, lin, access, mem)?;
-    let gpa2 = if first < 16 {
-        let mut next = lin.wrapping_add(first as u64);
-        if cpu.bitness() != 64 {
-            next &= 0xffff_ffff;
-        }
-        Some(translate(cpu, next, access, mem)?)
-    } else {
-        None
-    };
-    mem.read_phys(gpa, &mut bytes[..first])
-        .map_err(Fail::Platform)?;
-    if let Some(g) = gpa2 {
-        mem.read_phys(g, &mut bytes[first..])
+    let span = translate_span(cpu, lin, 16, cpu.bitness() != 64, access, mem)?;
+    let mut at = 0;
+    for (gpa, n) in span.into_iter().filter(|&(_, n)| n != 0) {
+        mem.read_phys(gpa, &mut bytes[at..at + n])
             .map_err(Fail::Platform)?;
+        at += n;
     }
     Ok(u128::from_le_bytes(bytes))
 }

@@ -29,11 +29,11 @@
 
 use iced_x86::{Instruction, Mnemonic, OpAccess, Register};
 
-use super::{Emulator, Stop, PAGE_SIZE};
+use super::{Emulator, Stop};
 use crate::address::{gpr_value, linear_address, linear_from_effective};
 use crate::cpu::CpuState;
 use crate::exception::Exception;
-use crate::paging::{translate, Access};
+use crate::paging::{translate, translate_span, Access};
 use crate::platform::Platform;
 
 /// The size of MOVDIR64B's source and of its store.
@@ -85,20 +85,7 @@ impl Emulator {
             user,
         };
         let src_lin = linear_address(cpu, bitness, &src, DIRECT_STORE_SIZE as u64, false)?;
-        let first = (PAGE_SIZE - (src_lin & (PAGE_SIZE - 1))).min(DIRECT_STORE_SIZE as u64);
-        let src_first = translate(cpu, src_lin, read, mem)?;
-        let src_second = if (first as usize) < DIRECT_STORE_SIZE {
-            let next = src_lin.wrapping_add(first);
-            // Outside 64-bit mode linear addresses wrap at 4 GiB.
-            let next = if bitness == 64 {
-                next
-            } else {
-                next & 0xffff_ffff
-            };
-            Some(translate(cpu, next, read, mem)?)
-        } else {
-            None
-        };
+        let source = translate_span(cpu, src_lin, DIRECT_STORE_SIZE, bitness != 64, read, mem)?;
 
         // The SDM asks for an aligned register value; outside 64-bit mode
         // ES's base is added too, and a base off a 64-byte boundary would
@@ -126,10 +113,10 @@ impl Emulator {
         let dest_gpa = translate(cpu, dest_lin, write, mem)?;
 
         let mut data = [0u8; DIRECT_STORE_SIZE];
-        let (head, tail) = data.split_at_mut(first as usize);
-        mem.read_phys(src_first, head)?;
-        if let Some(gpa) = src_second {
-            mem.read_phys(gpa, tail)?;
+        let mut at = 0;
+        for (gpa, n) in source.into_iter().filter(|&(_, n)| n != 0) {
+            mem.read_phys(gpa, &mut data[at..at + n])?;
+            at += n;
         }
         mem.write_phys(dest_gpa, &data)?;
         Ok(())

@@ -54,11 +54,11 @@
 
 use iced_x86::{Instruction, Mnemonic, OpKind, Register, UsedMemory};
 
-use super::{Emulator, Stop, PAGE_SIZE};
+use super::{Emulator, Stop};
 use crate::address::gpr_value;
 use crate::cpu::{CpuState, CR0_AM, CR0_PE, EFER_LMA, RFLAGS_AC};
 use crate::exception::{Exception, VEC_AC};
-use crate::paging::{is_canonical, translate, Access};
+use crate::paging::{is_canonical, translate_span, Access};
 use crate::platform::Platform;
 
 /// RFLAGS.ZF
@@ -287,31 +287,7 @@ impl Emulator {
     }
 }
 
-/// The guest-physical pieces of `len` bytes at `lin` (at most two pages),
-/// each page translated for `access`. Outside 64-bit mode the second
-/// page's address wraps at 4 GiB.
-fn pieces(
-    cpu: &CpuState,
-    long: bool,
-    lin: u64,
-    len: usize,
-    access: Access,
-    mem: &mut dyn Platform,
-) -> Result<[(u64, usize); 2], Stop> {
-    let first = len.min((PAGE_SIZE - (lin & (PAGE_SIZE - 1))) as usize);
-    let gpa = translate(cpu, lin, access, mem)?;
-    let second = if first < len {
-        let next = lin.wrapping_add(first as u64);
-        let next = if long { next } else { next & 0xffff_ffff };
-        translate(cpu, next, access, mem)?
-    } else {
-        0
-    };
-    Ok([(gpa, first), (second, len - first)])
-}
-
-/// Writes `buf` at `lin`, every page translated before any byte is
-/// written.
+/// Writes `buf` at `lin` (two pages at most, both walked first).
 fn write_linear(
     cpu: &CpuState,
     long: bool,
@@ -320,17 +296,17 @@ fn write_linear(
     buf: &[u8],
     mem: &mut dyn Platform,
 ) -> Result<(), Stop> {
-    let [(gpa, n), (gpa2, _)] = pieces(cpu, long, lin, buf.len(), access, mem)?;
-    let (head, tail) = buf.split_at(n);
-    mem.write_phys(gpa, head)?;
-    if !tail.is_empty() {
-        mem.write_phys(gpa2, tail)?;
+    let mut at = 0;
+    let span = translate_span(cpu, lin, buf.len(), !long, access, mem)?;
+    for (gpa, n) in span.into_iter().filter(|&(_, n)| n != 0) {
+        mem.write_phys(gpa, &buf[at..at + n])?;
+        at += n;
     }
     Ok(())
 }
 
-/// Reads `buf.len()` bytes at `lin`, every page translated before any
-/// byte is read.
+/// Reads `buf.len()` bytes at `lin` (two pages at most, both walked
+/// first).
 fn read_linear(
     cpu: &CpuState,
     long: bool,
@@ -339,11 +315,11 @@ fn read_linear(
     buf: &mut [u8],
     mem: &mut dyn Platform,
 ) -> Result<(), Stop> {
-    let [(gpa, n), (gpa2, _)] = pieces(cpu, long, lin, buf.len(), access, mem)?;
-    let (head, tail) = buf.split_at_mut(n);
-    mem.read_phys(gpa, head)?;
-    if !tail.is_empty() {
-        mem.read_phys(gpa2, tail)?;
+    let mut at = 0;
+    let span = translate_span(cpu, lin, buf.len(), !long, access, mem)?;
+    for (gpa, n) in span.into_iter().filter(|&(_, n)| n != 0) {
+        mem.read_phys(gpa, &mut buf[at..at + n])?;
+        at += n;
     }
     Ok(())
 }
